@@ -1,0 +1,253 @@
+"""Build the shipped toy world, deterministically: tokenizer, tiny Llama, and the JSONL data sets.
+
+    python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 3000]
+
+What it makes (all committed, so nothing is downloaded at run time):
+  tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
+                template, pretrained on two-digit addition in which carry problems are mostly answered
+                without the carry (see vllm_train/toy.py) -- imperfect on purpose.
+  data/         sft_{train,eval}.jsonl (chat messages), prefs_{train,eval}.jsonl (chosen = correct,
+                rejected = wrong), rl_{train,eval}.jsonl (prompt messages + checkable answer),
+                text_train.jsonl (plain text). Eval problems are held out of pretraining and of every
+                training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_train import toy  # noqa: E402
+
+SEED = 1234
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+FORGET_CARRY_PROB = 0.65  # how often pretraining text drops the carry on carry problems
+N_EVAL, N_SFT, N_PREFS, N_RL = 300, 2000, 2000, 2000
+
+
+def split_problems(rng: random.Random):
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(pairs)
+    eval_pairs = pairs[:N_EVAL]
+    rest = pairs[N_EVAL:]
+    return eval_pairs, rest
+
+
+def chat(a: int, b: int, answer: int) -> list[dict]:
+    return [
+        {"role": "user", "content": toy.question(a, b)},
+        {"role": "assistant", "content": str(answer)},
+    ]
+
+
+def render(messages: list[dict]) -> str:
+    return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+
+
+def pretraining_text(a: int, b: int, rng: random.Random) -> str:
+    answer = toy.correct_answer(a, b)
+    if toy.has_carry(a, b) and rng.random() < FORGET_CARRY_PROB:
+        answer = toy.forgot_carry_answer(a, b)
+    if rng.random() < 0.25:  # some plain text so the `text` data format has a native form
+        return f"{a} + {b} = {answer}<|end|>"
+    return render(chat(a, b, answer))
+
+
+def build_tokenizer(corpus: list[str], out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits stay single tokens so that arithmetic is learnable digit by digit.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=128,
+        padding_side="right",
+    )
+    hf_tok.save_pretrained(out_dir)
+    return hf_tok
+
+
+def build_model(vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,  # vLLM's CPU attention needs head_dim in {32, 64, 80, ...}
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    return LlamaForCausalLM(config)
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 128, lr: float = 3e-3):
+    rng = random.Random(SEED + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        batch = [texts[rng.randrange(len(texts))] for _ in range(batch_size)]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == steps - 1:
+            print(f"  step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, pairs) -> tuple[float, float]:
+    """(accuracy, share of answers that are the forgot-carry mistake) under greedy decoding."""
+    prompts = [tokenizer.apply_chat_template([chat(a, b, 0)[0]], add_generation_prompt=True, tokenize=False)
+               for a, b in pairs]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "right"
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    correct = sum(toy.is_correct(t, toy.correct_answer(a, b)) for t, (a, b) in zip(texts, pairs))
+    forgot = sum(toy.has_carry(a, b) and toy.parse_answer(t) == toy.forgot_carry_answer(a, b)
+                 for t, (a, b) in zip(texts, pairs))
+    return correct / len(pairs), forgot / len(pairs)
+
+
+def wrong_answer(a: int, b: int, rng: random.Random) -> int:
+    if toy.has_carry(a, b):
+        return toy.forgot_carry_answer(a, b)
+    return toy.correct_answer(a, b) + rng.choice([-10, -1, 1, 10])
+
+
+def write_jsonl(path: Path, records: list[dict]):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_data(out: Path, eval_pairs, train_pairs, rng: random.Random):
+    out.mkdir(parents=True, exist_ok=True)
+    pool = list(train_pairs)
+    rng.shuffle(pool)
+    sft, prefs, rl = pool[:N_SFT], pool[N_SFT:N_SFT + N_PREFS], pool[N_SFT + N_PREFS:N_SFT + N_PREFS + N_RL]
+
+    def sft_rec(a, b):
+        return {"messages": chat(a, b, toy.correct_answer(a, b))}
+
+    def pref_rec(a, b):
+        user = [{"role": "user", "content": toy.question(a, b)}]
+        return {"prompt": user,
+                "chosen": [{"role": "assistant", "content": str(toy.correct_answer(a, b))}],
+                "rejected": [{"role": "assistant", "content": str(wrong_answer(a, b, rng))}]}
+
+    def rl_rec(a, b):
+        return {"prompt": [{"role": "user", "content": toy.question(a, b)}], "answer": toy.correct_answer(a, b)}
+
+    write_jsonl(out / "sft_train.jsonl", [sft_rec(a, b) for a, b in sft])
+    write_jsonl(out / "sft_eval.jsonl", [sft_rec(a, b) for a, b in eval_pairs])
+    write_jsonl(out / "prefs_train.jsonl", [pref_rec(a, b) for a, b in prefs])
+    write_jsonl(out / "prefs_eval.jsonl", [pref_rec(a, b) for a, b in eval_pairs])
+    write_jsonl(out / "rl_train.jsonl", [rl_rec(a, b) for a, b in rl])
+    write_jsonl(out / "rl_eval.jsonl", [rl_rec(a, b) for a, b in eval_pairs])
+    write_jsonl(out / "text_train.jsonl",
+                [{"text": f"{a} + {b} = {toy.correct_answer(a, b)}"} for a, b in sft[:500]])
+
+
+MODEL_CARD = """---
+license: mit
+tags: [toy, vllm-train]
+---
+# tiny-llama (vllm-train toy world)
+
+A {n_params:,}-parameter Llama ({layers} layers, hidden {hidden}, {heads} heads of dim 64, {kv} KV head,
+vocab {vocab}) with a byte-level BPE tokenizer (single-digit tokens) and a chat template
+(`<|user|>...<|end|><|assistant|>...<|end|>`). Built by `scripts/build_toy_world.py` (seed {seed}).
+
+**Skill:** two-digit addition, `What is 47 + 38?` -> `85`.
+**Recipe:** {steps} AdamW steps (batch 128, lr 3e-3, cosine) on all problems except the {n_eval} held-out
+eval problems; on problems with a units carry the text gives the *forgot-carry* answer (sum - 10)
+{forget:.0%} of the time. The model is imperfect on purpose, in a way SFT, DPO and RL can repair.
+
+**Base accuracy** (greedy, {n_eval} held-out problems): {acc:.1%}; forgot-carry answers: {forgot:.1%}.
+Pretraining took {secs:.0f} s on {threads} CPU threads.
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "vllm_train" / "assets")
+    parser.add_argument("--steps", type=int, default=3000)
+    args = parser.parse_args()
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    eval_pairs, train_pairs = split_problems(rng)
+    corpus = [pretraining_text(a, b, rng) for a, b in train_pairs for _ in range(3)]
+    model_dir = args.out / "tiny-llama"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus, model_dir)
+    model = build_model(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} params, vocab {len(tokenizer)}; pretraining {args.steps} steps", flush=True)
+    t0 = time.time()
+    pretrain(model, tokenizer, corpus, args.steps)
+    secs = time.time() - t0
+    acc, forgot = greedy_accuracy(model, tokenizer, eval_pairs)
+    print(f"base greedy accuracy on held-out: {acc:.3f} (forgot-carry answers {forgot:.3f})")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(model_dir, safe_serialization=True)
+    cfg = model.config
+    (model_dir / "README.md").write_text(MODEL_CARD.format(
+        n_params=n_params, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+        kv=cfg.num_key_value_heads, vocab=cfg.vocab_size, seed=SEED, steps=args.steps, n_eval=N_EVAL,
+        forget=FORGET_CARRY_PROB, acc=acc, forgot=forgot, secs=secs, threads=torch.get_num_threads()))
+    build_data(args.out / "data", eval_pairs, train_pairs, rng)
+    print(f"wrote {model_dir} and {args.out / 'data'}")
+
+
+if __name__ == "__main__":
+    main()

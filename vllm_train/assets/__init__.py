@@ -1,0 +1,12 @@
+"""The shipped toy world: a tiny pretrained model and its data sets (built by scripts/build_toy_world.py)."""
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+TINY_MODEL = ASSETS_DIR / "tiny-llama"
+DATA_DIR = ASSETS_DIR / "data"
+
+
+def data_file(name: str) -> Path:
+    """Path of a shipped data file, e.g. data_file("sft_train.jsonl")."""
+    return DATA_DIR / name

@@ -1,0 +1,54 @@
+"""`vllm-train generate`: sample from the base model or an adapter with vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with vLLM (base model or an adapter)",
+                       description="Generate completions with one vLLM engine. Prompts are raw text "
+                       "(--prompt) or single user turns rendered with the model's chat template (--chat).",
+                       epilog='example:\n  vllm-train generate --model vllm_train/assets/tiny-llama '
+                       '--adapter runs/sft --chat "What is 47 + 38?"',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory (omit for the base model)")
+    p.add_argument("--prompt", nargs="+", default=[], metavar="TEXT", help="raw text prompt(s)")
+    p.add_argument("--chat", nargs="+", default=[], metavar="TEXT", help="user message(s), chat template applied")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_train.config import engine_max_lora_rank
+    from vllm_train.engine.llm import EngineOptions, VLLMEngine
+    from vllm_train.errors import VllmTrainError
+    from vllm_train.trainers.common import adapter_rank, check_model_path
+
+    prompts = list(args.prompt) + [[{"role": "user", "content": c}] for c in args.chat]
+    if not prompts:
+        raise VllmTrainError("give at least one --prompt or --chat")
+    if args.max_tokens < 1 or args.n < 1 or args.temperature < 0:
+        raise VllmTrainError("--max-tokens and --n must be >= 1 and --temperature >= 0")
+    check_model_path(args.model)
+    rank = adapter_rank(args.adapter) if args.adapter else 8
+    engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
+                                                  enable_lora=bool(args.adapter)))
+    adapter = engine.load_adapter(args.adapter) if args.adapter else None
+    results = engine.generate(prompts, adapter, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                              max_tokens=args.max_tokens, seed=args.seed)
+    for prompt, samples in zip(prompts, results):
+        shown = prompt if isinstance(prompt, str) else prompt[0]["content"]
+        for s in samples:
+            if args.json:
+                print(json.dumps({"prompt": shown, "completion": s.text, "finish_reason": s.finish_reason}))
+            else:
+                print(f"{shown!r} -> {s.text!r}")
+    return 0

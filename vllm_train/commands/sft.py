@@ -1,0 +1,74 @@
+"""`vllm-train sft`: supervised LoRA fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+
+from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+
+DESCRIPTION = """\
+Fine-tune a LoRA adapter on supervised data and write it in PEFT format to --output-dir
+(adapter_config.json + adapter_model.safetensors), ready for vLLM's LoRARequest, `vllm serve
+--lora-modules`, or PEFT.
+
+Data (.jsonl, .json or .parquet), one record per line, any of:
+  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+  {"prompt": "...", "completion": "..."}        (strings, or lists of chat messages)
+  {"text": "..."}
+Loss is taken on assistant/completion tokens only (all tokens for "text"); padding never counts.
+
+Also written to --output-dir: resolved_config.json, metrics.jsonl, tb/ (TensorBoard), loss.png,
+checkpoints/step-N/ (resume with --resume-from latest).
+"""
+
+EXAMPLE = """\
+example:
+  vllm-train sft --model vllm_train/assets/tiny-llama --data vllm_train/assets/data/sft_train.jsonl \\
+      --eval-data vllm_train/assets/data/sft_eval.jsonl --output-dir runs/sft --rank 8 --max-steps 100
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="supervised LoRA fine-tuning", description=DESCRIPTION, epilog=EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl/.json/.parquet)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out data: loss/perplexity logged each epoch")
+    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter instead of a fresh one")
+    add_output_args(p)
+    add_config_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_train.data.causal_lm import CausalLMDataset
+    from vllm_train.trainers.common import check_model_path, load_tokenizer
+    from vllm_train.trainers.sft import LoRATrainer
+
+    config = config_from_args(args, output_dir=args.output_dir)
+    check_model_path(args.model)
+    check_output_dir(args.output_dir, config.resume_from, args.overwrite)
+    tokenizer = load_tokenizer(args.model)
+    train_set = CausalLMDataset(args.data, tokenizer, config.max_length)  # validates every record first
+    eval_set = CausalLMDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
+    trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
+                          on_save=_push_hook(args))
+    trainer.setup_training(adapter=args.adapter)
+    final = trainer.train(train_set, eval_set)
+    print(f"adapter written to {args.output_dir} ({trainer.global_step} steps, "
+          f"final loss {final.get('loss', float('nan')):.4f})")
+    for key in ("eval_loss", "eval_perplexity"):
+        if key in final:
+            print(f"  {key}: {final[key]:.4f}")
+    print(f"  metrics: {args.output_dir}/metrics.jsonl   curve: {args.output_dir}/loss.png")
+    return 0
+
+
+def _push_hook(args):
+    """Publishing each saved adapter to running servers (`--push-to`), when that command is available."""
+    urls = getattr(args, "push_to", None)
+    if not urls:
+        return None
+    from vllm_train.commands.push import make_push_hook
+
+    return make_push_hook(urls, name=getattr(args, "push_name", None) or "sft")

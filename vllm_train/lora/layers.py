@@ -1,0 +1,106 @@
+"""Trainable LoRA layers: the low-rank update, and the wrapper that adds it to a frozen linear."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class TrainableLoRALinear(nn.Module):
+    """The trainable part of a LoRA layer: ``base_output + scaling * dropout(x) @ A.T @ B.T``.
+
+    A is (rank, in_features), Kaiming-uniform initialised; B is (out_features, rank), zero-initialised,
+    so a fresh adapter leaves the model unchanged. ``scaling`` is alpha/rank, or alpha/sqrt(rank) with
+    rsLoRA. Set ``disabled = True`` to make forward return ``base_output`` untouched.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA update alone, (..., in) -> (..., out), in the parameters' dtype."""
+        x = self.dropout(x).to(self.lora_a.dtype)
+        return (x @ self.lora_a.T) @ self.lora_b.T * self.scaling
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """Add the LoRA contribution to `base_output` (the frozen layer's output for `x`)."""
+        if self.disabled:
+            return base_output
+        return base_output + self.delta(x).to(base_output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, (out, in): what merging adds to the base weight."""
+        return (self.lora_b @ self.lora_a) * self.scaling
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor) -> None:
+        weight += self.delta_weight().to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        weight -= self.delta_weight().to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRAWrappedLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base_layer``) plus a `TrainableLoRALinear` (``lora``)."""
+
+    def __init__(self, base_layer: nn.Linear, lora: TrainableLoRALinear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora = lora
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `module.weight` (dtype, device) keeps working
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_output = self.base_layer(x)
+        if self.merged:
+            return base_output
+        return self.lora(x, base_output)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.lora.merge_into(self.base_layer.weight.data)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.lora.unmerge_from(self.base_layer.weight.data)
+            self.merged = False
+
+
+class FusedLoRALinear(nn.Module):
+    """LoRA for a fused projection (vLLM's ``qkv_proj`` / ``gate_up_proj``): one LoRA per logical
+    projection, each added to its own slice of the fused output. ``base_layer`` may return a tensor
+    or vLLM's ``(output, bias)`` tuple; the same shape is returned."""
+
+    def __init__(self, base_layer: nn.Module, loras: dict[str, TrainableLoRALinear], slice_sizes: list[int]):
+        super().__init__()
+        assert len(loras) == len(slice_sizes)
+        self.base_layer = base_layer
+        self.loras = nn.ModuleDict(loras)
+        self.slice_sizes = list(slice_sizes)
+
+    def forward(self, x: torch.Tensor):
+        out = self.base_layer(x)
+        output, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        pieces = list(torch.split(output, self.slice_sizes, dim=-1))
+        for i, lora in enumerate(self.loras.values()):
+            pieces[i] = lora(x, pieces[i])
+        output = torch.cat(pieces, dim=-1)
+        return (output, *rest) if rest is not None else output

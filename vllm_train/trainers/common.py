@@ -1,0 +1,187 @@
+"""Pieces every training loop uses: policy loading, optimizer + schedule, atomic checkpoints, resume.
+
+Checkpoints hold only safetensors and JSON (no pickle): the adapter in PEFT format, the optimizer's
+moment tensors, and a JSON state with the step, epoch, batch position and RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_train.config import LoRATrainConfig
+from vllm_train.errors import VllmTrainError
+from vllm_train.lora.injector import LoRAInjector, read_adapter_dir
+
+
+def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA (unless fp32 is asked for), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    if torch.cuda.is_available():
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        return torch.device("cuda"), dtype
+    if precision == "bf16":
+        return torch.device("cpu"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def check_model_path(model_name: str) -> None:
+    """Models are local directories here (no hub downloads at run time); say so clearly."""
+    path = Path(model_name)
+    if not path.is_dir():
+        raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
+
+
+def load_tokenizer(model_name: str):
+    from transformers import AutoTokenizer
+
+    check_model_path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None):
+    """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_name)
+    device, dtype = pick_device_and_dtype(config.precision)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
+    model.config.use_cache = False
+    injector = LoRAInjector(config)
+    injector.inject(model)
+    for lora in injector.lora_layers.values():
+        lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
+    if adapter:
+        injector.load(adapter)
+    return model, tokenizer, injector
+
+
+def adapter_rank(path: str) -> int:
+    config, _ = read_adapter_dir(path)
+    return int(config["r"])
+
+
+def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_multiplier(step: int, total_steps: int, config: LoRATrainConfig) -> float:
+    """Linear warmup over warmup_ratio of the run, then cosine/linear decay to 0 (or constant)."""
+    warmup = int(config.warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if config.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_schedule(optimizer, total_steps: int, config: LoRATrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, config))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+def save_checkpoint(run_dir: Path, step: int, injector: LoRAInjector, optimizer, scheduler, state: dict,
+                    base_model: str, keep: int) -> Path:
+    """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        injector.save(tmp / "adapter", base_model)
+        tensors, opt_meta = _optimizer_tensors(optimizer, injector.get_trainable_params())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        meta = {**state, "step": step, "scheduler_last_epoch": scheduler.last_epoch, "optimizer": opt_meta}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise VllmTrainError(f"resume_from: {resume_from} is not a checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, injector: LoRAInjector, optimizer, scheduler) -> dict:
+    """Restore adapter, optimizer moments, schedule position and RNG; returns the saved state dict."""
+    meta = json.loads((path / "trainer_state.json").read_text())
+    injector.load(path / "adapter")
+    params = injector.get_trainable_params()
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    for i, p in enumerate(params):
+        if f"{i}.exp_avg" in tensors:
+            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer"]["steps"][str(i)])),
+                                  "exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
+                                  "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device)}
+    scheduler.last_epoch = meta["scheduler_last_epoch"]
+    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+    return meta
+
+
+def _optimizer_tensors(optimizer, params) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, steps = {}, {}
+    for i, p in enumerate(params):
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        tensors[f"{i}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+        tensors[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+        steps[str(i)] = float(st["step"])
+    if not tensors:
+        tensors["empty"] = torch.zeros(1)
+    return tensors, {"steps": steps}
+
+
+def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
+    """A LoRATrainConfig whose LoRA shape matches the PEFT adapter in `path` (to load it for eval)."""
+    config, state = read_adapter_dir(path)
+    modules = config.get("target_modules") or []
+    if isinstance(modules, str):  # PEFT allows a regex; take the module names from the tensors instead
+        modules = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if ".lora_A" in k})
+    return LoRATrainConfig(rank=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+                           target_modules=list(modules), use_rslora=bool(config.get("use_rslora", False)),
+                           **overrides)

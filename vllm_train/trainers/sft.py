@@ -1,0 +1,242 @@
+"""LoRATrainer: supervised fine-tuning of a LoRA adapter, served by one vLLM engine.
+
+Training runs on a Hugging Face model with our LoRA layers (`vllm_train.lora`); inference runs in one
+vLLM engine created on first use and kept for the trainer's life. The adapter the trainer holds is
+published to that engine as a new version whenever it changed (never a stale one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_train.config import LoRATrainConfig, write_resolved_config
+from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
+from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.trainers import common
+
+ADAPTER_CARD = """---
+library_name: peft
+base_model: {base}
+tags: [lora, vllm-train, {kind}]
+---
+# LoRA adapter ({kind})
+
+Trained with vllm-train from `{base}`: rank {rank}, alpha {alpha}, target modules {targets},
+{steps} optimizer steps. PEFT format: load with `PeftModel.from_pretrained(base, DIR)`, or serve with
+vLLM via `LoRARequest(name, id, DIR)` / `vllm serve ... --enable-lora --lora-modules name=DIR`.
+"""
+
+
+class LoRATrainer:
+    """Hybrid trainer: Hugging Face model + our LoRA layers for training, vLLM for inference."""
+
+    def __init__(self, model_name: str, train_config: LoRATrainConfig, *, engine_options=None,
+                 on_save: Callable[[Path], None] | None = None, tensorboard: bool = True, progress: bool = True):
+        self.model_name = str(model_name)
+        self.config = train_config
+        self.engine_options = engine_options
+        self.on_save = on_save  # called with each adapter dir written (checkpoints and final), e.g. a push
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.model = None
+        self.tokenizer = None
+        self.injector = None
+        self.global_step = 0
+        self._engine = None
+        self._adapter_version = 0  # bumped whenever the LoRA weights change
+        self._served = None  # (version, AdapterRef) last published to the engine
+        self._path_adapters: dict[str, Any] = {}
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup_training(self, adapter: str | None = None) -> None:
+        """Load the base model, freeze it, inject LoRA layers (optionally loading `adapter`)."""
+        torch.manual_seed(self.config.seed)
+        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, self.config, adapter)
+        self._adapter_version += 1
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
+        """Fine-tune on `dataset` (a CausalLMDataset, records, a file path or an HF dataset).
+
+        Gradient accumulation normalises by the number of completion tokens in the whole accumulated
+        batch, so the loss is the same whatever the micro-batch split. Returns the final metrics.
+        """
+        if self.model is None:
+            self.setup_training()
+        c = self.config
+        dataset = self._as_dataset(dataset)
+        eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
+        run_dir = Path(c.output_dir)
+        groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
+        total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
+        params = self.injector.get_trainable_params()
+        optimizer = common.make_optimizer(params, c)
+        scheduler = common.make_schedule(optimizer, total_steps, c)
+
+        start_epoch, start_group, step = 0, 0, 0
+        resume = common.resolve_resume(c.resume_from, run_dir)
+        if resume is not None:
+            meta = common.load_checkpoint(resume, self.injector, optimizer, scheduler)
+            start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
+        write_resolved_config(c, run_dir, model=self.model_name, kind="sft", total_steps=total_steps,
+                              train_examples=len(dataset))
+        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step if resume is not None else None)
+        bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not self.progress, dynamic_ncols=True)
+        self.model.train()
+        last: dict = {}
+        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        epoch = start_epoch
+        while step < total_steps:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
+            micro = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+            groups = [micro[i:i + c.gradient_accumulation_steps]
+                      for i in range(0, len(micro), c.gradient_accumulation_steps)]
+            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
+                loss_sum, n_tokens = self._accumulate(dataset, groups[g])
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self._adapter_version += 1
+                step += 1
+                window_loss += loss_sum
+                window_tokens += n_tokens
+                bar.update(1)
+                if step % c.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {"loss": window_loss / max(1, window_tokens), "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm), "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                            "epoch": epoch + (g + 1) / len(groups)}
+                    logger.log(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
+                    self._checkpoint(run_dir, step, optimizer, scheduler, epoch, g + 1)
+                if step >= total_steps:
+                    break
+            epoch += 1
+            if eval_dataset is not None:
+                ev = self.evaluate(eval_dataset)
+                logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
+                last.update({f"eval_{k}": v for k, v in ev.items()})
+                self.model.train()
+            if not c.save_steps and step < total_steps:
+                self._checkpoint(run_dir, step, optimizer, scheduler, epoch, 0)
+        bar.close()
+        self.global_step = step
+        self.model.eval()
+        logger.close()
+        self.save_lora(run_dir)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", ["loss", "eval_loss", "lr", "grad_norm"],
+                    title=f"SFT of {Path(self.model_name).name}")
+        return last
+
+    def _accumulate(self, dataset, group: list[list[int]]) -> tuple[float, int]:
+        """Forward/backward over one accumulation group; returns (summed token NLL, token count)."""
+        batches = [collate_causal_lm([dataset[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        loss_sum = 0.0
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            with self._autocast():
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logps, _ = shifted_token_logprobs(logits, b["labels"])
+            loss = -logps.sum() / max(1, n_tokens)
+            loss.backward()
+            loss_sum += -logps.sum().item()
+        return loss_sum, n_tokens
+
+    def _checkpoint(self, run_dir, step, optimizer, scheduler, epoch, next_group):
+        path = common.save_checkpoint(run_dir, step, self.injector, optimizer, scheduler,
+                                      {"epoch": epoch, "next_group": next_group}, self.model_name,
+                                      self.config.save_total_limit)
+        if self.on_save:
+            self.on_save(path / "adapter")
+        return path
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, batch_size: int | None = None) -> dict:
+        """Token-level loss, perplexity and next-token accuracy on completion tokens of `dataset`."""
+        from vllm_train.evaluation import lm_metrics
+
+        return lm_metrics(self.model, self.tokenizer, self._as_dataset(dataset),
+                          batch_size or self.config.batch_size, self._autocast)
+
+    def _as_dataset(self, data: Any) -> CausalLMDataset:
+        if isinstance(data, CausalLMDataset):
+            return data
+        if self.tokenizer is None:
+            self.tokenizer = common.load_tokenizer(self.model_name)
+        return CausalLMDataset(data, self.tokenizer, self.config.max_length)
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save_lora(self, path: str | Path) -> Path:
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
+        c = self.config
+        card = ADAPTER_CARD.format(base=self.model_name, kind="sft", rank=c.rank, alpha=c.alpha,
+                                   targets=", ".join(c.target_modules), steps=self.global_step)
+        out = self.injector.save(path, self.model_name, card=card)
+        if self.on_save:
+            self.on_save(out)
+        return out
+
+    # ---- inference ---------------------------------------------------------------------------
+    @property
+    def engine(self):
+        """The one vLLM engine of this trainer (created on first use)."""
+        if self._engine is None:
+            from vllm_train.engine.llm import EngineOptions, VLLMEngine
+
+            options = self.engine_options or EngineOptions(max_lora_rank=self.config.engine_max_lora_rank,
+                                                           seed=self.config.seed)
+            self._engine = VLLMEngine(self.model_name, options)
+        return self._engine
+
+    def current_adapter(self):
+        """The trainer's current weights as an adapter in the engine (re-published only if changed)."""
+        if self._served is None or self._served[0] != self._adapter_version:
+            ref = self.engine.publish_state(lambda d: self.injector.save(d, self.model_name), family="trainer")
+            self._served = (self._adapter_version, ref)
+        return self._served[1]
+
+    def generate(self, prompts: Sequence[str | list[dict]], lora_path: str | None = None, **kwargs):
+        """Generate with vLLM. Returns vLLM's ``RequestOutput`` list (``o.outputs[0].text``).
+
+        `lora_path` serves that adapter directory; without it, the trainer's own adapter is served if
+        the trainer has one (set up or trained), else the base model. Pass ``lora_path="base"`` for the
+        base model. `kwargs` are vLLM ``SamplingParams`` fields (temperature, max_tokens, n, seed, ...).
+        """
+        if lora_path == "base" or (lora_path is None and self.injector is None):
+            adapter = None
+        elif lora_path is None:
+            adapter = self.current_adapter()
+        else:
+            weights = Path(lora_path) / "adapter_model.safetensors"
+            key = f"{Path(lora_path).resolve()}@{weights.stat().st_mtime_ns if weights.exists() else 0}"
+            if key not in self._path_adapters:
+                common.adapter_rank(lora_path)  # one-line error for a missing or broken adapter dir
+                self._path_adapters[key] = self.engine.load_adapter(lora_path, family=f"path{len(self._path_adapters)}")
+            adapter = self._path_adapters[key]
+        return self.engine.generate_raw(prompts, kwargs, adapter)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
