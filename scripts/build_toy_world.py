@@ -1,6 +1,6 @@
 """Build the shipped toy world, deterministically: tokenizer, tiny Llama, and the JSONL data sets.
 
-    python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 3000]
+    python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 4000]
 
 What it makes (all committed, so nothing is downloaded at run time):
   tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
@@ -92,7 +92,18 @@ def build_tokenizer(corpus: list[str], out_dir: Path):
         padding_side="right",
     )
     hf_tok.save_pretrained(out_dir)
+    portable_tokenizer_config(out_dir / "tokenizer_config.json")
     return hf_tok
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 writes its own class name and key spelling; use the ones 4.x reads too (the GPU
+    image and older installs), which 5.x still accepts."""
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if "extra_special_tokens" in config:
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_model(vocab_size: int, eos_id: int, pad_id: int):
@@ -221,7 +232,7 @@ Pretraining took {secs:.0f} s on {threads} CPU threads.
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "vllm_train" / "assets")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
     args = parser.parse_args()
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
