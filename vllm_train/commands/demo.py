@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="SFT on the shipped toy model, accuracy before -> after, vLLM parity",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/demo", metavar="DIR", help="(default: runs/demo)")
-    p.add_argument("--max-steps", type=int, default=150, help="SFT optimizer steps (default: 150)")
+    p.add_argument("--max-steps", type=int, default=300, help="SFT optimizer steps (default: 300)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
