@@ -49,9 +49,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from vllm_train.engine.loader import TrainableModelLoader  # noqa: F401
     from vllm_train.engine.trainable import TrainableEngine  # noqa: F401
     from vllm_train.errors import VllmTrainError  # noqa: F401
-    from vllm_train.losses.causal_lm import CausalLMLoss  # noqa: F401
-    from vllm_train.losses.dpo import DPOLoss  # noqa: F401
     from vllm_train.lora.injector import LoRAInjector  # noqa: F401
     from vllm_train.lora.layers import TrainableLoRALinear  # noqa: F401
+    from vllm_train.losses.causal_lm import CausalLMLoss  # noqa: F401
+    from vllm_train.losses.dpo import DPOLoss  # noqa: F401
     from vllm_train.trainers.rl import RLHFTrainer  # noqa: F401
     from vllm_train.trainers.sft import LoRATrainer  # noqa: F401

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                "steps": trainer.global_step, "final_loss": final.get("loss"), "eval_loss": final.get("eval_loss"),
                "max_abs_logprob_diff_vllm_vs_trainer": max_diff, "adapter_dir": str(out)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n  toy accuracy (held-out)   base {:.1%}  ->  adapter {:.1%}".format(before, after))
+    print(f"\n  toy accuracy (held-out)   base {before:.1%}  ->  adapter {after:.1%}")
     print(f"  SFT: {trainer.global_step} steps in {train_secs:.0f}s, final loss {final.get('loss', 0):.4f}")
     print(f"  vLLM vs trainer log-probs: max |diff| = {max_diff:.2e} (fp32)")
     print(f"  adapter (PEFT format): {out}   curve: {out / 'loss.png'}")

@@ -7,8 +7,9 @@ names the file, the line and the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from vllm_train.errors import VllmTrainError
 

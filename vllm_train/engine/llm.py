@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -176,12 +177,20 @@ class VLLMEngine:
             self.remove_adapter(previous)
         return ref
 
-    def publish_state(self, write_adapter, family: str = "live") -> AdapterRef:
-        """Public-path sync of in-memory weights: `write_adapter(dir)` writes a PEFT dir on tmpfs
-        (/dev/shm where it exists), which is then loaded as a fresh version."""
+    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
+                     family: str = "live") -> AdapterRef:
+        """Make in-memory adapter weights (PEFT names, unscaled B) the ones the engine serves for
+        `family`, and return the handle to generate with. This is the one entry point trainers use
+        before every rollout, so the engine never serves a stale adapter.
+
+        Public path: the PEFT files go to a fresh directory on tmpfs (/dev/shm where it exists) and
+        load as a new version (new name and id; the previous version is removed).
+        """
+        from vllm_train.lora.injector import write_adapter_dir
+
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         tmp = tempfile.TemporaryDirectory(prefix="vllm-train-adapter-", dir=root)
-        write_adapter(Path(tmp.name) / "adapter")
+        write_adapter_dir(Path(tmp.name) / "adapter", peft_state, peft_config)
         ref = self.load_adapter(Path(tmp.name) / "adapter", family)
         self._tmpdirs[ref.id] = tmp
         return ref

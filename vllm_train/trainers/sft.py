@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -212,7 +213,8 @@ class LoRATrainer:
     def current_adapter(self):
         """The trainer's current weights as an adapter in the engine (re-published only if changed)."""
         if self._served is None or self._served[0] != self._adapter_version:
-            ref = self.engine.publish_state(lambda d: self.injector.save(d, self.model_name), family="trainer")
+            ref = self.engine.sync_adapter(self.injector.peft_state_dict(),
+                                           self.injector.peft_config(self.model_name), family="trainer")
             self._served = (self._adapter_version, ref)
         return self._served[1]
 
