@@ -107,6 +107,91 @@ class LoRATrainConfig:
         return dataclasses.asdict(self)
 
 
+RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "ppo")
+
+
+@dataclass
+class RLHFConfig:
+    """RL fine-tuning of a LoRA policy with vLLM rollouts (PPO, GRPO, Dr.GRPO, DAPO, RLOO).
+
+    ``lora_config`` supplies the adapter shape and the optimizer (learning_rate, lr_scheduler,
+    warmup_ratio, max_grad_norm, weight_decay), ``batch_size`` as the micro-batch size of the update,
+    precision, output_dir, resume_from and save_total_limit; its epoch/step/seed fields are not used
+    here (RL runs ``num_steps`` rollout steps seeded by ``seed``).
+    """
+
+    lora_config: LoRATrainConfig = field(default_factory=LoRATrainConfig)
+    algorithm: Literal["grpo", "dr_grpo", "dapo", "rloo", "ppo"] = "grpo"
+
+    # Rollouts (vLLM)
+    rollout_batch_size: int = 16  # prompts per step
+    group_size: int = 8  # completions per prompt (>= 2 for the group-relative algorithms)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    # Update
+    ppo_epochs: int = 1  # passes over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per pass
+    clip_range: float = 0.2  # ratio clip (lower side; both sides unless clip_range_high is set)
+    clip_range_high: float | None = None  # asymmetric upper clip (DAPO uses 0.28); None: = clip_range
+    value_clip_range: float = 0.2  # PPO value clip
+    kl_coef: float = 0.0  # penalty on KL to the reference (= base model, adapter disabled)
+    gamma: float = 1.0  # GAE discount (PPO)
+    gae_lambda: float = 0.95  # GAE lambda (PPO)
+    value_loss_coef: float = 0.5  # PPO
+    whiten_advantages: bool = True  # PPO: advantages to zero mean, unit variance over the batch
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no signal; DAPO)
+    tis_cap: float | None = None  # truncated importance sampling: weight tokens by min(pi_train/pi_vllm, cap)
+
+    # Intervals and seed
+    save_steps: int = 0  # checkpoint every N steps (0: only the final adapter)
+    eval_steps: int = 0  # greedy eval on the eval prompts every N steps (0: before and after only)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.lora_config, LoRATrainConfig), "lora_config", self.lora_config,
+               "a LoRATrainConfig (or a mapping of its fields)")
+        _check(self.algorithm in RL_ALGORITHMS, "algorithm", self.algorithm, f"one of {', '.join(RL_ALGORITHMS)}")
+        _check(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
+        min_group = 1 if self.algorithm == "ppo" else 2
+        _check(self.group_size >= min_group, "group_size", self.group_size,
+               f"an integer >= {min_group} for {self.algorithm}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature,
+               "must be > 0 (RL samples)")
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        _check(1 <= self.num_minibatches <= self.rollout_batch_size * self.group_size, "num_minibatches",
+               self.num_minibatches, "between 1 and rollout_batch_size * group_size")
+        _check(0.0 < self.clip_range < 1.0, "clip_range", self.clip_range, "0 < clip_range < 1")
+        _check(self.clip_range_high is None or self.clip_range_high > 0, "clip_range_high",
+               self.clip_range_high, "None or > 0")
+        _check(self.value_clip_range > 0, "value_clip_range", self.value_clip_range, "must be > 0")
+        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
+        _check(0.0 <= self.gamma <= 1.0, "gamma", self.gamma, "0 <= gamma <= 1")
+        _check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", self.gae_lambda, "0 <= gae_lambda <= 1")
+        _check(self.value_loss_coef >= 0, "value_loss_coef", self.value_loss_coef, "must be >= 0")
+        _check(self.tis_cap is None or self.tis_cap >= 1.0, "tis_cap", self.tis_cap, "None or >= 1")
+        _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
+        _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
+
+    @property
+    def lora(self) -> LoRATrainConfig:
+        return self.lora_config
+
+    @property
+    def output_dir(self) -> str:
+        return self.lora_config.output_dir
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 ConfigT = TypeVar("ConfigT")
 
 
