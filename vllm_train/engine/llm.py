@@ -35,6 +35,7 @@ class EngineOptions:
     seed: int = 0
     enable_prefix_caching: bool = True
     in_process: bool = True  # needed for the fast adapter sync and `apply_model`
+    fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -79,6 +80,11 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._adapters: dict[str, AdapterRef] = {}  # family -> newest version
         self._tmpdirs: dict[int, tempfile.TemporaryDirectory] = {}
+        self._slot_writers: dict[str, Any] = {}  # family -> fast_sync.SlotWriter of its pinned version
+        # Why the fast path is off (None while it may be used); set on the first refusal, e.g. when
+        # the engine core runs in another process or the vLLM version is not a verified one.
+        self.fast_sync_unavailable: str | None = None if self.options.fast_sync else "disabled in EngineOptions"
+        self.last_sync_path: str | None = None  # "fast" or "public": how the newest sync_adapter went
 
     def _build(self):
         o = self.options
@@ -183,19 +189,60 @@ class VLLMEngine:
         `family`, and return the handle to generate with. This is the one entry point trainers use
         before every rollout, so the engine never serves a stale adapter.
 
-        Public path: the PEFT files go to a fresh directory on tmpfs (/dev/shm where it exists) and
-        load as a new version (new name and id; the previous version is removed).
+        Fast path (in-process engine, verified vLLM version, same modules and rank as the family's
+        pinned version): the tensors are written into the adapter's vLLM slot buffers in one batched
+        copy and the prefix cache is reset; the returned handle is the family's pinned one. The tensors
+        may live on any device (pass `LoRAInjector.peft_state_dict(live=True)` to skip host copies).
+
+        Public path (the first version of a family, or whenever the fast path is unavailable): the PEFT
+        files go to a fresh directory on tmpfs (/dev/shm where it exists) and load as a new version (new
+        name and id; the previous version is removed). The first version is then pinned to a slot and
+        the fast path attached to it. `last_sync_path` says which path ran.
         """
+        writer = self._slot_writers.get(family)
+        if writer is not None and writer.matches(peft_state, peft_config):
+            writer.write(peft_state)
+            self.llm.reset_prefix_cache()  # same adapter name: cached KV blocks hold the old weights
+            self.last_sync_path = "fast"
+            return self._adapters[family]
+        ref = self._sync_public(peft_state, peft_config, family)
+        self._attach_fast_sync(ref, peft_state, peft_config, family)
+        self.last_sync_path = "public"
+        return ref
+
+    def _sync_public(self, peft_state: dict[str, torch.Tensor], peft_config: dict, family: str) -> AdapterRef:
         from vllm_train.lora.injector import write_adapter_dir
 
+        self._slot_writers.pop(family, None)  # the pinned version is about to be removed
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         tmp = tempfile.TemporaryDirectory(prefix="vllm-train-adapter-", dir=root)
-        write_adapter_dir(Path(tmp.name) / "adapter", peft_state, peft_config)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in peft_state.items()}
+        write_adapter_dir(Path(tmp.name) / "adapter", state, peft_config)
         ref = self.load_adapter(Path(tmp.name) / "adapter", family)
         self._tmpdirs[ref.id] = tmp
         return ref
 
+    def _attach_fast_sync(self, ref: AdapterRef, peft_state: dict[str, torch.Tensor], peft_config: dict,
+                          family: str) -> None:
+        """Pin `ref` to a slot and map its slot buffers, so the family's next versions take the fast
+        path. One slot always stays unpinned, for the other adapters the engine serves."""
+        from vllm_train.engine import fast_sync
+
+        if self.fast_sync_unavailable is not None:
+            return
+        if len(self._slot_writers) + 1 >= self.options.max_loras:
+            return  # every other slot is pinned already: this family stays on the public path
+        try:
+            self.llm.llm_engine.pin_lora(ref.id)
+            self._slot_writers[family] = fast_sync.SlotWriter.attach(self.llm, ref.id, peft_state, peft_config,
+                                                                     vllm_version())
+        except fast_sync.FastSyncUnavailable as exc:
+            self.fast_sync_unavailable = str(exc)
+
     def remove_adapter(self, ref: AdapterRef) -> None:
+        for family, writer in list(self._slot_writers.items()):
+            if writer.lora_id == ref.id:
+                del self._slot_writers[family]
         self.llm.llm_engine.remove_lora(ref.id)
         tmp = self._tmpdirs.pop(ref.id, None)
         if tmp is not None:
@@ -212,6 +259,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        self._slot_writers.clear()
         for tmp in self._tmpdirs.values():
             tmp.cleanup()
         self._tmpdirs.clear()

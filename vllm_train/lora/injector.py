@@ -102,12 +102,18 @@ class LoRAInjector:
             for name, lora in self.lora_layers.items():
                 lora.disabled = before[name]
 
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter as PEFT names it: ``base_model.model.<path>.lora_A.weight`` etc., fp32, contiguous."""
+    def peft_state_dict(self, live: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter as PEFT names it: ``base_model.model.<path>.lora_A.weight`` (r, in) and
+        ``...lora_B.weight`` (out, r). Default: fp32 contiguous CPU copies (for files). ``live=True``:
+        detached views of the parameters themselves, on their device, no copy (for
+        `VLLMEngine.sync_adapter`, which copies them into vLLM's slots)."""
         state = {}
         for name, lora in self.lora_layers.items():
-            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.lora_a.detach().float().contiguous().cpu()
-            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.lora_b.detach().float().contiguous().cpu()
+            a, b = lora.lora_a.detach(), lora.lora_b.detach()
+            if not live:
+                a, b = a.float().contiguous().cpu(), b.float().contiguous().cpu()
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         return state
 
     def peft_config(self, base_model_name_or_path: str | None) -> dict:
