@@ -39,11 +39,13 @@ vLLM via `LoRARequest(name, id, DIR)` / `vllm serve ... --enable-lora --lora-mod
 class LoRATrainer:
     """Hybrid trainer: Hugging Face model + our LoRA layers for training, vLLM for inference."""
 
-    def __init__(self, model_name: str, train_config: LoRATrainConfig, *, engine_options=None,
+    def __init__(self, model_name: str, train_config: LoRATrainConfig, *, engine=None, engine_options=None,
                  on_save: Callable[[Path], None] | None = None, tensorboard: bool = True, progress: bool = True):
         self.model_name = str(model_name)
         self.config = train_config
-        self.engine_options = engine_options
+        self.engine_options = engine_options  # for the engine this trainer creates on first use
+        self._engine = engine  # or share an existing VLLMEngine (one engine per process)
+        self._owns_engine = engine is None
         self.on_save = on_save  # called with each adapter dir written (checkpoints and final), e.g. a push
         self.tensorboard = tensorboard
         self.progress = progress
@@ -51,7 +53,6 @@ class LoRATrainer:
         self.tokenizer = None
         self.injector = None
         self.global_step = 0
-        self._engine = None
         self._adapter_version = 0  # bumped whenever the LoRA weights change
         self._served = None  # (version, AdapterRef) last published to the engine
         self._path_adapters: dict[str, Any] = {}
@@ -239,6 +240,6 @@ class LoRATrainer:
         return self.engine.generate_raw(prompts, kwargs, adapter)
 
     def close(self) -> None:
-        if self._engine is not None:
+        if self._engine is not None and self._owns_engine:
             self._engine.close()
-            self._engine = None
+        self._engine = None
