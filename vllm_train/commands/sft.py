@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", metavar="FILE", help="held-out data: loss/perplexity logged each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter instead of a fresh one")
     add_output_args(p)
+    p.add_argument("--push-to", metavar="URL[,URL...]", help="publish each saved adapter (checkpoints and final) "
+                   "to these running vLLM servers as the next version of --push-name (see `vllm-train push`)")
+    p.add_argument("--push-name", metavar="NAME", help="served adapter name for --push-to: versions are "
+                   "NAME-v1, NAME-v2, ... (default: sft)")
     add_config_args(p)
     p.set_defaults(run=run)
 

@@ -1,0 +1,91 @@
+"""`vllm-train push`: publish a new version of a LoRA adapter to running vLLM OpenAI servers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+DESCRIPTION = """\
+Publish a PEFT adapter directory to every replica of a running vLLM OpenAI server (started by
+`vllm-train serve`, or any vLLM server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora) as a
+new version NAME-vN, and print that served name.
+
+Before any replica is touched the directory is validated: both PEFT files readable, rank within the
+servers' --max-lora-rank, trained on the base model the servers serve. The files are copied to an
+immutable staging directory (--stage-dir; the servers must be able to read it), loaded on the first
+replica, then on the others. If any replica fails, the new version is unloaded from those that loaded
+it and the previous version keeps serving; the exit status is then non-zero. After success, versions
+older than the --keep newest are unloaded. Names are never reused for new weights (vLLM's prefix cache
+is keyed by the adapter name).
+"""
+
+EXAMPLE = """\
+example:
+  vllm-train push --server http://127.0.0.1:8000,http://127.0.0.1:8001 --adapter runs/sft --name sft
+  # -> sft-v2 ; then: client.completions.create(model="sft-v2", ...)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="publish an adapter version to running vLLM servers",
+                       description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", required=True, metavar="URL[,URL...]",
+                   help="base URL of each replica, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    p.add_argument("--name", required=True, help="adapter name; versions are served as NAME-v1, NAME-v2, ...")
+    p.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="versions of NAME that stay loaded, the new one included (default: 2)")
+    p.add_argument("--max-lora-rank", type=int, metavar="R", help="the servers' max LoRA rank (default: what "
+                   "`vllm-train serve` recorded; otherwise vLLM checks it while loading)")
+    p.add_argument("--stage-dir", metavar="DIR", help="where versions are copied; must be readable by the "
+                   "servers (default: $VLLM_TRAIN_STAGE_DIR or /dev/shm/vllm-train-adapters)")
+    p.add_argument("--timeout", type=float, default=120, metavar="S", help="per HTTP call (default: 120)")
+    p.add_argument("--verbose", action="store_true", help="also print timings and unloaded versions (stderr)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_train.engine.server import AdapterPublisher
+
+    publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
+                                 stage_dir=args.stage_dir, timeout=args.timeout)
+    result = publisher.publish_detailed(args.adapter, args.name)
+    print(result.served_name, flush=True)
+    if args.verbose:
+        timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
+        print(f"published on {len(result.urls)} replica(s): {timings}; unloaded: "
+              f"{', '.join(result.unloaded) or 'none'}", file=sys.stderr)
+    return 0
+
+
+def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: bool = False,
+                   **publisher_kwargs) -> Callable[[Path], None]:
+    """An `on_save` callback that publishes every adapter dir a trainer writes (checkpoints and final)
+    to the servers at `urls` as the next version of `name`:
+
+        trainer = LoRATrainer(model, config, on_save=make_push_hook("http://127.0.0.1:8000", name="sft"))
+
+    A failed push prints one warning line and training goes on (the previous version keeps serving);
+    `strict=True` raises instead. URL and name are checked now, so a typo fails before training starts.
+    """
+    from vllm_train.engine.server import NAME_RE, VERSION_RE, AdapterPublisher
+    from vllm_train.errors import VllmTrainError
+
+    publisher = AdapterPublisher(urls, keep=keep, **publisher_kwargs)
+    if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
+        raise VllmTrainError(f"--push-name {name!r} is invalid (letters, digits, '.', '_', '-'; no '-vN' suffix)")
+
+    def push(path: Path) -> None:
+        try:
+            served = publisher.publish(path, name)
+        except VllmTrainError as exc:
+            if strict:
+                raise
+            print(f"warning: push of {path} failed: {exc}", file=sys.stderr, flush=True)
+            return
+        print(f"pushed {path} -> {served} on {len(publisher.urls)} replica(s)", file=sys.stderr, flush=True)
+
+    push.publisher = publisher  # type: ignore[attr-defined]
+    return push

@@ -1,0 +1,115 @@
+"""`vllm-train serve`: vLLM OpenAI-compatible server replicas with runtime LoRA loading."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+DESCRIPTION = """\
+Start vLLM's OpenAI-compatible server (one or more replicas on consecutive ports) with runtime LoRA
+loading enabled, wait until every replica answers /health, print the base URLs, and run until Ctrl-C or
+SIGTERM; then stop every replica and its engine process (SIGTERM, SIGKILL after a grace period).
+
+CPU-safe defaults: eager mode, fp32, a fixed KV cache (--kv-cache-gib); on GPU: bf16, CUDA graphs, one
+GPU per replica when there are enough. Adapters given with --adapter are published as NAME-v1; publish
+new versions while the servers run with `vllm-train push` (or `vllm-train sft --push-to URL`). Query
+with any OpenAI client: model = the served adapter name (e.g. "sft-v3"), or the base model's name.
+"""
+
+EXAMPLE = """\
+example:
+  vllm-train serve --model vllm_train/assets/tiny-llama --adapter sft=runs/sft --port 8000 --replicas 2
+  vllm-train push --server http://127.0.0.1:8000,http://127.0.0.1:8001 --adapter runs/sft2 --name sft
+  curl http://127.0.0.1:8000/v1/models
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run vLLM OpenAI server replicas with runtime LoRA loading",
+                       description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="publish this PEFT adapter as NAME-v1 once the servers are up (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port of replica 0; replica i uses port+i; 0 = any free ports (default: 8000)")
+    p.add_argument("--replicas", type=int, default=1, metavar="K", help="server processes (default: 1)")
+    p.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
+                   help="largest adapter rank the servers accept: 1, 8, 16, 32, 64, ... (default: 16)")
+    p.add_argument("--max-loras", type=int, default=2, help="different adapters in one batch (default: 2)")
+    p.add_argument("--max-cpu-loras", type=int, default=4,
+                   help="adapters cached per replica; keep >= push --keep + 1 (default: 4)")
+    p.add_argument("--served-model-name", metavar="NAME", help="name of the base model in the API "
+                   "(default: the model directory's name)")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=float, default=0.25, help="CPU only: KV cache per replica (default: 0.25)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="GPU only: memory share per GPU (default: 0.85)")
+    p.add_argument("--log-dir", metavar="DIR", help="replica logs (default: a temporary directory)")
+    p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
+                   help="seconds to wait for /health (default: 600)")
+    p.set_defaults(run=run)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):  # SIGTERM -> leave the wait loop and clean up
+    raise _Stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_train.engine.server import AdapterPublisher, ServerConfig, start_servers
+    from vllm_train.errors import VllmTrainError
+
+    adapters = []
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise VllmTrainError(f"--adapter {item!r}: expected NAME=DIR")
+        adapters.append((name, path))
+    config = ServerConfig(model=args.model, host=args.host, port=args.port, replicas=args.replicas,
+                          max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+                          max_cpu_loras=args.max_cpu_loras, served_model_name=args.served_model_name,
+                          max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                          gpu_memory_utilization=args.gpu_memory_utilization, log_dir=args.log_dir,
+                          startup_timeout=args.startup_timeout)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    group = None
+    try:
+        print(f"starting {config.replicas} vLLM server replica(s) for {args.model} ...", flush=True)
+        t0 = time.perf_counter()
+        group = start_servers(config)
+        for r in group.replicas:
+            print(f"replica {r.index}: {r.url}/v1  (pid {r.pid}, log {r.log_path})", flush=True)
+        publisher = AdapterPublisher(group.urls, max_lora_rank=config.max_lora_rank)
+        for name, path in adapters:
+            print(f"adapter {name}: served as {publisher.publish(path, name)}", flush=True)
+        urls = ",".join(group.urls)
+        print(f"ready in {time.perf_counter() - t0:.0f}s. Publish a version: vllm-train push --server {urls} "
+              f"--adapter DIR --name NAME", flush=True)
+        print("Ctrl-C or SIGTERM stops the servers.", flush=True)
+        while True:
+            alive = [r for r in group.replicas if r.alive()]
+            for r in group.replicas:
+                if not r.alive() and not getattr(r, "_reported", False):
+                    r._reported = True
+                    print(f"warning: replica {r.index} ({r.url}) exited with code {r.process.returncode}; "
+                          f"log tail: {r.log_tail(4)}", file=sys.stderr, flush=True)
+            if not alive:
+                raise VllmTrainError("every server replica has exited")
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("stopping servers ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if group is not None:
+            group.stop()
+            print("servers stopped", flush=True)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
