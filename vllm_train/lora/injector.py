@@ -71,7 +71,7 @@ class LoRAInjector:
     def _inject_fused(self, model: nn.Module, name: str, module: nn.Module, leaf: str) -> None:
         sizes = fused_output_sizes(module, leaf)
         in_features = getattr(module, "input_size", None) or module.in_features
-        prefix = name.rsplit(".", 1)[0]
+        prefix = name.rpartition(".")[0]  # "" for a top-level module
         loras = {}
         for proj, size in zip(FUSED_PROJECTIONS[leaf], sizes):
             lora = self._new_lora(in_features, size, next(module.parameters(), None))
@@ -79,7 +79,7 @@ class LoRAInjector:
                 lora.disabled = True
                 lora.requires_grad_(False)
             else:
-                self.lora_layers[f"{prefix}.{proj}"] = lora
+                self.lora_layers[f"{prefix}.{proj}" if prefix else proj] = lora
             loras[proj] = lora
         _set_submodule(model, name, FusedLoRALinear(module, loras, sizes))
 
