@@ -1,0 +1,196 @@
+"""Fast adapter sync into the live vLLM engine, checked against the trainer's own log-probs (HF forward
+with our LoRA layers), on both paths: the fast slot write in the session's engine, and the public
+fallback in engines where the fast path is unavailable (subprocesses: one engine per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
+from vllm_train.evaluation import completion_logprobs
+from vllm_train.lora.injector import LoRAInjector
+
+PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7, 64, 12, 13]
+COMPLETION_IDS = [128, 11, 9, 8, 200, 31, 4, 77]
+TOLERANCE = 1e-4  # fp32 on CPU; measured differences are ~1e-5
+
+
+def policy(tiny_model, rank: int = 8, targets=ALL_LINEAR_MODULES):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    injector = LoRAInjector(LoRATrainConfig(rank=rank, alpha=2 * rank, target_modules=list(targets)))
+    injector.inject(model)
+    return model, injector
+
+
+def train_step(model, injector, optimizer, token_ids: list[int]) -> float:
+    """One causal-LM step on one sequence (the trainer's side of the loop)."""
+    ids = torch.tensor([token_ids])
+    logits = model(input_ids=ids).logits[0, :-1]  # (T-1, vocab)
+    loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def max_gap(engine, ref, model) -> float:
+    served = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+    return (served - completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS)).abs().max().item()
+
+
+def test_after_k_training_steps_vllm_logprobs_equal_the_trainers(tiny_model, engine):
+    model, injector = policy(tiny_model)
+    optimizer = torch.optim.AdamW(injector.get_trainable_params(), lr=1e-2)
+    config = injector.peft_config(tiny_model)
+    first = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-k-steps")
+    assert engine.last_sync_path == "public" and engine.fast_sync_unavailable is None
+    losses = []
+    for _ in range(5):
+        losses.append(train_step(model, injector, optimizer, PROMPT_IDS + COMPLETION_IDS))
+        ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-k-steps")
+        assert engine.last_sync_path == "fast"
+        assert ref == first  # the pinned version keeps its name and id; its weights changed
+        assert max_gap(engine, ref, model) <= TOLERANCE
+    assert losses[-1] < losses[0]  # the steps did change the adapter
+    # the slot holds exactly the trainer's weights (B unscaled back from vLLM's B * scaling)
+    held = engine._slot_writers["test-k-steps"].read()
+    for key, value in injector.peft_state_dict().items():
+        torch.testing.assert_close(held[key], value, atol=1e-6, rtol=1e-5)
+    engine.remove_adapter(first)
+
+
+def test_no_stale_adapter_after_20_consecutive_syncs(tiny_model, engine):
+    model, injector = policy(tiny_model)
+    config = injector.peft_config(tiny_model)
+    ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-20-syncs")
+    gen = torch.Generator().manual_seed(0)
+    previous = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+    paths = []
+    for _ in range(20):
+        with torch.no_grad():
+            for p in injector.get_trainable_params():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-20-syncs")
+        paths.append(engine.last_sync_path)
+        served = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+        expected = completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS)
+        assert (served - expected).abs().max().item() <= TOLERANCE
+        assert (served - previous).abs().max().item() > 1e-3  # a new version, not the old one
+        previous = served
+    assert paths == ["fast"] * 20
+    engine.remove_adapter(ref)
+
+
+def test_pinned_slot_survives_other_adapters_and_second_family_uses_public_path(tiny_model, engine, tmp_path):
+    """With max_loras=2 one family is pinned; a second family and path adapters share the other slot
+    (LRU) and never evict the pinned one."""
+    model_a, injector_a = policy(tiny_model)
+    model_b, injector_b = policy(tiny_model, rank=4, targets=["q_proj", "v_proj"])
+    for injector, seed in ((injector_a, 1), (injector_b, 2)):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in injector.get_trainable_params():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ref_a = engine.sync_adapter(injector_a.peft_state_dict(live=True), injector_a.peft_config(None), "test-fam-a")
+    for step in range(3):
+        ref_b = engine.sync_adapter(injector_b.peft_state_dict(live=True), injector_b.peft_config(None), "test-fam-b")
+        assert engine.last_sync_path == "public"  # the other slot stays free for everyone else
+        assert ref_b.name == f"test-fam-b-v{ref_b.id}"
+        others = [engine.load_adapter(injector_b.save(tmp_path / f"other{step}-{i}"), f"test-other{i}")
+                  for i in range(2)]
+        for other in others:
+            engine.generate([PROMPT_IDS], other, max_tokens=2)
+        with torch.no_grad():
+            for p in injector_a.get_trainable_params():
+                p.mul_(1.1)
+        ref_a = engine.sync_adapter(injector_a.peft_state_dict(live=True), injector_a.peft_config(None), "test-fam-a")
+        assert engine.last_sync_path == "fast"
+        assert max_gap(engine, ref_a, model_a) <= TOLERANCE
+        assert max_gap(engine, ref_b, model_b) <= TOLERANCE
+        for other in others:
+            engine.remove_adapter(other)
+    # a new rank for the family goes through the public path once, then fast again
+    model_c, injector_c = policy(tiny_model, rank=16)
+    with torch.no_grad():
+        injector_c.get_trainable_params()[1].fill_(0.01)
+    ref_c = engine.sync_adapter(injector_c.peft_state_dict(live=True), injector_c.peft_config(None), "test-fam-a")
+    assert engine.last_sync_path == "public" and ref_c.id != ref_a.id
+    with torch.no_grad():
+        injector_c.get_trainable_params()[3].fill_(-0.02)
+    ref_c = engine.sync_adapter(injector_c.peft_state_dict(live=True), injector_c.peft_config(None), "test-fam-a")
+    assert engine.last_sync_path == "fast"
+    assert max_gap(engine, ref_c, model_c) <= TOLERANCE
+    engine.remove_adapter(ref_c)
+    engine.remove_adapter(ref_b)
+
+
+# ---- fallback: engines where the fast path is unavailable (one engine per subprocess) -------------------
+FALLBACK_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from vllm_train.engine import fast_sync
+    from vllm_train.engine.llm import EngineOptions, VLLMEngine
+    from vllm_train.evaluation import completion_logprobs
+    sys.path.insert(0, {tests_dir!r})
+    from test_fast_sync import COMPLETION_IDS, PROMPT_IDS, policy
+
+    if __name__ == "__main__":
+        case, tiny_model = sys.argv[1], sys.argv[2]
+        if case == "unverified-version":
+            fast_sync.VERIFIED_VLLM_VERSIONS = ()  # our own table: as if this vLLM were a new release
+        engine = VLLMEngine(tiny_model, EngineOptions(max_lora_rank=16, max_loras=2,
+                                                      in_process=(case != "multiprocess")))
+        model, injector = policy(tiny_model)
+        gaps, paths, names = [], [], []
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            with torch.no_grad():
+                for p in injector.get_trainable_params():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+            ref = engine.sync_adapter(injector.peft_state_dict(live=True), injector.peft_config(None), "fam")
+            served = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+            gaps.append((served - completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS)).abs().max().item())
+            paths.append(engine.last_sync_path)
+            names.append(ref.name)
+        print("RESULT " + json.dumps({{"gaps": gaps, "paths": paths, "names": names,
+                                       "why": engine.fast_sync_unavailable}}))
+        engine.close()
+''')
+
+
+def run_fallback_case(case: str, tiny_model: str, tmp_path) -> dict:
+    script = tmp_path / f"fallback_{case}.py"
+    script.write_text(FALLBACK_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if case == "multiprocess" else "0")
+    proc = subprocess.run([sys.executable, str(script), case, tiny_model], capture_output=True, text=True,
+                          env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def check_public_fallback(result: dict) -> None:
+    assert result["paths"] == ["public"] * 4
+    assert len(set(result["names"])) == 4  # a new name (and id) per version
+    assert max(result["gaps"]) <= TOLERANCE
+
+
+def test_falls_back_to_public_path_for_unverified_vllm_version(tiny_model, tmp_path):
+    result = run_fallback_case("unverified-version", tiny_model, tmp_path)
+    check_public_fallback(result)
+    assert "not one of the verified versions" in result["why"]
+
+
+def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path):
+    result = run_fallback_case("multiprocess", tiny_model, tmp_path)
+    check_public_fallback(result)
+    assert "another process" in result["why"] or "cannot read" in result["why"]
