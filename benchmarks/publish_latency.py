@@ -102,7 +102,7 @@ def bench_servers(model_path: str, replicas: int, pushes: int, warmup: int, rank
                 t_saved = time.perf_counter()
                 served = publisher.publish(out, "bench")
                 t_pushed = time.perf_counter()
-                list(pool.map(lambda u: first_completion(u, served), group.urls))
+                list(pool.map(first_completion, group.urls, [served] * len(group.urls)))
                 t_first = time.perf_counter()
                 if i >= warmup:
                     rows.append({"save": t_saved - t_start, "push": t_pushed - t_saved, "first": t_first - t_pushed,

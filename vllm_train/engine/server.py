@@ -294,7 +294,10 @@ class ServerGroup:
 
 def start_servers(config: ServerConfig) -> ServerGroup:
     """Start `config.replicas` servers and wait until each answers ``/health``. Raises `VllmTrainError`
-    with the replica's log tail if one exits or times out (and stops the others)."""
+    with the replica's log tail if one exits or times out (and stops the others).
+
+    On Linux the replicas also get SIGTERM when the thread that started them exits (PR_SET_PDEATHSIG), so
+    a launcher killed with SIGKILL leaves no server behind: start them from a thread that lives as long."""
     return ServerGroup(config).start()
 
 
@@ -608,7 +611,7 @@ class AdapterPublisher:
         self.on_loaded = on_loaded
 
     # ---- reading state -------------------------------------------------------------------------
-    def states(self) -> list[ReplicaState]:
+    def states(self, consequence: str = "nothing was published") -> list[ReplicaState]:
         """Every replica's state; raises naming the first replica that does not answer."""
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             futures = [pool.submit(replica_state, u, min(self.timeout, 30.0)) for u in self.urls]
@@ -617,12 +620,12 @@ class AdapterPublisher:
                 try:
                     results.append(fut.result())
                 except HTTPFailure as exc:
-                    raise VllmTrainError(f"server replica {url} {exc}; nothing was published") from None
+                    raise VllmTrainError(f"server replica {url} {exc}; {consequence}") from None
         return results
 
     def current(self, name: str) -> str | None:
         """The newest version of `name` served by every replica (the published one), e.g. 'sft-v3'."""
-        common = set.intersection(*(set(s.versions(name)) for s in self.states()))
+        common = set.intersection(*(set(s.versions(name)) for s in self.states("cannot resolve " + name)))
         return f"{name}-v{max(common)}" if common else None
 
     # ---- publishing ----------------------------------------------------------------------------
@@ -674,9 +677,11 @@ class AdapterPublisher:
                                 errors.append(exc)
                         if errors:
                             raise errors[0]
-            except HTTPFailure as exc:
+            except BaseException as exc:  # HTTP failure, a failing callback, Ctrl-C: nothing stays half-published
                 failed_unloads = self._rollback(done, served)
                 _tombstone(staged)
+                if not isinstance(exc, HTTPFailure):
+                    raise
                 still = f"{name}-v{previous} is still served" if previous else f"no version of {name} was served"
                 extra = f"; could not unload it from {', '.join(failed_unloads)}" if failed_unloads else ""
                 raise VllmTrainError(f"publishing {served} failed on {exc.url}: {exc}; rolled back on "
