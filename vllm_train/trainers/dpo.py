@@ -1,0 +1,258 @@
+"""DPOTrainer: Direct Preference Optimization of a LoRA adapter (also IPO, hinge, conservative DPO).
+
+The reference model costs no memory: it is the same network with the adapter switched off
+(`LoRAInjector.disable_adapter`), i.e. the base model.
+
+With a starting adapter (e.g. from SFT) the policy starts from that adapter *and the reference is that
+adapter*. We get its log-probs by computing them once, before the first optimizer step, with the
+starting adapter loaded (``precompute_ref_logps``, the default): one no-grad pass over the data,
+stored as two floats per pair. Every later step then needs only the policy's forward/backward, so
+precomputing is also the faster choice without a starting adapter. ``precompute_ref_logps=False``
+recomputes the (base) reference each step instead; it is only allowed without a starting adapter.
+On resume the reference is recomputed the same way *before* the checkpoint's weights are loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
+from vllm_train.data.preference import PreferenceDataset, collate_preference
+from vllm_train.errors import VllmTrainError
+from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.losses.dpo import LOSS_TYPES, preference_loss, sequence_logps
+from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.trainers import common
+from vllm_train.trainers.sft import ADAPTER_CARD
+
+
+@dataclass
+class DPOConfig(LoRATrainConfig):
+    """LoRATrainConfig plus the preference-loss settings (all validated)."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (IPO: tau)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    precompute_ref_logps: bool = True  # reference log-probs once, before training (required with --adapter)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
+        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, "one of " + ", ".join(LOSS_TYPES))
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
+               "0 <= label_smoothing < 0.5")
+        _check(self.label_smoothing == 0.0 or self.loss_type == "sigmoid", "label_smoothing",
+               self.label_smoothing, "only with loss_type sigmoid")
+
+
+@torch.no_grad()
+def pair_logps(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32,
+               autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (sum over completion tokens) of every pair: (chosen_N, rejected_N), fp32 CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                   pad_token_id)
+        logps_2B = batch_logps(model, batch, device, autocast).cpu()
+        half = len(logps_2B) // 2
+        chosen.append(logps_2B[:half])
+        rejected.append(logps_2B[half:])
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def batch_logps(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sequence log-probs of the (2B, T) rows of a `collate_preference` batch, shape (2B,)."""
+    with autocast():
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+    token_logps, mask = shifted_token_logprobs(logits, batch["labels"].to(device))
+    return sequence_logps(token_logps, mask)
+
+
+def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> dict:
+    """Held-out preference metrics: implicit-reward accuracy/margin vs the reference (DPO's own
+    measure) and ``logp_accuracy``, how often the policy itself gives `chosen` the higher log-prob."""
+    _, m = preference_loss("sigmoid", policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return {"reward_accuracy": m["rewards/accuracy"], "reward_margin": m["rewards/margin"],
+            "logp_accuracy": (policy_chosen > policy_rejected).float().mean().item(),
+            "dpo_loss": m["loss"], "num_pairs": len(policy_chosen)}
+
+
+class DPOTrainer:
+    """Preference optimization of a LoRA adapter on a Hugging Face model with our LoRA layers."""
+
+    def __init__(self, model_name: str, config: DPOConfig, adapter: str | None = None, *,
+                 tensorboard: bool = True, progress: bool = True):
+        if adapter and not config.precompute_ref_logps:
+            raise VllmTrainError("precompute_ref_logps=false cannot be used with a starting adapter: the "
+                                 "reference is that adapter, computed once before training")
+        self.model_name = str(model_name)
+        self.config = config
+        self.start_adapter = adapter
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.model = self.tokenizer = self.injector = None
+        self.global_step = 0
+
+    def setup_training(self) -> None:
+        torch.manual_seed(self.config.seed)
+        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, self.config,
+                                                                       self.start_adapter)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _reference(self):
+        """The reference's weights: the base (adapter off), or the starting adapter as loaded now."""
+        return contextlib.nullcontext() if self.start_adapter else self.injector.disable_adapter()
+
+    def reference_logps(self, dataset: PreferenceDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._reference():
+            return pair_logps(self.model, dataset, self.tokenizer.pad_token_id, self.config.batch_size,
+                              self._autocast)
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
+        """Optimize the adapter on preference pairs; returns the last logged metrics (and eval_*)."""
+        if self.model is None:
+            self.setup_training()
+        c = self.config
+        dataset = self._as_dataset(dataset)
+        eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
+        run_dir = Path(c.output_dir)
+        groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
+        total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
+        params = self.injector.get_trainable_params()
+        optimizer = common.make_optimizer(params, c)
+        scheduler = common.make_schedule(optimizer, total_steps, c)
+
+        # Reference log-probs come first: before any step, and before a checkpoint is resumed.
+        ref = self.reference_logps(dataset) if c.precompute_ref_logps else None
+        eval_ref = self.reference_logps(eval_dataset) if eval_dataset is not None else None
+        start_epoch, start_group, step = 0, 0, 0
+        resume = common.resolve_resume(c.resume_from, run_dir)
+        if resume is not None:
+            meta = common.load_checkpoint(resume, self.injector, optimizer, scheduler)
+            start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
+        write_resolved_config(c, run_dir, model=self.model_name, kind="dpo", total_steps=total_steps,
+                              train_pairs=len(dataset), start_adapter=self.start_adapter,
+                              reference=self.start_adapter or "base model (adapter disabled)")
+        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step if resume is not None else None)
+        bar = tqdm(total=total_steps, initial=step, desc=f"dpo/{c.loss_type}", disable=not self.progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        last: dict = {}
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        epoch = start_epoch
+        while step < total_steps:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
+            micro = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+            groups = [micro[i:i + c.gradient_accumulation_steps]
+                      for i in range(0, len(micro), c.gradient_accumulation_steps)]
+            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
+                stats = self._accumulate(dataset, groups[g], ref)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                for k, v in stats.items():
+                    window[k] = window.get(k, 0.0) + v
+                bar.update(1)
+                if step % c.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: v / window_steps for k, v in window.items()}
+                    last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                                steps_per_sec=window_steps / max(elapsed, 1e-9), epoch=epoch + (g + 1) / len(groups))
+                    logger.log(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
+                    self._checkpoint(run_dir, step, optimizer, scheduler, epoch, g + 1)
+                if step >= total_steps:
+                    break
+            epoch += 1
+            if eval_dataset is not None:
+                ev = self.evaluate(eval_dataset, eval_ref)
+                logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
+                last.update({f"eval_{k}": v for k, v in ev.items()})
+                self.model.train()
+            if not c.save_steps and step < total_steps:
+                self._checkpoint(run_dir, step, optimizer, scheduler, epoch, 0)
+        bar.close()
+        self.global_step = step
+        self.model.eval()
+        logger.close()
+        self.save_lora(run_dir)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                    ["loss", "rewards/accuracy", "rewards/margin", "eval_reward_accuracy", "lr"],
+                    title=f"DPO ({c.loss_type}) of {Path(self.model_name).name}")
+        return last
+
+    def _accumulate(self, dataset, group: list[list[int]], ref) -> dict[str, float]:
+        """Forward/backward over one accumulation group; the loss is the mean over all its pairs."""
+        n_pairs = sum(len(idx) for idx in group)
+        totals: dict[str, float] = {}
+        for idx in group:
+            batch = collate_preference([dataset[i] for i in idx], self.tokenizer.pad_token_id)
+            logps_2B = batch_logps(self.model, batch, self.device, self._autocast)
+            policy_chosen_B, policy_rejected_B = logps_2B.chunk(2)
+            if ref is not None:
+                ref_chosen_B = ref[0][batch["index"]].to(self.device)
+                ref_rejected_B = ref[1][batch["index"]].to(self.device)
+            else:
+                with torch.no_grad(), self.injector.disable_adapter():
+                    ref_chosen_B, ref_rejected_B = batch_logps(self.model, batch, self.device, self._autocast).chunk(2)
+            loss, metrics = preference_loss(self.config.loss_type, policy_chosen_B, policy_rejected_B,
+                                            ref_chosen_B, ref_rejected_B, self.config.beta, self.config.label_smoothing)
+            (loss * len(idx) / n_pairs).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * len(idx) / n_pairs
+        return totals
+
+    def _checkpoint(self, run_dir, step, optimizer, scheduler, epoch, next_group):
+        return common.save_checkpoint(run_dir, step, self.injector, optimizer, scheduler,
+                                      {"epoch": epoch, "next_group": next_group}, self.model_name,
+                                      self.config.save_total_limit)
+
+    def evaluate(self, dataset: Any, ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Reward accuracy/margin of the current adapter vs the reference on `dataset` (+ logp_accuracy)."""
+        dataset = self._as_dataset(dataset)
+        ref = ref if ref is not None else self.reference_logps(dataset)
+        chosen, rejected = pair_logps(self.model, dataset, self.tokenizer.pad_token_id, self.config.batch_size,
+                                      self._autocast)
+        return preference_metrics(chosen, rejected, ref[0], ref[1], self.config.beta)
+
+    def _as_dataset(self, data: Any) -> PreferenceDataset:
+        if isinstance(data, PreferenceDataset):
+            return data
+        if self.tokenizer is None:
+            self.tokenizer = common.load_tokenizer(self.model_name)
+        return PreferenceDataset(data, self.tokenizer, self.config.max_length)
+
+    def save_lora(self, path: str | Path) -> Path:
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
+        c = self.config
+        card = ADAPTER_CARD.format(base=self.model_name, kind=f"dpo-{c.loss_type}", rank=c.rank, alpha=c.alpha,
+                                   targets=", ".join(c.target_modules), steps=self.global_step)
+        return self.injector.save(path, self.model_name, card=card)

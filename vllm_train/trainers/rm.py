@@ -1,0 +1,296 @@
+"""Reward models: Bradley-Terry training of LoRA + a scalar head, saved for vLLM and for PEFT.
+
+The model is the base loaded as ``*ForSequenceClassification`` with one label: the score is a linear
+head (``score``, hidden -> 1, no bias) on the last non-padding token's hidden state. LoRA layers adapt
+the body; the head is trained in full. The loss is -logsigmoid(r(chosen) - r(rejected)).
+
+``save_reward_model(dir)`` writes two things:
+
+* ``DIR/`` a merged ``LlamaForSequenceClassification``-style checkpoint (config with
+  ``num_labels=1``, ``model.safetensors``, tokenizer): vLLM runs it as a pooling model
+  (``vllm_train.engine.reward.RewardModelScorer``, i.e. ``LLM(..., runner="pooling").classify``), and
+  ``AutoModelForSequenceClassification.from_pretrained(DIR)`` loads it.
+* ``DIR/adapter/`` the same model as a PEFT adapter (task_type SEQ_CLS; LoRA tensors plus the head
+  as ``modules_to_save`` = ["score"]): ``PeftModel.from_pretrained(AutoModelForSequenceClassification
+  .from_pretrained(BASE, num_labels=1), DIR/adapter)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vllm_train.config import LoRATrainConfig, write_resolved_config
+from vllm_train.data.preference import PreferenceDataset, collate_preference
+from vllm_train.lora.injector import PEFT_PREFIX, LoRAInjector, read_adapter_dir, write_adapter_dir
+from vllm_train.lora.layers import LoRAWrappedLinear
+from vllm_train.losses.dpo import bradley_terry_loss
+from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.trainers import common
+
+HEAD = "score"
+HEAD_KEY = f"{PEFT_PREFIX}{HEAD}.weight"
+
+
+class RewardModelParams:
+    """The trainable state of a reward model (LoRA layers + head), with the `save`/`load`/
+    `get_trainable_params` trio that `common.save_checkpoint` / `load_checkpoint` use."""
+
+    def __init__(self, injector: LoRAInjector, head: torch.nn.Linear):
+        self.injector = injector
+        self.head = head
+
+    def get_trainable_params(self) -> list[torch.nn.Parameter]:
+        return self.injector.get_trainable_params() + [self.head.weight]
+
+    def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
+        state = {**self.injector.peft_state_dict(), HEAD_KEY: self.head.weight.detach().float().contiguous().cpu()}
+        config = {**self.injector.peft_config(base_model_name_or_path), "task_type": "SEQ_CLS",
+                  "modules_to_save": [HEAD]}
+        return write_adapter_dir(path, state, config, card)
+
+    @torch.no_grad()
+    def load(self, path: str | Path) -> None:
+        self.injector.load(path)
+        _, state = read_adapter_dir(path)
+        if HEAD_KEY not in state:
+            from vllm_train.errors import VllmTrainError
+
+            raise VllmTrainError(f"{path}: not a reward-model adapter (no {HEAD_KEY})")
+        self.head.weight.copy_(state[HEAD_KEY])
+
+
+def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | None = None):
+    """(model, tokenizer, params): the base as a 1-label sequence classifier, LoRA injected, head trainable."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = common.load_tokenizer(model_name)
+    device, dtype = common.pick_device_and_dtype(config.precision)
+    model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    model.config.use_cache = False
+    injector = LoRAInjector(config)
+    injector.inject(model)  # freezes everything, head included
+    head = model.get_submodule(HEAD)
+    head.float().weight.requires_grad_(True)
+    for lora in injector.lora_layers.values():
+        lora.float()
+    params = RewardModelParams(injector, head)
+    if adapter:
+        params.load(adapter)
+    return model, tokenizer, params
+
+
+def batch_scores(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Scores of the (2B, T) rows of a `collate_preference` batch, shape (2B,), fp32."""
+    with autocast():
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, 0].float()
+
+
+@torch.no_grad()
+def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_N, rejected_N) reward scores of every pair, fp32 CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                   pad_token_id)
+        c, r = batch_scores(model, batch, device).cpu().chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+class RewardModelTrainer:
+    """Bradley-Terry reward model: LoRA on the body + a scalar head, on preference pairs."""
+
+    def __init__(self, model_name: str, config: LoRATrainConfig, *, tensorboard: bool = True, progress: bool = True):
+        self.model_name = str(model_name)
+        self.config = config
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.model = self.tokenizer = self.params = None
+        self.global_step = 0
+
+    def setup_training(self, adapter: str | None = None) -> None:
+        torch.manual_seed(self.config.seed)
+        self.model, self.tokenizer, self.params = load_reward_model(self.model_name, self.config, adapter)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
+        """Train on preference pairs, save to ``output_dir`` (merged model + adapter/), return metrics."""
+        if self.model is None:
+            self.setup_training()
+        c = self.config
+        dataset = self._as_dataset(dataset)
+        eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
+        run_dir = Path(c.output_dir)
+        groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
+        total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
+        params = self.params.get_trainable_params()
+        optimizer = common.make_optimizer(params, c)
+        scheduler = common.make_schedule(optimizer, total_steps, c)
+
+        start_epoch, start_group, step = 0, 0, 0
+        resume = common.resolve_resume(c.resume_from, run_dir)
+        if resume is not None:
+            meta = common.load_checkpoint(resume, self.params, optimizer, scheduler)
+            start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
+        write_resolved_config(c, run_dir, model=self.model_name, kind="reward_model", total_steps=total_steps,
+                              train_pairs=len(dataset))
+        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step if resume is not None else None)
+        bar = tqdm(total=total_steps, initial=step, desc="rm", disable=not self.progress, dynamic_ncols=True)
+        self.model.train()
+        last: dict = {}
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        epoch = start_epoch
+        while step < total_steps:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
+            micro = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+            groups = [micro[i:i + c.gradient_accumulation_steps]
+                      for i in range(0, len(micro), c.gradient_accumulation_steps)]
+            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
+                stats = self._accumulate(dataset, groups[g])
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                for k, v in stats.items():
+                    window[k] = window.get(k, 0.0) + v
+                bar.update(1)
+                if step % c.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: v / window_steps for k, v in window.items()}
+                    last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                                steps_per_sec=window_steps / max(elapsed, 1e-9), epoch=epoch + (g + 1) / len(groups))
+                    logger.log(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
+                    self._checkpoint(run_dir, step, optimizer, scheduler, epoch, g + 1)
+                if step >= total_steps:
+                    break
+            epoch += 1
+            if eval_dataset is not None:
+                ev = self.evaluate(eval_dataset)
+                logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
+                last.update({f"eval_{k}": v for k, v in ev.items()})
+                self.model.train()
+            if not c.save_steps and step < total_steps:
+                self._checkpoint(run_dir, step, optimizer, scheduler, epoch, 0)
+        bar.close()
+        self.global_step = step
+        self.model.eval()
+        logger.close()
+        self.save_reward_model(run_dir)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", ["loss", "accuracy", "eval_accuracy", "lr"],
+                    title=f"Reward model on {Path(self.model_name).name}")
+        return last
+
+    def _accumulate(self, dataset, group: list[list[int]]) -> dict[str, float]:
+        n_pairs = sum(len(idx) for idx in group)
+        totals: dict[str, float] = {}
+        for idx in group:
+            batch = collate_preference([dataset[i] for i in idx], self.tokenizer.pad_token_id)
+            chosen_B, rejected_B = batch_scores(self.model, batch, self.device, self._autocast).chunk(2)
+            loss, metrics = bradley_terry_loss(chosen_B, rejected_B)
+            (loss * len(idx) / n_pairs).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * len(idx) / n_pairs
+        return totals
+
+    def _checkpoint(self, run_dir, step, optimizer, scheduler, epoch, next_group):
+        return common.save_checkpoint(run_dir, step, self.params, optimizer, scheduler,
+                                      {"epoch": epoch, "next_group": next_group}, self.model_name,
+                                      self.config.save_total_limit)
+
+    def evaluate(self, dataset: Any) -> dict:
+        """Pairwise accuracy (chosen scored strictly higher) and mean margin on `dataset`."""
+        dataset = self._as_dataset(dataset)
+        chosen, rejected = pair_scores(self.model, dataset, self.tokenizer.pad_token_id, self.config.batch_size)
+        _, m = bradley_terry_loss(chosen, rejected)
+        return {"accuracy": m["accuracy"], "margin": m["margin"], "loss": m["loss"], "num_pairs": len(chosen)}
+
+    def _as_dataset(self, data: Any) -> PreferenceDataset:
+        if isinstance(data, PreferenceDataset):
+            return data
+        if self.tokenizer is None:
+            self.tokenizer = common.load_tokenizer(self.model_name)
+        return PreferenceDataset(data, self.tokenizer, self.config.max_length)
+
+    def save_reward_model(self, path: str | Path) -> Path:
+        """Write the merged sequence-classification model into `path` and the PEFT adapter into
+        `path/adapter` (each file written to a temp name first, then renamed into place)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.params.save(path / "adapter", self.model_name, card=RM_CARD.format(base=self.model_name))
+        tmp = Path(tempfile.mkdtemp(prefix=".merged.tmp-", dir=path))
+        try:
+            save_file(merged_state_dict(self.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = self.model.config
+            config.architectures = [type(self.model).__name__]
+            config.use_cache = True
+            config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            for name in ["model.safetensors"] + [n for n in names if n not in ("model.safetensors", "config.json")] \
+                    + ["config.json"]:  # weights first, config last: a config always finds its weights
+                os.replace(tmp / name, path / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+
+RM_CARD = """---
+library_name: peft
+base_model: {base}
+tags: [lora, vllm-train, reward-model]
+---
+# Reward model adapter (LoRA + scalar head `score`)
+
+Load with `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), DIR)`.
+The parent directory holds the same model merged, for vLLM (`runner="pooling"`, `LLM.classify`).
+"""
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights with every LoRA merged into its base linear, under the original names."""
+    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRAWrappedLinear)}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        owner = next((n for n in wrapped if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = tensor.detach().contiguous().cpu()
+        elif key == f"{owner}.base_layer.weight":
+            module = wrapped[owner]
+            merged = tensor.float() + module.lora.delta_weight().float()
+            state[f"{owner}.weight"] = merged.to(tensor.dtype).contiguous().cpu()
+        elif key.startswith(f"{owner}.base_layer."):  # e.g. a bias
+            state[f"{owner}.{key[len(owner) + len('.base_layer.'):]}"] = tensor.detach().contiguous().cpu()
+    return state
