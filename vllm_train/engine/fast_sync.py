@@ -57,6 +57,7 @@ def version_supported(version: str) -> bool:
 def _slot_views(worker, lora_id: int) -> dict:
     """{"slot": index, "views": {logical module path: (a_slot (max_rank, in), b_slot (out, max_rank))}}
     for the adapter `lora_id`, which must be active (pinned) on this worker."""
+    worker = getattr(worker, "worker", worker)  # a WorkerWrapperBase holds the worker itself
     manager = worker.model_runner.lora_manager._adapter_manager  # LoRAModelManager (vLLM internal)
     slot = manager.lora_index_to_id.index(lora_id)  # ValueError if the adapter holds no slot
     views = {}
