@@ -288,17 +288,22 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
     failures: list[str] = []
     done = threading.Event()
     progress = [0]
+    spent = {"resolve": 0.0, "chat": 0.0}
     lock = threading.Lock()
 
     def client(k: int) -> None:
         for i in range(per_thread):
             url = served.urls[(k + i) % len(served.urls)]
             try:
+                t0 = time.perf_counter()
                 current = resolver.current("live")  # the newest version every replica serves
+                t1 = time.perf_counter()
                 model, _, lps = _ask(url, current)
                 with lock:
                     results.append((model, lps))
                     progress[0] += 1
+                    spent["resolve"] += t1 - t0
+                    spent["chat"] += time.perf_counter() - t1
             except Exception as exc:  # noqa: BLE001 - every failure counts
                 with lock:
                     failures.append(f"{type(exc).__name__}: {exc}")
@@ -335,7 +340,9 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
         if matching != [served.content.get(model)]:
             inconsistent.append((model, matching))
     print(f"\nload test: {len(results)} ok, {len(failures)} failed, {elapsed:.1f}s, pushed {pushed}, "
-          f"responses per version {dict(sorted(seen.items()))}, inconsistent {len(inconsistent)}")
+          f"responses per version {dict(sorted(seen.items()))}, inconsistent {len(inconsistent)}; mean per request: "
+          f"resolve {1000 * spent['resolve'] / max(1, len(results)):.0f} ms, "
+          f"chat {1000 * spent['chat'] / max(1, len(results)):.0f} ms")
     assert failures == []
     assert len(results) == n_threads * per_thread
     assert pushed == [f"live-v{i}" for i in range(3, 3 + n_pushes)]

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: bool = False,
+def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: bool = False, check: bool = True,
                    **publisher_kwargs) -> Callable[[Path], None]:
     """An `on_save` callback that publishes every adapter dir a trainer writes (checkpoints and final)
     to the servers at `urls` as the next version of `name`:
@@ -68,7 +68,8 @@ def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: b
         trainer = LoRATrainer(model, config, on_save=make_push_hook("http://127.0.0.1:8000", name="sft"))
 
     A failed push prints one warning line and training goes on (the previous version keeps serving);
-    `strict=True` raises instead. URL and name are checked now, so a typo fails before training starts.
+    `strict=True` raises instead. Name and servers are checked now (`check=False` skips the servers), so
+    a typo or a server that is not up fails before training starts.
     """
     from vllm_train.engine.server import NAME_RE, VERSION_RE, AdapterPublisher
     from vllm_train.errors import VllmTrainError
@@ -76,6 +77,8 @@ def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: b
     publisher = AdapterPublisher(urls, keep=keep, **publisher_kwargs)
     if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
         raise VllmTrainError(f"--push-name {name!r} is invalid (letters, digits, '.', '_', '-'; no '-vN' suffix)")
+    if check:
+        publisher.states("start the servers before training with --push-to")
 
     def push(path: Path) -> None:
         try:
