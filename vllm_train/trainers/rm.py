@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vllm_train.config import LoRATrainConfig, write_resolved_config
+from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.lora.injector import PEFT_PREFIX, LoRAInjector, read_adapter_dir, write_adapter_dir
 from vllm_train.lora.layers import LoRAWrappedLinear
@@ -39,6 +40,23 @@ from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.trainers import common
 
 HEAD = "score"
+
+
+@dataclass
+class RewardModelConfig(LoRATrainConfig):
+    """LoRATrainConfig plus the head's learning rate. The head starts near zero (std 0.02), so the
+    LoRA layers get almost no gradient until it has grown: a higher head rate gets training going."""
+
+    head_learning_rate: float | None = None  # None: 10 x learning_rate
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
+               self.head_learning_rate, "None or > 0")
+
+    @property
+    def head_lr(self) -> float:
+        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
 HEAD_KEY = f"{PEFT_PREFIX}{HEAD}.weight"
 
 
@@ -118,7 +136,7 @@ def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int, batch_size
 class RewardModelTrainer:
     """Bradley-Terry reward model: LoRA on the body + a scalar head, on preference pairs."""
 
-    def __init__(self, model_name: str, config: LoRATrainConfig, *, tensorboard: bool = True, progress: bool = True):
+    def __init__(self, model_name: str, config: RewardModelConfig, *, tensorboard: bool = True, progress: bool = True):
         self.model_name = str(model_name)
         self.config = config
         self.tensorboard = tensorboard
@@ -150,7 +168,9 @@ class RewardModelTrainer:
         groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
         total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
         params = self.params.get_trainable_params()
-        optimizer = common.make_optimizer(params, c)
+        head_lr = c.head_lr if isinstance(c, RewardModelConfig) else c.learning_rate
+        optimizer = common.make_optimizer([{"params": self.params.injector.get_trainable_params()},
+                                           {"params": [self.params.head.weight], "lr": head_lr}], c)
         scheduler = common.make_schedule(optimizer, total_steps, c)
 
         start_epoch, start_group, step = 0, 0, 0
