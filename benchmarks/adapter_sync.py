@@ -6,7 +6,9 @@ For each of `--syncs` training steps, on ONE in-process engine:
          path): fresh PEFT dir on tmpfs + new LoRARequest; vLLM loads it into a slot on the next generate
 and times `sync` (sync_adapter returns; on CUDA after a device synchronize), `sync+gen` (sync and the
 next generate with the new version) and a plain generate of the same batch with an unchanged adapter.
-`overhead` = p50(sync+gen) - p50(plain): what a new version costs on top of the generate itself.
+`overhead` = p50(sync+gen) - p50(plain): what a new version costs on top of the generate itself (the
+plain generate runs after a prefix-cache reset, so neither side gets cache hits on its prompts), and
+`fast_write_only` = the batched slot write alone.
 
 Conditions run in separate processes (one engine per process): quiet, and under a background CPU load
 (`--load-procs` busy processes), each with vLLM's default OpenMP threads and with
@@ -133,9 +135,24 @@ def measure(args) -> dict:
             generate(refs[family])
             times[f"{family}_sync"].append(sync_ms)
             times[f"{family}_sync_gen"].append((time.perf_counter() - start) * 1e3)
+            engine.reset_prefix_cache()  # the plain generate recomputes its prompts too (no cache hits)
             start = time.perf_counter()
             generate(refs[family])
             times["plain_gen"].append((time.perf_counter() - start) * 1e3)
+
+    # the slot write alone (what the fast path adds to the trainer's step), on the fast family's writer
+    writer = engine._slot_writers.get("fast")
+    if writer is not None:
+        state = injector.peft_state_dict(live=True)
+        a_tensors = [state[f"base_model.model.{n}.lora_A.weight"] for n in writer.names]
+        b_tensors = [state[f"base_model.model.{n}.lora_B.weight"] for n in writer.names]
+        times["fast_write_only"] = []
+        for _ in range(args.syncs):
+            start = time.perf_counter()
+            writer.write_tensors(a_tensors, b_tensors)
+            if cuda:
+                torch.cuda.synchronize()
+            times["fast_write_only"].append((time.perf_counter() - start) * 1e3)
 
     # the served weights are the trainer's newest ones, on both paths
     prompt_ids, completion_ids = prompts[0][:16], prompts[1][:16]
@@ -149,7 +166,6 @@ def measure(args) -> dict:
         result[f"{family}_overhead_ms"] = result[f"{family}_sync_gen"]["p50"] - plain
         result[f"{family}_paths"] = sorted(paths[family])
         result[f"{family}_max_logprob_gap"] = gaps[family]
-    writer = engine._slot_writers.get("fast")
     result["fast_slot_tensors"] = 2 * len(writer.names) if writer else 0
     result["adapter_params"] = sum(p.numel() for p in params)
     result["fast_sync_unavailable"] = engine.fast_sync_unavailable
@@ -194,11 +210,12 @@ def run_condition(args, load: bool, passive: bool) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| condition | plain gen p50 | fast sync p50/p95 | fast overhead | public sync p50/p95 | "
-            "public overhead | public/fast overhead |", "|---|---|---|---|---|---|---|"]
+    rows = ["| condition | plain gen p50 | fast write p50 | fast sync p50/p95 | fast overhead | public sync p50/p95 | "
+            "public overhead | public/fast overhead |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         ratio = r["public_overhead_ms"] / r["fast_overhead_ms"] if r["fast_overhead_ms"] > 0 else float("inf")
-        rows.append(f"| {name} | {r['plain_gen']['p50']:.2f} ms | {r['fast_sync']['p50']:.3f} / "
+        write = r.get("fast_write_only", {}).get("p50", float("nan"))
+        rows.append(f"| {name} | {r['plain_gen']['p50']:.2f} ms | {write:.3f} ms | {r['fast_sync']['p50']:.3f} / "
                     f"{r['fast_sync']['p95']:.3f} ms | {r['fast_overhead_ms']:.2f} ms | {r['public_sync']['p50']:.2f} / "
                     f"{r['public_sync']['p95']:.2f} ms | {r['public_overhead_ms']:.2f} ms | {ratio:.1f}x |")
     return "\n".join(rows)

@@ -30,7 +30,8 @@ class TrainableLoRALinear(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA update alone, (..., in) -> (..., out), in the parameters' dtype."""
         x = self.dropout(x).to(self.lora_a.dtype)
-        return (x @ self.lora_a.T) @ self.lora_b.T * self.scaling
+        # the scaling goes on B.T (r, out), not on the (tokens, out) result: one small op, no big temporary
+        return (x @ self.lora_a.T) @ (self.lora_b.T * self.scaling)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """Add the LoRA contribution to `base_output` (the frozen layer's output for `x`)."""
