@@ -713,19 +713,20 @@ class AdapterPublisher:
         """Unload versions older than the `keep` newest (the new one included); delete their staged copies."""
         unloaded = []
         kept = set(sorted({v for s in states for v in s.versions(name)} | {version}, reverse=True)[:self.keep])
+        lingering = set()  # versions whose unload failed somewhere: their files must stay
         for s in states:
-            newer = sorted(set(s.versions(name)) | {version}, reverse=True)
-            for old in newer[self.keep:]:
+            for old in sorted(set(s.versions(name)) - kept):
                 served = f"{name}-v{old}"
                 try:
                     _request("POST", f"{s.url}/v1/unload_lora_adapter", {"lora_name": served},
                              timeout=self.timeout)
                     unloaded.append(f"{s.url}:{served}")
                 except HTTPFailure as exc:  # the publish itself succeeded; an old version lingers
+                    lingering.add(old)
                     print(f"warning: could not unload {served} from {s.url}: {exc}", file=sys.stderr)
         for d in self.stage_dir.glob(f"{name}-v*"):
             m = re.match(rf"^{re.escape(name)}-v(\d+)-[0-9a-f]+$", d.name)
-            if m and int(m[1]) not in kept and d.is_dir():
+            if m and int(m[1]) not in kept | lingering and d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
         return unloaded
 
