@@ -20,7 +20,7 @@ from vllm_train.rewards import TOY_REWARD, load_reward_function, score_with_func
 from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 
 
-def _config(tmp_path, algorithm="grpo", lr=1e-2, **kw) -> RLHFConfig:
+def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
     lora = LoRATrainConfig(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES), learning_rate=lr,
                            batch_size=128, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(tmp_path))
     defaults = dict(rollout_batch_size=16, group_size=8, max_new_tokens=8, seed=0)
@@ -116,7 +116,7 @@ def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped):
 
 
 def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped):
-    config = _config(tmp_path, "ppo", lr=1e-2, group_size=4, kl_coef=0.01, ppo_epochs=2, num_minibatches=2)
+    config = _config(tmp_path, "ppo", lr=1e-3, group_size=4, kl_coef=0.01, ppo_epochs=2, num_minibatches=2)
     trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
     eval_records = load_prompt_records(shipped("rl_eval.jsonl"))[:100]
     before = trainer.evaluate(eval_records)["reward"]
