@@ -26,15 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION = ALL_LINEAR[:4]
 
 PRESETS = {
     # ~0.42M params (the CPU reference point: TRL 0.100 s/step on a quiet box)
     "tiny-0.42m": dict(arch="llama", hidden=128, layers=2, heads=2, kv_heads=1, inter=320, vocab=None,
-                       prompts=8, generations=4, new_tokens=32, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                       prompts=8, generations=4, new_tokens=32, rank=8, targets=ATTENTION,
                        dtype="float32", micro_batch=32, steps=12, warmup=2),
     # ~2.6M params (TRL 0.388 s/step)
     "small-2.6m": dict(arch="llama", hidden=256, layers=4, heads=4, kv_heads=2, inter=1024, vocab=None,
-                       prompts=8, generations=4, new_tokens=32, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                       prompts=8, generations=4, new_tokens=32, rank=8, targets=ATTENTION,
                        dtype="float32", micro_batch=32, steps=10, warmup=2),
     # Qwen2-0.5B shape, random init (GPU: TRL + vLLM colocate 3.9 s/step, TRL + HF generation 11.4 s/step)
     "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936,
@@ -85,7 +86,7 @@ def run_ours(p: dict, model_dir: str) -> dict:
     lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
                            batch_size=p["micro_batch"], warmup_ratio=0.0, lr_scheduler="constant",
                            output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
-    config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"],
+    config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"], log_ref_kl=False,
                         group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0)
     trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False)
     records = prompt_records(p["prompts"])
@@ -174,7 +175,8 @@ def main() -> None:
         for side in ("trl", "ours"):
             cmd = [sys.executable, __file__, "--preset", args.preset, "--side", side, "--model-dir", model_dir,
                    "--steps", str(p["steps"]), "--set", *args.set]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -189,8 +191,8 @@ def main() -> None:
                "load_average": os.getloadavg()}
     print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.2f}M params, {p['prompts']} prompts x {p['generations']} "
           f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, {device}, load avg {os.getloadavg()[0]:.1f})")
-    print(f"| trainer                         | s/step (median) | vs TRL |")
-    print(f"|---------------------------------|-----------------|--------|")
+    print("| trainer                         | s/step (median) | vs TRL |")
+    print("|---------------------------------|-----------------|--------|")
     print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {trl_s:15.3f} |  1.00x |")
     print(f"| vllm-train RLHFTrainer (vLLM)   | {ours_s:15.3f} | {trl_s / ours_s:5.2f}x |")
     print(f"  ours: sync {summary['ours_sync_ms_median']:.2f} ms, rollout {summary['ours_rollout_s_median']:.3f} s, "

@@ -127,7 +127,8 @@ def main() -> None:
         results = {}
         for side in ("hf", "vllm"):
             cmd = [sys.executable, __file__, "--preset", args.preset, "--side", side, "--model-dir", model_dir]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -135,8 +136,8 @@ def main() -> None:
     rows = {}
     for side, r in results.items():
         s = statistics.median(r["seconds"])
-        rows[side] = {"seconds_median": s, "tokens_per_s": statistics.median(t / x for t, x in zip(r["tokens"], r["seconds"])),
-                      "tokens_mean": statistics.mean(r["tokens"])}
+        rate = statistics.median(t / x for t, x in zip(r["tokens"], r["seconds"]))
+        rows[side] = {"seconds_median": s, "tokens_per_s": rate, "tokens_mean": statistics.mean(r["tokens"])}
     speedup = rows["hf"]["seconds_median"] / rows["vllm"]["seconds_median"]
     summary = {"preset": args.preset, "batch": {k: p[k] for k in ("prompts", "generations", "new_tokens", "rank")},
                "device": device, "results": rows, "vllm_speedup": speedup, "raw": results,

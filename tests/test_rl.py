@@ -14,6 +14,8 @@ import torch
 
 from vllm_train.cli import main as cli_main
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig
+from vllm_train.data.tokenize import completion_ids
+from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.errors import VllmTrainError
 from vllm_train.evaluation import completion_logprobs, toy_accuracy
 from vllm_train.rewards import TOY_REWARD, load_reward_function, score_with_function
@@ -78,8 +80,8 @@ def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, 
     trainer = RLHFTrainer(tiny_model, config=_config(tmp_path, rollout_batch_size=4, group_size=4, lr=2e-2),
                           reward_fn=TOY_REWARD, engine=engine, progress=False)
     records = load_prompt_records(shipped("rl_train.jsonl"))
-    prompt_ids = trainer.tokenizer.apply_chat_template(records[0]["prompt"], add_generation_prompt=True)
-    completion = trainer.tokenizer("123", add_special_tokens=False)["input_ids"] + [trainer.tokenizer.eos_token_id]
+    prompt_ids = encode_prompt(trainer.tokenizer, records[0]["prompt"])
+    completion = completion_ids(trainer.tokenizer, records[0]["prompt"], "123")  # a fixed, wrong answer + EOS
     before = completion_logprobs(trainer.model, prompt_ids, completion)
     for step in range(2):
         stats = trainer.ppo_step(records[4 * step:4 * step + 4], seed=step)

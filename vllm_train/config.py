@@ -137,6 +137,7 @@ class RLHFConfig:
     clip_range_high: float | None = None  # asymmetric upper clip (DAPO uses 0.28); None: = clip_range
     value_clip_range: float = 0.2  # PPO value clip
     kl_coef: float = 0.0  # penalty on KL to the reference (= base model, adapter disabled)
+    log_ref_kl: bool = True  # measure KL to the reference every step even when kl_coef = 0 (one no-grad forward)
     gamma: float = 1.0  # GAE discount (PPO)
     gae_lambda: float = 0.95  # GAE lambda (PPO)
     value_loss_coef: float = 0.5  # PPO

@@ -55,7 +55,8 @@ def _import(module_name: str, spec: str):
             raise VllmTrainError(f"reward {spec!r}: module '{module_name}' not found") from None
         raise VllmTrainError(f"reward {spec!r}: importing '{module_name}' failed: {exc}") from None
     except Exception as exc:
-        raise VllmTrainError(f"reward {spec!r}: importing '{module_name}' failed: {type(exc).__name__}: {exc}") from None
+        raise VllmTrainError(f"reward {spec!r}: importing '{module_name}' failed: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def reward_name(fn: RewardFn) -> str:

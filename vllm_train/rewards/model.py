@@ -52,7 +52,8 @@ class RewardModelScorer:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
         from vllm_train.data.tokenize import completion_ids, prompt_ids
 
-        seqs = [prompt_ids(self.tokenizer, p) + completion_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        seqs = [prompt_ids(self.tokenizer, p) + completion_ids(self.tokenizer, p, c)
+                for p, c in zip(prompts, completions)]
         scores: list[float] = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(seqs), self.batch_size):

@@ -153,7 +153,7 @@ class RLHFTrainer:
         if self._served is not None and self._served[0] == self._version:
             return self._served[1], 0.0
         t0 = time.perf_counter()
-        ref = self.engine.sync_adapter(self.injector.peft_state_dict(),
+        ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True),
                                        self.injector.peft_config(self.model_name), family="rl-policy")
         self._served = (self._version, ref)
         return ref, (time.perf_counter() - t0) * 1e3
@@ -196,13 +196,15 @@ class RLHFTrainer:
         rewards_S = self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples)
         stats = {"sync_ms": rollout.sync_ms, "rollout_seconds": rollout.seconds,
                  "rollout_tok_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
-                 "reward_mean": rewards_S.mean().item(), "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
+                 "reward_mean": rewards_S.mean().item(),
+                 "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
                  "accuracy": (rewards_S > 0).float().mean().item(),
                  "response_len": rollout.num_tokens / len(rewards_S)}
 
         # Which samples train: all, or (dynamic sampling) those of groups whose rewards differ.
         rewards_GN = rewards_S.view(-1, N)
-        keep_G = grpo.informative_groups(rewards_GN) if c.dynamic_sampling else torch.ones(len(rewards_GN), dtype=torch.bool)
+        keep_G = grpo.informative_groups(rewards_GN) if c.dynamic_sampling \
+            else torch.ones(len(rewards_GN), dtype=torch.bool)
         keep = keep_G.repeat_interleave(N).nonzero()[:, 0].tolist()
         stats["groups_kept"] = int(keep_G.sum())
         if not keep:
@@ -215,7 +217,7 @@ class RLHFTrainer:
             need_old = c.algorithm == "ppo" or c.ppo_epochs > 1 or c.num_minibatches > 1
             old_logps_BT, old_values_BT = self._forward_all(batch, rollout) if need_old else (None, None)
             ref_logps_BT = None
-            if c.kl_coef > 0:
+            if c.kl_coef > 0 or c.log_ref_kl:
                 with self.injector.disable_adapter():
                     ref_logps_BT, _ = self._forward_all(batch, rollout)
 
@@ -238,7 +240,7 @@ class RLHFTrainer:
             old_logps_BT = torch.zeros_like(mask_BT, dtype=torch.float32)
         self.model.train()
         losses, step_metrics = [], []
-        for epoch in range(c.ppo_epochs):
+        for _ in range(c.ppo_epochs):
             order = torch.randperm(S) if (c.ppo_epochs > 1 or c.num_minibatches > 1) else torch.arange(S)
             for mb in order.chunk(c.num_minibatches):
                 size = grpo.BatchSize.of(mask_BT[mb], c.max_new_tokens)
