@@ -7,6 +7,7 @@ CLI. The oracle for every served answer is the session's in-process vLLM engine 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -173,7 +174,10 @@ def served(tmp_path_factory, adapters):
                 os.environ[k] = v
 
 
+@functools.cache
 def _client(url: str):
+    """One client per replica, shared by the threads (an OpenAI client is thread-safe; making one per
+    request costs more CPU than the request on this box)."""
     from openai import OpenAI
 
     return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

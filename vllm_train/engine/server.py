@@ -665,18 +665,23 @@ class AdapterPublisher:
                 # The first replica is a canary: if it rejects the adapter, no other replica is touched.
                 self._load(self.urls[0], served, staged)
                 done.append(self.urls[0])
+                if self.on_loaded:
+                    self.on_loaded(self.urls[0], served)
                 if len(self.urls) > 1:
                     with ThreadPoolExecutor(max_workers=len(self.urls) - 1) as pool:
                         futures = {u: pool.submit(self._load, u, served, staged) for u in self.urls[1:]}
-                        errors = []
-                        for u, fut in futures.items():
+                        errors: list[BaseException] = []
+                        for u, fut in futures.items():  # wait for every load, so `done` is complete
                             try:
                                 fut.result()
                                 done.append(u)
-                            except HTTPFailure as exc:
+                            except BaseException as exc:  # noqa: BLE001 - re-raised below
                                 errors.append(exc)
                         if errors:
                             raise errors[0]
+                        for u in self.urls[1:]:
+                            if self.on_loaded:
+                                self.on_loaded(u, served)
             except BaseException as exc:  # HTTP failure, a failing callback, Ctrl-C: nothing stays half-published
                 failed_unloads = self._rollback(done, served)
                 _tombstone(staged)
@@ -697,8 +702,6 @@ class AdapterPublisher:
     def _load(self, url: str, served: str, path: Path) -> None:
         _request("POST", f"{url}/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)},
                  timeout=self.timeout)
-        if self.on_loaded:
-            self.on_loaded(url, served)
 
     def _rollback(self, urls: list[str], served: str) -> list[str]:
         failed = []
