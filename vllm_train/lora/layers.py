@@ -8,6 +8,38 @@ import torch
 from torch import nn
 
 
+class LoRADelta(torch.autograd.Function):
+    """``scaling * (x @ A.T) @ B.T``, computed in A's dtype (fp32 LoRA weights over a bf16 base).
+
+    Same arithmetic as autograd would do, but backward keeps `x` in its own dtype: autograd would save
+    the fp32 copy of each bf16 activation (one per LoRA: q, k and v each make their own), while `x`
+    itself is saved by the frozen base layer anyway. Saved: x (..., in), A (r, in), B (out, r) and the
+    small hidden (..., r).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        hidden = x.to(lora_a.dtype) @ lora_a.T  # (..., r)
+        ctx.save_for_backward(x, lora_a, lora_b, hidden)
+        ctx.scaling = scaling
+        return (hidden @ lora_b.T) * scaling  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, lora_a, lora_b, hidden = ctx.saved_tensors
+        rank, in_features = lora_a.shape
+        grad_scaled = grad_output.to(lora_a.dtype) * ctx.scaling  # (..., out)
+        grad_hidden = grad_scaled @ lora_b  # (..., r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_scaled.reshape(-1, grad_scaled.shape[-1]).T @ hidden.reshape(-1, rank)  # (out, r)
+        if ctx.needs_input_grad[1]:
+            grad_a = grad_hidden.reshape(-1, rank).T @ x.reshape(-1, in_features).to(lora_a.dtype)  # (r, in)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_hidden @ lora_a).to(x.dtype)  # (..., in)
+        return grad_x, grad_a, grad_b, None
+
+
 class TrainableLoRALinear(nn.Module):
     """The trainable part of a LoRA layer: ``base_output + scaling * dropout(x) @ A.T @ B.T``.
 
@@ -29,9 +61,7 @@ class TrainableLoRALinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA update alone, (..., in) -> (..., out), in the parameters' dtype."""
-        x = self.dropout(x).to(self.lora_a.dtype)
-        # the scaling goes on B.T (r, out), not on the (tokens, out) result: one small op, no big temporary
-        return (x @ self.lora_a.T) @ (self.lora_b.T * self.scaling)
+        return LoRADelta.apply(self.dropout(x), self.lora_a, self.lora_b, self.scaling)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """Add the LoRA contribution to `base_output` (the frozen layer's output for `x`)."""
