@@ -23,6 +23,7 @@ its log-probs are computed once, before the first step.
 Losses (--loss):  sigmoid  DPO, -log sigmoid(beta * h); with --label-smoothing e: conservative DPO
                   ipo      (h - 1/(2 beta))^2
                   hinge    max(0, 1 - beta * h)
+                  --rpo-alpha a adds a * NLL(chosen) to any of them (RPO)
 where h = [log pi(chosen) - log ref(chosen)] - [log pi(rejected) - log ref(rejected)].
 
 Logged (metrics.jsonl, tb/, loss.png): loss, rewards/accuracy (share of pairs whose implicit reward
@@ -35,13 +36,13 @@ EXAMPLE = """\
 example (the shipped toy world: the model forgets the carry; the pairs prefer the right sum):
   vllm-train dpo --model vllm_train/assets/tiny-llama --data vllm_train/assets/data/prefs_train.jsonl \\
       --eval-data vllm_train/assets/data/prefs_eval.jsonl --output-dir runs/dpo \\
-      --beta 1.0 --learning-rate 3e-3 --batch-size 32 --gradient-accumulation-steps 1 --max-steps 200 \\
+      --beta 0.5 --learning-rate 3e-3 --batch-size 32 --gradient-accumulation-steps 1 --max-steps 190 \\
       --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   vllm-train eval --model vllm_train/assets/tiny-llama --adapter runs/dpo \\
       --data vllm_train/assets/data/rl_eval.jsonl
 """
 
-DPO_FIELDS = ("beta", "loss_type", "label_smoothing", "precompute_ref_logps")
+DPO_FIELDS = ("beta", "loss_type", "label_smoothing", "precompute_ref_logps", "rpo_alpha")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--precompute-ref-logps", dest="cfg_precompute_ref_logps", metavar="BOOL",
                        help="reference log-probs once before training (true) or every step (false; base "
                             "reference only) (default: true)")
+    group.add_argument("--rpo-alpha", dest="cfg_rpo_alpha", metavar="V",
+                       help="add V x the per-token NLL of the chosen answers (RPO): keeps their likelihood "
+                            "from falling while the margin grows (default: 0 = plain preference loss)")
     from vllm_train.trainers.dpo import DPOConfig
 
     add_config_args(p, DPOConfig, skip=("output_dir",) + DPO_FIELDS)

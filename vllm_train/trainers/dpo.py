@@ -42,6 +42,7 @@ class DPOConfig(LoRATrainConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
     precompute_ref_logps: bool = True  # reference log-probs once, before training (required with --adapter)
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen completions added to the loss (RPO); 0 = off
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +50,7 @@ class DPOConfig(LoRATrainConfig):
         _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, "one of " + ", ".join(LOSS_TYPES))
         _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
                "0 <= label_smoothing < 0.5")
+        _check(self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha), "rpo_alpha", self.rpo_alpha, "must be >= 0")
         _check(self.label_smoothing == 0.0 or self.loss_type == "sigmoid", "label_smoothing",
                self.label_smoothing, "only with loss_type sigmoid")
 
@@ -225,6 +227,11 @@ class DPOTrainer:
                     ref_chosen_B, ref_rejected_B = batch_logps(self.model, batch, self.device, self._autocast).chunk(2)
             loss, metrics = preference_loss(self.config.loss_type, policy_chosen_B, policy_rejected_B,
                                             ref_chosen_B, ref_rejected_B, self.config.beta, self.config.label_smoothing)
+            if self.config.rpo_alpha > 0:  # RPO: also raise the chosen answers' likelihood (per-token NLL)
+                n_tokens_B = (batch["labels"][: len(idx), 1:] != -100).sum(-1).to(self.device)
+                chosen_nll = (-policy_chosen_B / n_tokens_B).mean()
+                loss = loss + self.config.rpo_alpha * chosen_nll
+                metrics.update(loss=loss.item(), chosen_nll=chosen_nll.item())
             (loss * len(idx) / n_pairs).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * len(idx) / n_pairs
