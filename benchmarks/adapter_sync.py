@@ -88,7 +88,7 @@ def measure(args) -> dict:
     config = LoRATrainConfig(rank=args.rank, alpha=2 * args.rank, target_modules=ALL_LINEAR,
                              precision="bf16" if cuda else "fp32")
     engine = VLLMEngine(model_dir, EngineOptions(max_lora_rank=config.engine_max_lora_rank, max_loras=2,
-                                                 max_model_len=512, enforce_eager=not cuda or None))
+                                                 max_model_len=None if args.model == "tiny" else 512, enforce_eager=not cuda or None))
     model, _, injector = load_policy(model_dir, config)
     params = injector.get_trainable_params()
     optimizer = torch.optim.AdamW(params, lr=1e-3)

@@ -1,0 +1,76 @@
+"""TrainableEngine and TrainableModelLoader on real vLLM. Each case builds its own engine, so each runs
+in a subprocess (the pytest process holds the session's one in-process engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from vllm_train.assets import data_file
+    from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
+    from vllm_train.data.io import load_records
+    from vllm_train.engine.llm import EngineOptions
+    from vllm_train.engine.trainable import TrainableEngine
+    from vllm_train.evaluation import completion_logprobs
+
+    if __name__ == "__main__":
+        case, tiny_model = sys.argv[1], sys.argv[2]
+        options = EngineOptions(max_lora_rank=8, max_loras=2, in_process=(case == "in-process"))
+        config = LoRATrainConfig(rank=8, alpha=16, learning_rate=1e-3, target_modules=list(ALL_LINEAR_MODULES))
+        engine = TrainableEngine(tiny_model, config, engine_options=options)
+        records = load_records(data_file("sft_train.jsonl"))[:4]
+        prompt_ids = engine.engine.prompt_token_ids(records[0]["messages"][:-1])
+        completion_ids = engine.tokenizer(records[0]["messages"][-1]["content"], add_special_tokens=False).input_ids
+        losses, gaps, paths = [], [], []
+        for _ in range(4):
+            losses.append(engine.train_step(records)["loss"])
+            outputs = engine.generate([records[0]["messages"][:-1]], max_tokens=4, temperature=0.0)
+            paths.append(engine.engine.last_sync_path)
+            served = engine.engine.completion_logprobs(prompt_ids, completion_ids, engine.current_adapter())
+            gaps.append((served - completion_logprobs(engine.model, prompt_ids, completion_ids)).abs().max().item())
+        info = engine.engine.llm.collective_rpc("trainable_loader_info")[0]
+        print("RESULT " + json.dumps({
+            "losses": losses, "gaps": gaps, "paths": paths, "text": outputs[0].outputs[0].text,
+            "worker": info, "this_pid": os.getpid(),
+            "live_model": type(engine.vllm_model).__name__ if engine.vllm_model is not None else None}))
+        engine.close()
+''')
+
+
+def run_case(case: str, tiny_model: str, tmp_path) -> dict:
+    script = tmp_path / "trainable_engine_case.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if case == "in-process" else "1")
+    proc = subprocess.run([sys.executable, str(script), case, tiny_model], capture_output=True, text=True,
+                          env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_trainable_engine_in_process(tiny_model, tmp_path):
+    result = run_case("in-process", tiny_model, tmp_path)
+    # the loader ran in this process and handed the live vLLM model to the training side
+    assert result["live_model"] == "LlamaForCausalLM"
+    assert result["worker"] == {"pid": result["this_pid"], "loaded_by_trainable_loader": True,
+                                "model_class": "LlamaForCausalLM"}
+    assert result["losses"][-1] < result["losses"][0]
+    assert result["paths"] == ["public", "fast", "fast", "fast"]  # first version loads, then slot writes
+    assert max(result["gaps"]) <= 1e-4  # each generate serves the weights of the step just taken
+    assert isinstance(result["text"], str)
+
+
+def test_trainable_engine_multiprocess_registers_loader_in_worker(tiny_model, tmp_path):
+    result = run_case("multiprocess", tiny_model, tmp_path)
+    assert result["live_model"] is None  # the model lives in the engine-core process
+    worker = result["worker"]
+    assert worker["pid"] != result["this_pid"] and worker["loaded_by_trainable_loader"]
+    assert worker["model_class"] == "LlamaForCausalLM"
+    assert result["paths"] == ["public"] * 4  # fast path unavailable across processes: public fallback
+    assert result["losses"][-1] < result["losses"][0]
+    assert max(result["gaps"]) <= 1e-4

@@ -1,0 +1,100 @@
+"""`TrainableEngine`: train a LoRA adapter and generate with it, on one vLLM engine.
+
+The seed plan shares one model between training and inference. The engine here is the one vLLM engine
+(loaded with `TrainableModelLoader`, ``load_format="trainable"``), and training runs on a Hugging Face
+copy of the base with our LoRA layers, because vLLM's inference weights cannot be trained through: on
+CPU they are packed into oneDNN handles, and on GPU vLLM's LoRA kernels, CUDA graphs and KV cache are
+inference-only. What is shared is the adapter: after a `train_step` the next `generate` serves the new
+weights, written straight into the adapter's vLLM LoRA slot (`VLLMEngine.sync_adapter`, fast path:
+~0.5 ms CPU, ~1.2 ms H200 for a 0.5B model's r=16 all-linear adapter, no files).
+
+    engine = TrainableEngine("path/to/model", LoRATrainConfig(rank=8))
+    stats = engine.train_step([{"prompt": "2+2=", "completion": "4"}])   # {"loss": ..., ...}
+    outputs = engine.generate(["2+2="], max_tokens=4)                     # vLLM RequestOutputs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vllm_train.config import LoRATrainConfig
+from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
+from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
+from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.trainers import common
+
+
+class TrainableEngine:
+    """One vLLM engine + a trainable LoRA policy whose newest weights that engine always serves."""
+
+    family = "trainable"
+
+    def __init__(self, model_name: str, train_config: LoRATrainConfig, engine_options: EngineOptions | None = None):
+        from vllm_train.engine import loader  # registers load_format="trainable" in this process
+
+        self.model_name = str(model_name)
+        self.config = train_config
+        torch.manual_seed(train_config.seed)
+        options = engine_options or EngineOptions(max_lora_rank=train_config.engine_max_lora_rank,
+                                                  seed=train_config.seed)
+        # the worker extension imports the loader module inside vLLM's worker (a multiprocess engine)
+        options.extra = {"load_format": loader.LOAD_FORMAT, "worker_extension_cls": loader.WORKER_EXTENSION,
+                         **options.extra}
+        self.engine = VLLMEngine(self.model_name, options)
+        self.vllm_model = loader.live_model(self.model_name)  # None when the engine runs in another process
+        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, train_config)
+        self.params = self.injector.get_trainable_params()
+        self.optimizer = common.make_optimizer(self.params, train_config)
+        self.peft_config = self.injector.peft_config(self.model_name)
+        self.step = 0
+        self._served: tuple[int, AdapterRef] | None = None  # (step, adapter) the engine serves
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _as_batch(self, batch: Any) -> dict[str, torch.Tensor]:
+        """A collated batch (input_ids, attention_mask, labels), or SFT records to tokenize and collate."""
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return {k: v.to(self.device) for k, v in batch.items()}
+        dataset = CausalLMDataset(list(batch), self.tokenizer, self.config.max_length)
+        collated = collate_causal_lm([dataset[i] for i in range(len(dataset))], self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in collated.items()}
+
+    def train_step(self, batch: Any) -> dict:
+        """One optimizer step of completion-token cross-entropy on `batch`. Returns loss, grad_norm,
+        num_tokens and step. The engine serves the new weights from the next `generate` on."""
+        batch = self._as_batch(batch)
+        self.model.train()
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, mask = shifted_token_logprobs(logits, batch["labels"])  # (B, T-1) each
+        num_tokens = int(mask.sum())
+        loss = -logps.sum() / max(1, num_tokens)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "num_tokens": num_tokens, "step": self.step}
+
+    def current_adapter(self) -> AdapterRef:
+        """The engine's handle on the newest weights (synced only when a step changed them)."""
+        if self._served is None or self._served[0] != self.step:
+            ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True), self.peft_config, self.family)
+            self._served = (self.step, ref)
+        return self._served[1]
+
+    def generate(self, prompts: Sequence[str | list[int] | list[dict]], **kwargs):
+        """Generate with the newest adapter. `kwargs` are vLLM ``SamplingParams`` fields; returns vLLM's
+        ``RequestOutput`` list."""
+        return self.engine.generate_raw(prompts, kwargs, self.current_adapter())
+
+    def save_lora(self, path: str) -> str:
+        """Write the adapter in PEFT format (loads in PEFT, vLLM and `vllm serve --lora-modules`)."""
+        return str(self.injector.save(path, self.model_name))
+
+    def close(self) -> None:
+        self.engine.close()
