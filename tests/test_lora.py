@@ -89,6 +89,25 @@ def test_gradcheck_parameters_through_layer():
                                                      lora.lora_b.detach().clone().requires_grad_(True)))
 
 
+def test_bf16_activation_fp32_lora_grads_match_plain_autograd():
+    """The custom backward (which keeps x in bf16) gives autograd's gradients of the same arithmetic."""
+    torch.manual_seed(0)
+    lora = TrainableLoRALinear(32, 24, rank=4, alpha=8)
+    randomize(lora.parameters(), seed=9, std=0.2)
+    x = torch.randn(3, 5, 32).to(torch.bfloat16).requires_grad_(True)  # (batch, seq, in), bf16 like the base
+    grad_out = torch.randn(3, 5, 24)
+    lora.delta(x).backward(grad_out)
+    ours = (x.grad.clone(), lora.lora_a.grad.clone(), lora.lora_b.grad.clone())
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = lora.lora_a.detach().clone().requires_grad_(True)
+    b_ref = lora.lora_b.detach().clone().requires_grad_(True)
+    ((x_ref.float() @ a_ref.T) @ b_ref.T * lora.scaling).backward(grad_out)
+    for got, expected in zip(ours, (x_ref.grad, a_ref.grad, b_ref.grad)):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_init_scaling_and_disabled():
     lora = TrainableLoRALinear(64, 32, rank=4, alpha=8)
     assert torch.count_nonzero(lora.lora_b) == 0  # a fresh adapter is the identity
