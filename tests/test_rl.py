@@ -149,3 +149,15 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped):
     assert steps == [1, 2, 3]
     for k, v in resumed.injector.peft_state_dict().items():
         torch.testing.assert_close(v, a_full[k], atol=1e-5, rtol=0)
+
+
+def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, shipped):
+    config = _config(tmp_path, "dapo", rollout_batch_size=4, group_size=4, clip_range_high=0.28,
+                     dynamic_sampling=True, tis_cap=2.0, kl_coef=0.01)
+    trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
+    stats = trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:4], seed=0)
+    assert 0 <= stats["groups_kept"] <= 4
+    if stats["groups_kept"]:  # groups whose 4 answers all scored the same were dropped before the update
+        assert stats["kl_ref"] >= 0 and "clipfrac" in stats and "kl_loss" in stats
+    else:
+        assert stats["skipped"] == 1
