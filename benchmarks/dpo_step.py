@@ -9,7 +9,8 @@ Same model (a random-init Llama of a configurable shape, written once to a temp 
   trl/live-ref      trl.DPOTrainer with a PEFT LoraConfig (it disables the adapter for the reference)
 
 Each arm runs in its own spawned process (clean peak memory); timings are the median per optimizer step
-after warm-up steps; the arms run round-robin `--repeats` times and each keeps its fastest run. Peak memory is the process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA.
+after warm-up steps; the arms run round-robin `--repeats` times and each keeps its fastest run.
+Peak memory is the process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA.
 Writes a ratio table to stdout and JSON to benchmarks/results/dpo_step.json.
 
     .venv/bin/python benchmarks/dpo_step.py [--hidden 512 --layers 4 --batch-size 8 --prompt-len 64

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--loss", dest="cfg_loss_type", choices=["sigmoid", "ipo", "hinge"],
                        help="preference loss (default: sigmoid = DPO)")
     group.add_argument("--label-smoothing", dest="cfg_label_smoothing", metavar="V",
-                       help="assumed share of flipped labels, 0 <= e < 0.5 (conservative DPO; sigmoid only; default: 0)")
+                       help="assumed share of flipped labels, 0 <= e < 0.5 (conservative DPO; sigmoid only; "
+                            "default: 0)")
     group.add_argument("--precompute-ref-logps", dest="cfg_precompute_ref_logps", metavar="BOOL",
                        help="reference log-probs once before training (true) or every step (false; base "
                             "reference only) (default: true)")

@@ -112,12 +112,14 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
 def batch_scores(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Scores of the (2B, T) rows of a `collate_preference` batch, shape (2B,), fp32."""
     with autocast():
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
     return logits[:, 0].float()
 
 
 @torch.no_grad()
-def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int,
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen_N, rejected_N) reward scores of every pair, fp32 CPU."""
     was_training = model.training
     model.eval()
