@@ -93,6 +93,10 @@ class SlotWriter:
     b_views: list[torch.Tensor]
     version: int = 0  # fast writes so far (the engine names each version after it)
 
+    def __post_init__(self) -> None:  # the state-dict keys, built once (a sync is ~300 lookups on a 0.5B model)
+        self.a_keys = [f"{PEFT_PREFIX}{n}.lora_A.weight" for n in self.names]
+        self.b_keys = [f"{PEFT_PREFIX}{n}.lora_B.weight" for n in self.names]
+
     @classmethod
     def attach(cls, llm, lora_id: int, peft_state: dict[str, torch.Tensor], peft_config: dict,
                version: str) -> SlotWriter:
@@ -139,7 +143,7 @@ class SlotWriter:
         """Same modules and rank as the attached version (else a new version must go the public path)."""
         return (int(peft_config["r"]) == self.rank
                 and len(peft_state) == 2 * len(self.names)
-                and all(f"{PEFT_PREFIX}{n}.lora_A.weight" in peft_state for n in self.names))
+                and all(key in peft_state for key in self.a_keys))
 
     @torch.no_grad()
     def write_tensors(self, a_tensors: list[torch.Tensor], b_tensors: list[torch.Tensor]) -> None:
@@ -149,8 +153,7 @@ class SlotWriter:
             torch._foreach_mul_(self.b_views, self.scaling)  # vLLM's slot holds B * scaling
 
     def write(self, peft_state: dict[str, torch.Tensor]) -> None:
-        self.write_tensors([peft_state[f"{PEFT_PREFIX}{n}.lora_A.weight"] for n in self.names],
-                           [peft_state[f"{PEFT_PREFIX}{n}.lora_B.weight"] for n in self.names])
+        self.write_tensors([peft_state[key] for key in self.a_keys], [peft_state[key] for key in self.b_keys])
 
     @torch.no_grad()
     def read(self) -> dict[str, torch.Tensor]:
