@@ -88,7 +88,8 @@ def measure(args) -> dict:
     config = LoRATrainConfig(rank=args.rank, alpha=2 * args.rank, target_modules=ALL_LINEAR,
                              precision="bf16" if cuda else "fp32")
     engine = VLLMEngine(model_dir, EngineOptions(max_lora_rank=config.engine_max_lora_rank, max_loras=2,
-                                                 max_model_len=None if args.model == "tiny" else 512, enforce_eager=not cuda or None))
+                                                 max_model_len=None if args.model == "tiny" else 512,
+                                                 enforce_eager=not cuda or None))
     model, _, injector = load_policy(model_dir, config)
     params = injector.get_trainable_params()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -216,7 +217,8 @@ def table(results: dict) -> str:
         ratio = r["public_overhead_ms"] / r["fast_overhead_ms"] if r["fast_overhead_ms"] > 0 else float("inf")
         write = r.get("fast_write_only", {}).get("p50", float("nan"))
         rows.append(f"| {name} | {r['plain_gen']['p50']:.2f} ms | {write:.3f} ms | {r['fast_sync']['p50']:.3f} / "
-                    f"{r['fast_sync']['p95']:.3f} ms | {r['fast_overhead_ms']:.2f} ms | {r['public_sync']['p50']:.2f} / "
+                    f"{r['fast_sync']['p95']:.3f} ms | {r['fast_overhead_ms']:.2f} ms | "
+                    f"{r['public_sync']['p50']:.2f} / "
                     f"{r['public_sync']['p95']:.2f} ms | {r['public_overhead_ms']:.2f} ms | {ratio:.1f}x |")
     return "\n".join(rows)
 

@@ -167,7 +167,8 @@ def main() -> None:
     assert best["ours"]["trainable_params"] == best["peft"]["trainable_params"], "not the same adapter"
     rows = ["| backend | peak training memory | tokens/s (best of runs) | trainable params |", "|---|---|---|---|"]
     for b, r in best.items():
-        rows.append(f"| {b} | {r['peak_bytes'] / 2**20:.1f} MiB | {r['tokens_per_s']:.0f} | {r['trainable_params']:,} |")
+        rows.append(f"| {b} | {r['peak_bytes'] / 2**20:.1f} MiB | {r['tokens_per_s']:.0f} "
+                    f"| {r['trainable_params']:,} |")
     rows.append(f"| ours / PEFT | {ratios['memory_ours_over_peft']:.3f}x | {ratios['speed_ours_over_peft']:.3f}x | |")
     print("\n".join(rows))
     report = {"model": args.model, "rank": args.rank, "batch": args.batch, "seq": args.seq, "steps": args.steps,

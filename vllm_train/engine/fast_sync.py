@@ -17,8 +17,8 @@ never evicted), we ask the worker, through ``LLM.collective_rpc``, which slot th
 ``torch._foreach_copy_`` of the trainer's A and B into those views plus one in-place multiply of the B
 views by the scaling. The engine then serves the version under a new adapter *name* with the same id:
 vLLM's prefix cache keys KV blocks by adapter name, so blocks computed with older weights are never hit
-(``llm.reset_prefix_cache()`` would do the same but walks every KV block: ~13 ms on an H200). The padding beyond rank r was zeroed when vLLM
-loaded the first version and is never touched.
+(``llm.reset_prefix_cache()`` would do the same but walks every KV block: ~13 ms on an H200). The
+padding beyond rank r was zeroed when vLLM loaded the first version and is never touched.
 
 Requirements, checked by `attach` (any failure -> ``FastSyncUnavailable`` -> public path):
 - a vLLM version whose layout was verified (`VERIFIED_VLLM_VERSIONS`);
