@@ -242,20 +242,20 @@ def main() -> None:
         return
     import torch
 
-    results = {}
-    for name in args.conditions.split(","):
-        results[name] = run_condition(args, load=name.startswith("loaded"), passive=name.endswith("passive"))
-        print(f"{name}: fast overhead {results[name]['fast_overhead_ms']:.2f} ms, "
-              f"public overhead {results[name]['public_overhead_ms']:.2f} ms", flush=True)
     from vllm_train.engine.llm import vllm_version
 
+    results = {}
     report = {"model": args.model, "rank": args.rank, "syncs": args.syncs, "batch": args.batch,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "vllm": vllm_version(),
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"cpu x{os.cpu_count()}", "conditions": results}
-    print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name in args.conditions.split(","):
+        results[name] = run_condition(args, load=name.startswith("loaded"), passive=name.endswith("passive"))
+        print(f"{name}: fast overhead {results[name]['fast_overhead_ms']:.2f} ms, "
+              f"public overhead {results[name]['public_overhead_ms']:.2f} ms", flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # after each condition: slow CPUs
+    print(table(results))
     print(f"wrote {args.out}")
 
 
