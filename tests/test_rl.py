@@ -161,3 +161,29 @@ def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, sh
         assert stats["kl_ref"] >= 0 and "clipfrac" in stats and "kl_loss" in stats
     else:
         assert stats["skipped"] == 1
+
+
+def test_reward_model_scores_equal_hf_forward(tmp_path, tiny_model):
+    """PPO's --reward-model path: batched, right-padded in-process scoring = one unpadded HF forward each."""
+    from transformers import AutoModelForSequenceClassification
+
+    from vllm_train.data.tokenize import prompt_ids
+    from vllm_train.rewards.model import RewardModelScorer
+    from vllm_train.trainers.common import load_tokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.save_pretrained(tmp_path)
+    tok = load_tokenizer(tiny_model)
+    tok.save_pretrained(tmp_path)
+    scorer = RewardModelScorer(tmp_path, batch_size=3)
+    prompts = [[{"role": "user", "content": f"What is {a} + 38?"}] for a in (4, 47, 90, 12)]
+    completions = ["42", "85", "128 is the answer", "5"]
+    got = scorer(prompts, completions, [{}] * 4)
+    for p, c, g in zip(prompts, completions, got):
+        ids = torch.tensor([prompt_ids(tok, p) + completion_ids(tok, p, c)])
+        with torch.no_grad():
+            want = rm(input_ids=ids).logits[0, 0].item()
+        assert abs(g - want) < 1e-4
+    with pytest.raises(VllmTrainError, match="ForSequenceClassification"):
+        RewardModelScorer(tiny_model)
