@@ -278,7 +278,8 @@ class RLHFTrainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             # train/serve mismatch on the sampled tokens: vLLM vs the trainer's pre-update policy
             "mismatch_abs_logp": ppo.masked_mean((old_logps_BT - vllm_BT).abs(), mask_BT).item(),
-            "mismatch_kl": ppo.masked_mean(ppo.kl_per_token(vllm_BT, old_logps_BT, "k3"), mask_BT).item(),
+            "mismatch_kl": ppo.masked_mean(ppo.kl_per_token(vllm_BT.double(), old_logps_BT.double(), "k3"),
+                                           mask_BT).item(),  # float64: the k3 estimate is ~1e-9 here
             **{k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]},
         })
         if ref_logps_BT is not None:
@@ -290,7 +291,8 @@ class RLHFTrainer:
         """Truncated importance sampling: min(pi_trainer / pi_vllm, cap) per token (samples came from vLLM)."""
         if self.config.tis_cap is None:
             return None
-        return torch.exp(old_logps_BT - vllm_logps_BT).clamp(max=self.config.tis_cap) * mask_BT
+        return (torch.exp(old_logps_BT.double() - vllm_logps_BT).clamp(max=self.config.tis_cap) * mask_BT).to(
+            old_logps_BT.dtype)
 
     # ---- tensors ---------------------------------------------------------------------------------
     def _completion_batch(self, rollout: Rollout, keep: list[int]) -> dict:
@@ -298,7 +300,7 @@ class RLHFTrainer:
         T = max(1, max(len(rollout.completion_ids[i]) for i in keep))
         tokens_BT = torch.zeros(len(keep), T, dtype=torch.long)
         mask_BT = torch.zeros(len(keep), T, dtype=torch.bool)
-        vllm_BT = torch.zeros(len(keep), T)
+        vllm_BT = torch.zeros(len(keep), T, dtype=torch.float64)  # vLLM reports float64 log-probs
         for row, i in enumerate(keep):
             comp = rollout.completion_ids[i]
             tokens_BT[row, :len(comp)] = torch.tensor(comp, dtype=torch.long)
