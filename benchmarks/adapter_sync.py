@@ -156,7 +156,8 @@ def measure(args) -> dict:
             times["fast_write_only"].append((time.perf_counter() - start) * 1e3)
 
     # the served weights are the trainer's newest ones, on both paths
-    prompt_ids, completion_ids = prompts[0][:16], prompts[1][:16]
+    half = len(prompts[0]) // 2
+    prompt_ids, completion_ids = prompts[0][:half], prompts[0][half:]  # works for --batch 1 too
     with torch.no_grad():
         expected = completion_logprobs(model, prompt_ids, completion_ids)
     gaps = {family: (engine.completion_logprobs(prompt_ids, completion_ids, refs[family]) - expected).abs()
