@@ -92,7 +92,6 @@ def main() -> None:
     hf_base_s = timed(lambda: hf_generate(hf), args.repeats)
     peft_model = PeftModel.from_pretrained(hf, adapter_dir).eval()
     hf_lora_s = timed(lambda: hf_generate(peft_model), args.repeats)
-    del peft_model, hf
 
     # --- vLLM (one engine, LoRA enabled; base requests carry no adapter) ---
     from vllm_train.engine.llm import EngineOptions, VLLMEngine

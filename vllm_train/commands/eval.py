@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter to compare with the base model")
     p.add_argument("--data", required=True, metavar="FILE", help="eval data (.jsonl/.json/.parquet)")
-    p.add_argument("--metrics", default="auto", help="comma list of toy,perplexity,reward (default: what fits the data)")
+    p.add_argument("--metrics", default="auto",
+                   help="comma list of toy,perplexity,reward (default: what fits the data)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--json-out", metavar="FILE", help="also write the results as JSON")
