@@ -91,6 +91,22 @@ def lr_multiplier(step: int, total_steps: int, config: LoRATrainConfig) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def total_optimizer_steps(num_examples: int, config: LoRATrainConfig) -> int:
+    """Optimizer steps of a run: max_steps if set, else num_epochs x accumulation groups per epoch."""
+    groups_per_epoch = math.ceil(math.ceil(num_examples / config.batch_size) / config.gradient_accumulation_steps)
+    return config.max_steps if config.max_steps > 0 else groups_per_epoch * config.num_epochs
+
+
+def epoch_groups(num_examples: int, config: LoRATrainConfig, epoch: int) -> list[list[list[int]]]:
+    """This epoch's shuffled example indices as accumulation groups of micro-batches. The order depends
+    only on (seed, epoch), so a resumed run sees exactly the batches the interrupted one would have."""
+    generator = torch.Generator().manual_seed(config.seed + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    micro = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    accum = config.gradient_accumulation_steps
+    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+
+
 def make_schedule(optimizer, total_steps: int, config: LoRATrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, config))
 

@@ -140,8 +140,7 @@ class DPOTrainer:
         dataset = self._as_dataset(dataset)
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
         run_dir = Path(c.output_dir)
-        groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
-        total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
+        total_steps = common.total_optimizer_steps(len(dataset), c)
         params = self.injector.get_trainable_params()
         optimizer = common.make_optimizer(params, c)
         scheduler = common.make_schedule(optimizer, total_steps, c)
@@ -166,10 +165,7 @@ class DPOTrainer:
         window_steps, window_start = 0, time.perf_counter()
         epoch = start_epoch
         while step < total_steps:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
-            micro = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
-            groups = [micro[i:i + c.gradient_accumulation_steps]
-                      for i in range(0, len(micro), c.gradient_accumulation_steps)]
+            groups = common.epoch_groups(len(dataset), c, epoch)
             for g in range(start_group if epoch == start_epoch else 0, len(groups)):
                 stats = self._accumulate(dataset, groups[g], ref)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)

@@ -8,7 +8,6 @@ published to that engine as a new version whenever it changed (never a stale one
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,8 +85,7 @@ class LoRATrainer:
         dataset = self._as_dataset(dataset)
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
         run_dir = Path(c.output_dir)
-        groups_per_epoch = math.ceil(math.ceil(len(dataset) / c.batch_size) / c.gradient_accumulation_steps)
-        total_steps = c.max_steps if c.max_steps > 0 else groups_per_epoch * c.num_epochs
+        total_steps = common.total_optimizer_steps(len(dataset), c)
         params = self.injector.get_trainable_params()
         optimizer = common.make_optimizer(params, c)
         scheduler = common.make_schedule(optimizer, total_steps, c)
@@ -106,10 +104,7 @@ class LoRATrainer:
         window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
         epoch = start_epoch
         while step < total_steps:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
-            micro = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
-            groups = [micro[i:i + c.gradient_accumulation_steps]
-                      for i in range(0, len(micro), c.gradient_accumulation_steps)]
+            groups = common.epoch_groups(len(dataset), c, epoch)
             for g in range(start_group if epoch == start_epoch else 0, len(groups)):
                 loss_sum, n_tokens = self._accumulate(dataset, groups[g])
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
