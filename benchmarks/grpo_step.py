@@ -61,6 +61,11 @@ def build_model(p: dict, out: Path) -> int:
         if (TINY_MODEL / name).exists():
             shutil.copy(TINY_MODEL / name, out / name)
     vocab = p["vocab"] or 284
+    if vocab > 284:  # a real vocabulary size: give the toy tokenizer filler tokens so every sampled id decodes
+        spec = json.loads((out / "tokenizer.json").read_text())
+        table = spec["model"]["vocab"]
+        table.update({f"x{i}": i for i in range(len(table), vocab)})
+        (out / "tokenizer.json").write_text(json.dumps(spec))
     config = AutoConfig.for_model(
         p["arch"], hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
         num_key_value_heads=p["kv_heads"], head_dim=64, intermediate_size=p["inter"], vocab_size=vocab,
@@ -107,6 +112,7 @@ def run_ours(p: dict, model_dir: str) -> dict:
 def run_trl(p: dict, model_dir: str) -> dict:
     import torch
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -132,7 +138,8 @@ def run_trl(p: dict, model_dir: str) -> dict:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
 
-    data = Dataset.from_list(prompt_records(p["prompts"]) * (p["steps"] + 2))
+    # An explicit fingerprint: hashing the Arrow table fails with pyarrow 26 on Python 3.12 (the H200 image).
+    data = Dataset(InMemoryTable.from_pylist(prompt_records(p["prompts"]) * (p["steps"] + 2)), fingerprint="bench")
     trainer = GRPOTrainer(model=model, reward_funcs=_trl_reward, args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[Timer()],
                           peft_config=LoraConfig(r=p["rank"], lora_alpha=2 * p["rank"], target_modules=p["targets"],

@@ -108,6 +108,22 @@ def test_bf16_activation_fp32_lora_grads_match_plain_autograd():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_lora_under_bf16_autocast_runs_in_fp32_with_fp32_grads():
+    """Under bf16 autocast (the RL trainer's forward on CUDA) the LoRA delta is still computed in fp32:
+    forward equals the fp32 arithmetic and backward (which runs outside autocast) gets fp32 tensors."""
+    torch.manual_seed(0)
+    lora = TrainableLoRALinear(32, 24, rank=4, alpha=8)
+    randomize(lora.parameters(), seed=9, std=0.2)
+    x = torch.randn(3, 5, 32).to(torch.bfloat16).requires_grad_(True)
+    grad_out = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora.delta(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (x.detach().float() @ lora.lora_a.T) @ lora.lora_b.T * lora.scaling)
+    out.backward(grad_out)  # raised "expected mat1 and mat2 to have the same dtype" before the fix
+    assert lora.lora_a.grad.dtype == lora.lora_b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
 def test_init_scaling_and_disabled():
     lora = TrainableLoRALinear(64, 32, rank=4, alpha=8)
     assert torch.count_nonzero(lora.lora_b) == 0  # a fresh adapter is the identity

@@ -19,10 +19,13 @@ class LoRADelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        hidden = x.to(lora_a.dtype) @ lora_a.T  # (..., r)
-        ctx.save_for_backward(x, lora_a, lora_b, hidden)
-        ctx.scaling = scaling
-        return (hidden @ lora_b.T) * scaling  # (..., out)
+        # Autocast off: under bf16 autocast these matmuls would run in bf16 and save a bf16 `hidden`,
+        # which neither matches "computed in A's dtype" nor the fp32 gradients of backward.
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = x.to(lora_a.dtype) @ lora_a.T  # (..., r)
+            ctx.save_for_backward(x, lora_a, lora_b, hidden)
+            ctx.scaling = scaling
+            return (hidden @ lora_b.T) * scaling  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
