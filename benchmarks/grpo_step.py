@@ -40,7 +40,7 @@ PRESETS = {
     # Qwen2-0.5B shape, random init (GPU: TRL + vLLM colocate 3.9 s/step, TRL + HF generation 11.4 s/step)
     "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936,
                        prompts=16, generations=8, new_tokens=256, rank=16, targets=ALL_LINEAR,
-                       dtype="bfloat16", micro_batch=16, steps=8, warmup=2),
+                       dtype="bfloat16", micro_batch=32, steps=8, warmup=2),
 }
 
 

@@ -31,7 +31,7 @@ ROLLOUT_PRESETS = {
     "toy": dict(model="shipped", prompts=16, generations=8, new_tokens=8, rank=8, targets=ALL_LINEAR,
                 dtype="float32", repeats=7),
     "tiny-0.42m": {**PRESETS["tiny-0.42m"], "repeats": 7},
-    "qwen2-0.5b": {**PRESETS["qwen2-0.5b"], "repeats": 4},
+    "qwen2-0.5b": {**PRESETS["qwen2-0.5b"], "repeats": 3},
 }
 
 

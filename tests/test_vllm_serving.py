@@ -103,3 +103,18 @@ def test_generate_with_lora_path_and_base(trained, eval_records):
     assert len(with_path) == len(base) == 4
     assert trainer.generate(prompts, lora_path=str(out), max_tokens=4, temperature=0.0)[0].outputs[0].text == \
         with_path[0].outputs[0].text
+
+
+def test_texts_decoded_outside_vllm_equal_vllm_detokenized_texts(engine):
+    """With log-probs and no stop strings, `generate` skips vLLM's detokenizer and decodes the texts
+    itself: the texts must equal vLLM's own for the same sampled tokens (same seed)."""
+    prompts = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(47, 38), (5, 91), (60, 40)]]
+    kw = dict(n=4, temperature=1.0, max_tokens=12, seed=7)
+    ours = engine.generate(prompts, **kw, logprobs=True)  # detokenize=False in vLLM, decoded here
+    vllms = engine.generate(prompts, **kw, logprobs=False)  # vLLM's own detokenizer
+    for ours_p, vllm_p in zip(ours, vllms):
+        for a, b in zip(ours_p, vllm_p):
+            assert a.token_ids == b.token_ids
+            assert a.text == b.text
+            assert len(a.logprobs) == len(a.token_ids)
+    assert any(s.text for p in ours for s in p)

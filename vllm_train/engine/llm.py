@@ -127,10 +127,17 @@ class VLLMEngine:
         """Sample `n` completions per prompt. Returns one list of `Sample` per prompt."""
         from vllm import SamplingParams
 
+        # With log-probs, vLLM also decodes every sampled token's string for its Logprob entry (and
+        # re-decodes context to check for split characters): on the H200 that doubled a 128 x 256-token
+        # rollout (3.7 s vs 1.8 s). Without stop strings nothing needs text inside vLLM, so it skips
+        # detokenizing and the texts are decoded here in one batch, as vLLM would (special tokens skipped).
+        detokenize = not (logprobs and not stop)
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                logprobs=0 if logprobs else None, stop=stop)
+                                logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize)
         inputs = [{"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
+        texts = None if detokenize else iter(self.tokenizer.batch_decode(
+            [comp.token_ids for out in outputs for comp in out.outputs], skip_special_tokens=True))
         result = []
         for out in outputs:
             samples = []
@@ -138,7 +145,8 @@ class VLLMEngine:
                 lps = None
                 if logprobs and comp.logprobs is not None:
                     lps = [step[tok].logprob for step, tok in zip(comp.logprobs, comp.token_ids)]
-                samples.append(Sample(comp.text, list(comp.token_ids), lps, comp.finish_reason))
+                text = comp.text if texts is None else next(texts)
+                samples.append(Sample(text, list(comp.token_ids), lps, comp.finish_reason))
             result.append(samples)
         return result
 

@@ -9,37 +9,39 @@ from torch import nn
 
 
 class LoRADelta(torch.autograd.Function):
-    """``scaling * (x @ A.T) @ B.T``, computed in A's dtype (fp32 LoRA weights over a bf16 base).
+    """``scaling * (x @ A.T) @ B.T`` with a hand-written backward.
 
-    Same arithmetic as autograd would do, but backward keeps `x` in its own dtype: autograd would save
-    the fp32 copy of each bf16 activation (one per LoRA: q, k and v each make their own), while `x`
-    itself is saved by the frozen base layer anyway. Saved: x (..., in), A (r, in), B (out, r) and the
-    small hidden (..., r).
+    Compute dtype: the activations' when they are half precision (a bf16 base on CUDA: as autocast and
+    vLLM's own LoRA kernels do), else the weights' (fp32 on CPU). A and B stay fp32 either way (the
+    optimizer's master copy) and get fp32 gradients. Autocast is switched off inside, so the dtype is
+    this rule's and not autocast's. Backward keeps `x` in its own dtype (autograd would save a cast
+    copy per LoRA: q, k and v each make one), while `x` itself is saved by the frozen base layer anyway.
+    Saved: x (..., in), A and B in the compute dtype and the small hidden (..., r).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        # Autocast off: under bf16 autocast these matmuls would run in bf16 and save a bf16 `hidden`,
-        # which neither matches "computed in A's dtype" nor the fp32 gradients of backward.
+        compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
         with torch.autocast(x.device.type, enabled=False):
-            hidden = x.to(lora_a.dtype) @ lora_a.T  # (..., r)
-            ctx.save_for_backward(x, lora_a, lora_b, hidden)
-            ctx.scaling = scaling
-            return (hidden @ lora_b.T) * scaling  # (..., out)
+            a, b = lora_a.to(compute), lora_b.to(compute)  # (r, in), (out, r)
+            hidden = x.to(compute) @ a.T  # (..., r)
+            ctx.save_for_backward(x, a, b, hidden)
+            ctx.scaling, ctx.param_dtype = scaling, lora_a.dtype
+            return (hidden @ b.T) * scaling  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        x, lora_a, lora_b, hidden = ctx.saved_tensors
-        rank, in_features = lora_a.shape
-        grad_scaled = grad_output.to(lora_a.dtype) * ctx.scaling  # (..., out)
-        grad_hidden = grad_scaled @ lora_b  # (..., r)
+        x, a, b, hidden = ctx.saved_tensors
+        rank, in_features = a.shape
+        grad_scaled = grad_output.to(a.dtype) * ctx.scaling  # (..., out)
+        grad_hidden = grad_scaled @ b  # (..., r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = grad_scaled.reshape(-1, grad_scaled.shape[-1]).T @ hidden.reshape(-1, rank)  # (out, r)
+            grad_b = (grad_scaled.reshape(-1, grad_scaled.shape[-1]).T @ hidden.reshape(-1, rank)).to(ctx.param_dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = grad_hidden.reshape(-1, rank).T @ x.reshape(-1, in_features).to(lora_a.dtype)  # (r, in)
+            grad_a = (grad_hidden.reshape(-1, rank).T @ x.reshape(-1, in_features).to(a.dtype)).to(ctx.param_dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_hidden @ lora_a).to(x.dtype)  # (..., in)
+            grad_x = (grad_hidden @ a).to(x.dtype)  # (..., in)
         return grad_x, grad_a, grad_b, None
 
 
