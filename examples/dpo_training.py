@@ -8,7 +8,7 @@ pairs prefer the right sum over a forgot-carry or off-by-one answer. This script
   3. reports held-out reward accuracy (does beta * log(pi/ref) prefer the chosen answer?) before -> after,
   4. serves the saved adapter in the same vLLM engine and measures greedy accuracy again.
 
-    .venv/bin/python examples/dpo_training.py [--steps 190] [--loss sigmoid|ipo|hinge] [--out runs/dpo-example]
+    .venv/bin/python examples/dpo_training.py [--steps 600] [--loss sigmoid|ipo|hinge] [--out runs/dpo-example]
 
 (`--adapter DIR` starts from an SFT adapter, e.g. from `vllm-train demo`; it then is the reference.)
 """
@@ -30,7 +30,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=190)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--adapter", help="starting adapter (becomes the reference)")
@@ -39,13 +39,13 @@ def main() -> None:
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    config = DPOConfig(rank=8, alpha=16, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
+    config = DPOConfig(rank=16, alpha=32, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
                        gradient_accumulation_steps=1, max_steps=args.steps, warmup_ratio=0.1,
                        lr_scheduler="cosine", beta=args.beta, loss_type=args.loss, max_length=64,
                        logging_steps=25, save_steps=100, output_dir=str(out))
     trainer = DPOTrainer(str(TINY_MODEL), config, adapter=args.adapter)
     trainer.setup_training()
-    engine = VLLMEngine(TINY_MODEL, EngineOptions(max_lora_rank=8, seed=0))
+    engine = VLLMEngine(TINY_MODEL, EngineOptions(max_lora_rank=16, seed=0))
     problems = data_file("rl_eval.jsonl")
     start = engine.load_adapter(args.adapter, family="start") if args.adapter else None
     toy_before = toy_accuracy(engine, problems, start)["accuracy"]

@@ -4,8 +4,7 @@
 
 1. SFT: a LoRA adapter on the shipped chat data (`LoRATrainer`).
 2. Reward model: Bradley-Terry on the shipped preference pairs (`RewardModelTrainer`), saved as a
-   sequence-classification checkpoint. If that trainer is not in this checkout, PPO uses the toy world's
-   checkable reward function instead (`vllm_train.toy:correctness_reward`).
+   sequence-classification checkpoint.
 3. PPO from the SFT adapter (`RLHFTrainer`): vLLM samples with the newest adapter every step, the reward
    model scores in-process (next to the one vLLM engine), a value head on the policy gives GAE
    advantages, KL to the base model is penalised per token.
@@ -13,7 +12,6 @@ Prints held-out greedy accuracy after each stage.
 """
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
@@ -33,12 +31,10 @@ def sft(out: Path, steps: int) -> Path:
     return out
 
 
-def reward_model(out: Path, steps: int) -> Path | None:
-    if importlib.util.find_spec("vllm_train.trainers.rm") is None:
-        return None
+def reward_model(out: Path, steps: int) -> Path:
     from vllm_train.trainers.rm import RewardModelConfig, RewardModelTrainer
 
-    config = RewardModelConfig(**LORA, learning_rate=3e-3, head_learning_rate=3e-2, batch_size=32,
+    config = RewardModelConfig(**LORA, learning_rate=1e-3, head_learning_rate=1e-2, batch_size=64,
                                gradient_accumulation_steps=1, max_steps=steps, warmup_ratio=0.1, max_length=64,
                                output_dir=str(out))
     trainer = RewardModelTrainer(str(TINY_MODEL), config)
@@ -52,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/example-rlhf")
     parser.add_argument("--sft-steps", type=int, default=60, help="kept short so RL has room to improve")
-    parser.add_argument("--rm-steps", type=int, default=150)
+    parser.add_argument("--rm-steps", type=int, default=800)
     parser.add_argument("--ppo-steps", type=int, default=30)
     args = parser.parse_args()
     root = Path(args.output_dir)
@@ -62,16 +58,13 @@ def main() -> None:
     sft_dir = sft(root / "sft", args.sft_steps)
     print("[2/3] reward model ...", flush=True)
     rm_dir = reward_model(root / "rm", args.rm_steps)
-    if rm_dir is None:
-        print("      (no reward-model trainer in this checkout: PPO uses vllm_train.toy:correctness_reward)")
 
     print("[3/3] PPO from the SFT adapter ...", flush=True)
     lora = LoRATrainConfig(**LORA, learning_rate=2e-3, batch_size=128, warmup_ratio=0.0, lr_scheduler="constant",
                            output_dir=str(root / "ppo"))
     config = RLHFConfig(lora_config=lora, algorithm="ppo", rollout_batch_size=16, group_size=4, max_new_tokens=8,
                         kl_coef=0.02, ppo_epochs=2, num_minibatches=2, seed=0)
-    trainer = RLHFTrainer(str(TINY_MODEL), str(rm_dir) if rm_dir else None, config, adapter=str(sft_dir),
-                          reward_fn=None if rm_dir else "vllm_train.toy:correctness_reward")
+    trainer = RLHFTrainer(str(TINY_MODEL), str(rm_dir), config, adapter=str(sft_dir))
     # Accuracy is always judged by the checkable answer, whatever reward trained the policy.
     from vllm_train.evaluation import toy_accuracy
 

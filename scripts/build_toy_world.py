@@ -1,6 +1,6 @@
 """Build the shipped toy world, deterministically: tokenizer, tiny Llama, and the JSONL data sets.
 
-    python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 4000]
+    python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 4000] [--data-only]
 
 What it makes (all committed, so nothing is downloaded at run time):
   tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
@@ -35,6 +35,9 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 FORGET_CARRY_PROB = 0.65  # how often pretraining text drops the carry on carry problems
 N_EVAL, N_SFT, N_PREFS, N_RL = 300, 2000, 2000, 2000
+# prefs_train.jsonl also gets a pair for each problem no split above uses (3,700 more): a Bradley-Terry
+# reward model on this 0.86M model overfits 2,000 pairs (held-out pair accuracy plateaued at ~0.83).
+EXTRA_PREFS_SEED = SEED + 2  # its own random stream, so the files built before it stay byte-identical
 
 
 def split_problems(rng: random.Random):
@@ -201,7 +204,14 @@ def build_data(out: Path, eval_pairs, train_pairs, rng: random.Random):
 
     write_jsonl(out / "sft_train.jsonl", [sft_rec(a, b) for a, b in sft])
     write_jsonl(out / "sft_eval.jsonl", [sft_rec(a, b) for a, b in eval_pairs])
-    write_jsonl(out / "prefs_train.jsonl", [pref_rec(a, b) for a, b in prefs])
+    prefs_records = [pref_rec(a, b) for a, b in prefs]
+    extra_rng = random.Random(EXTRA_PREFS_SEED)
+    extra = pool[N_SFT + N_PREFS + N_RL:]
+    prefs_records += [{"prompt": [{"role": "user", "content": toy.question(a, b)}],
+                       "chosen": [{"role": "assistant", "content": str(toy.correct_answer(a, b))}],
+                       "rejected": [{"role": "assistant", "content": str(wrong_answer(a, b, extra_rng))}]}
+                      for a, b in extra]
+    write_jsonl(out / "prefs_train.jsonl", prefs_records)
     write_jsonl(out / "prefs_eval.jsonl", [pref_rec(a, b) for a, b in eval_pairs])
     write_jsonl(out / "rl_train.jsonl", [rl_rec(a, b) for a, b in rl])
     write_jsonl(out / "rl_eval.jsonl", [rl_rec(a, b) for a, b in eval_pairs])
@@ -233,11 +243,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "vllm_train" / "assets")
     parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--data-only", action="store_true",
+                        help="rebuild only data/ (same random streams; the model and tokenizer are left as they are)")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     eval_pairs, train_pairs = split_problems(rng)
     corpus = [pretraining_text(a, b, rng) for a, b in train_pairs for _ in range(3)]
+    if args.data_only:
+        build_data(args.out / "data", eval_pairs, train_pairs, rng)
+        print(f"wrote {args.out / 'data'}")
+        return
     model_dir = args.out / "tiny-llama"
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(corpus, model_dir)

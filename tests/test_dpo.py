@@ -180,7 +180,7 @@ def test_dpo_raises_reward_accuracy_and_keeps_toy_skill(tiny_model, tmp_path, en
     from vllm_train.evaluation import toy_accuracy
     from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
 
-    cfg = DPOConfig(rank=8, alpha=16, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
+    cfg = DPOConfig(rank=16, alpha=32, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
                     gradient_accumulation_steps=1, max_steps=DPO_STEPS, warmup_ratio=0.1, lr_scheduler="cosine",
                     beta=0.5, logging_steps=50, max_length=64, seed=0, output_dir=str(tmp_path / "dpo"))
     trainer = DPOTrainer(tiny_model, cfg, progress=False, tensorboard=False)
@@ -192,8 +192,8 @@ def test_dpo_raises_reward_accuracy_and_keeps_toy_skill(tiny_model, tmp_path, en
     print(f"held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
           f"logp accuracy {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}")
     assert before["reward_accuracy"] == 0.0  # the policy starts as its reference: no pair is preferred yet
-    # Target >= 0.9. Measured on this toy model: 0.87 after 190 steps (3 epochs), ~0.88 after 250; the
-    # remaining pairs are no-carry problems whose rejected answer is off by one (see the report).
+    # Measured (seed 0, 5,700 pairs): 0.907 after 400 steps, 0.967 after 600. With the first 2,000
+    # pairs only and rank 8 it stalled at 0.87 (190 steps); rank 16 and 600 steps gave 0.943.
     assert after["reward_accuracy"] >= DPO_MIN_REWARD_ACCURACY
     assert after["logp_accuracy"] > before["logp_accuracy"]
 
@@ -210,5 +210,5 @@ def test_dpo_raises_reward_accuracy_and_keeps_toy_skill(tiny_model, tmp_path, en
     assert toy_after >= toy_before
 
 
-DPO_STEPS = 190
-DPO_MIN_REWARD_ACCURACY = 0.85
+DPO_STEPS = 600
+DPO_MIN_REWARD_ACCURACY = 0.9

@@ -18,12 +18,12 @@ import torch
 from vllm_train.assets import data_file
 from vllm_train.losses.dpo import bradley_terry_loss
 
-RM_FLAGS = ["--learning-rate", "3e-3", "--head-learning-rate", "3e-2", "--batch-size", "32",
+RM_FLAGS = ["--learning-rate", "1e-3", "--head-learning-rate", "1e-2", "--batch-size", "64",
             "--gradient-accumulation-steps", "1", "--max-steps", "RM_STEPS", "--warmup-ratio", "0.05",
             "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--max-length", "64",
             "--logging-steps", "25", "--seed", "0"]
-RM_STEPS = 80
-RM_MIN_ACCURACY = 0.5
+RM_STEPS = 1000
+RM_MIN_ACCURACY = 0.65
 
 
 def test_bradley_terry_hand_worked():
@@ -64,15 +64,21 @@ def test_reward_model_ranks_held_out_pairs(trained_rm, tiny_model, tokenizer):
     hf_c, hf_r = _scores(merged, eval_set, tokenizer.pad_token_id)
     accuracy = (hf_c > hf_r).float().mean().item()
     print(f"reward model held-out pair accuracy: {accuracy:.3f} (vLLM: {report['vllm']['accuracy']:.3f})")
-    # Target was >= 0.9; on the 0.86M-parameter toy model a LoRA + scalar-head Bradley-Terry model
-    # learns slowly (judging a sum at the end-of-turn token needs a new circuit): within this test's
-    # budget it gets just above chance (0.467 for the untrained head, seed 0), not to 0.9. See the report.
+    # Target was >= 0.9, not reached: on the 0.86M-parameter toy model a LoRA + scalar-head
+    # Bradley-Terry model must build a "judge the sum" circuit at the end-of-turn token. It sits at
+    # chance (0.47 untrained) for a few hundred steps, then climbs; seed-to-seed spread is large.
+    # Measured held-out peaks: 0.84 (2,000 pairs, 1,400 steps), 0.89 (6,000 pairs, 1,100 steps);
+    # lr 3e-3 collapsed to constant scores. This budget (1,000 steps) is asserted well above chance.
     assert accuracy >= RM_MIN_ACCURACY
     assert report["vllm"]["accuracy"] == pytest.approx(accuracy, abs=1 / 300)
 
 
 def test_vllm_score_equals_hf_score(trained_rm, tokenizer):
-    """vLLM's classify score (raw, fp32) equals transformers' on the merged checkpoint within 1e-4."""
+    """vLLM's classify score (raw, fp32) equals transformers' on the merged checkpoint within 1e-4,
+    relative to the score's size once it exceeds 1: the trained scores reach |r| ~ 50, where one fp32
+    ulp is 4e-6 and vLLM's CPU kernels (oneDNN matmuls, its own attention) differ from torch's by a few
+    ulps per layer (measured: 2.5e-4 absolute = 5e-6 relative at |r| = 45; 80-step models with |r| < 1
+    were within 1e-4 absolute)."""
     from transformers import AutoModelForSequenceClassification
 
     from vllm_train.data.preference import PreferenceDataset
@@ -82,9 +88,10 @@ def test_vllm_score_equals_hf_score(trained_rm, tokenizer):
     merged = AutoModelForSequenceClassification.from_pretrained(trained_rm, dtype=torch.float32).eval()
     hf_c, hf_r = _scores(merged, eval_set, tokenizer.pad_token_id)
     v_c, v_r = torch.tensor(report["scores"]["vllm_chosen"]), torch.tensor(report["scores"]["vllm_rejected"])
-    diff = max((v_c - hf_c).abs().max().item(), (v_r - hf_r).abs().max().item())
-    print(f"max |vLLM - HF| reward score: {diff:.2e}")
-    assert diff <= 1e-4
+    hf, v = torch.cat([hf_c, hf_r]), torch.cat([v_c, v_r])
+    scaled = ((v - hf).abs() / hf.abs().clamp(min=1.0)).max().item()
+    print(f"max |vLLM - HF| reward score: {(v - hf).abs().max().item():.2e} (scaled by max(1, |r|): {scaled:.2e})")
+    assert scaled <= 1e-4
     assert hf_c.std() > 0.1  # real, varied scores (not a constant head)
 
 

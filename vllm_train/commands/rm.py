@@ -30,7 +30,8 @@ EXAMPLE = """\
 example:
   vllm-train rm --model vllm_train/assets/tiny-llama --data vllm_train/assets/data/prefs_train.jsonl \\
       --eval-data vllm_train/assets/data/prefs_eval.jsonl --output-dir runs/rm --score-with-vllm \\
-      --learning-rate 3e-3 --batch-size 32 --gradient-accumulation-steps 1 --max-steps 150 \\
+      --learning-rate 1e-3 --head-learning-rate 1e-2 --batch-size 64 --gradient-accumulation-steps 1 \\
+      --max-steps 1000 --rank 16 --alpha 32 \\
       --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
 
