@@ -4,7 +4,9 @@ The tiny model adds two-digit numbers but "forgets the carry" (47 + 38 = 75). Th
 pairs prefer the right sum over a forgot-carry or off-by-one answer. This script
 
   1. measures the base model's greedy accuracy on held-out problems (vLLM),
-  2. trains a LoRA adapter with DPO (reference = the base, i.e. the adapter switched off),
+  2. trains a LoRA adapter with DPO (reference = the base, i.e. the adapter switched off) plus an NLL
+     term on the chosen answers (RPO, rpo_alpha=1): plain DPO pushed the right answers down as well and
+     lowered greedy accuracy (0.497 -> 0.437); with RPO it rose to 0.86,
   3. reports held-out reward accuracy (does beta * log(pi/ref) prefer the chosen answer?) before -> after,
   4. serves the saved adapter in the same vLLM engine and measures greedy accuracy again.
 
@@ -41,7 +43,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     config = DPOConfig(rank=16, alpha=32, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
                        gradient_accumulation_steps=1, max_steps=args.steps, warmup_ratio=0.1,
-                       lr_scheduler="cosine", beta=args.beta, loss_type=args.loss, max_length=64,
+                       lr_scheduler="cosine", beta=args.beta, loss_type=args.loss, rpo_alpha=1.0, max_length=64,
                        logging_steps=25, save_steps=100, output_dir=str(out))
     trainer = DPOTrainer(str(TINY_MODEL), config, adapter=args.adapter)
     trainer.setup_training()

@@ -110,7 +110,10 @@ def test_peft_loads_base_plus_adapter(trained_rm, tiny_model, tokenizer):
     merged = AutoModelForSequenceClassification.from_pretrained(trained_rm, dtype=torch.float32).eval()
     p_c, p_r = _scores(peft_model, eval_set, tokenizer.pad_token_id)
     m_c, m_r = _scores(merged, eval_set, tokenizer.pad_token_id)
-    assert torch.allclose(p_c, m_c, atol=1e-5) and torch.allclose(p_r, m_r, atol=1e-5)
+    peft_scores, merged_scores = torch.cat([p_c, p_r]), torch.cat([m_c, m_r])
+    # fp32: merged (W + BA)x vs unmerged Wx + B(Ax); measured 1.6e-4 absolute at |r| = 47 (3.6e-5 scaled)
+    scaled = ((peft_scores - merged_scores).abs() / merged_scores.abs().clamp(min=1.0)).max().item()
+    assert scaled <= 1e-4, scaled
 
 
 def test_reward_model_resume_restores_head(trained_rm, tiny_model, tmp_path):

@@ -37,7 +37,7 @@ example (the shipped toy world: the model forgets the carry; the pairs prefer th
   vllm-train dpo --model vllm_train/assets/tiny-llama --data vllm_train/assets/data/prefs_train.jsonl \\
       --eval-data vllm_train/assets/data/prefs_eval.jsonl --output-dir runs/dpo \\
       --beta 0.5 --learning-rate 3e-3 --batch-size 32 --gradient-accumulation-steps 1 --max-steps 600 \\
-      --rank 16 --alpha 32 \\
+      --rank 16 --alpha 32 --rpo-alpha 1.0 \\
       --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   vllm-train eval --model vllm_train/assets/tiny-llama --adapter runs/dpo \\
       --data vllm_train/assets/data/rl_eval.jsonl
