@@ -198,3 +198,76 @@ def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path)
     result = run_fallback_case("multiprocess", tiny_model, tmp_path)
     check_public_fallback(result)
     assert "another process" in result["why"] or "cannot read" in result["why"]
+
+
+def _vllm_cpu_lora_ops():
+    """vLLM's own CPU LoRA ops (the originals, also when the fast path is installed)."""
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    from vllm_train.engine import fast_sync
+
+    return {op: fast_sync._installed_cpu_ops.get(op, getattr(ops, op)) for op in fast_sync.CPU_LORA_OPS}
+
+
+def test_cpu_single_adapter_lora_ops_equal_vllms_own():
+    """The single-adapter fast path gives vLLM's own results: one slot for all tokens (the fast
+    matmul), and mixed slots or -1 (handed back to vLLM's op), for each of the three ops."""
+    from vllm_train.engine import fast_sync
+
+    original = _vllm_cpu_lora_ops()
+    gen = torch.Generator().manual_seed(0)
+    tokens, d_in, rank, d_out, max_loras = 6, 32, 8, 24, 3
+    x = torch.randn(tokens, d_in, generator=gen)
+    h = torch.randn(tokens, rank, generator=gen)
+    a_stack = torch.randn(max_loras, 1, rank, d_in, generator=gen)
+    b_stack = torch.randn(max_loras, 1, d_out, rank, generator=gen)
+    for indices in (torch.full((tokens,), 1), torch.tensor([0, 1, 1, 2, 0, 1])):
+        fast_used = fast_sync._one_slot(a_stack, indices, tokens) is not None
+        assert fast_used == bool((indices == indices[0]).all())
+        ours, theirs = torch.zeros(tokens, rank + 2), torch.zeros(tokens, rank + 2)
+        fast_sync._fast_bgmv_shrink(x, a_stack, ours, indices, 0.5)
+        original["bgmv_shrink"](x, a_stack, theirs, indices, 0.5)
+        torch.testing.assert_close(ours, theirs)
+        for add in (True, False):
+            base = torch.randn(tokens, d_out + 4, generator=gen)
+            ours, theirs = base.clone(), base.clone()
+            fast_sync._fast_bgmv_expand(h, b_stack, ours, indices, add)
+            original["bgmv_expand"](h, b_stack, theirs, indices, add)
+            torch.testing.assert_close(ours, theirs)
+            ours, theirs = base.clone(), base.clone()
+            fast_sync._fast_bgmv_expand_slice(h, b_stack, ours, indices, 3, d_out, add)
+            original["bgmv_expand_slice"](h, b_stack, theirs, indices, 3, d_out, add)
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_engine_serves_the_same_logprobs_with_and_without_the_cpu_lora_fast_ops(tiny_model, engine):
+    """Real vLLM, both paths in the session's engine: the fast ops are installed on CPU, and the
+    log-probs with them and with vLLM's own ops (swapped back in) both equal the trainer's."""
+    from vllm_train.engine import fast_sync
+    from vllm_train.engine.llm import vllm_version
+
+    assert engine.cpu_lora_fast_ops_unavailable is None
+    model, injector = policy(tiny_model)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in injector.get_trainable_params():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ref = engine.sync_adapter(injector.peft_state_dict(live=True), injector.peft_config(None), "test-cpu-ops")
+    expected = completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS)
+    fast = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+    fast_sync.uninstall_cpu_single_adapter_lora_ops()
+    try:
+        vllm_own = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+    finally:
+        assert fast_sync.install_cpu_single_adapter_lora_ops(vllm_version()) is None
+    assert (fast - expected).abs().max().item() <= TOLERANCE
+    assert (vllm_own - expected).abs().max().item() <= TOLERANCE
+    assert (fast - vllm_own).abs().max().item() <= 1e-5
+    assert (fast - engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS)).abs().max().item() > 1e-2  # LoRA on
+    engine.remove_adapter(ref)
+
+
+def test_cpu_lora_fast_ops_refuse_unverified_versions():
+    from vllm_train.engine import fast_sync
+
+    assert "not a verified version" in fast_sync.install_cpu_single_adapter_lora_ops("0.11.0")

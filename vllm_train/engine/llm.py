@@ -36,6 +36,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     in_process: bool = True  # needed for the fast adapter sync and `apply_model`
     fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
+    cpu_lora_fast_ops: bool = True  # CPU: one matmul per LoRA op when a batch uses one adapter (fast_sync.py)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -110,7 +111,15 @@ class VLLMEngine:
         else:
             kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * (1 << 30))
         kwargs.update(o.extra)
-        return LLM(**kwargs)
+        llm = LLM(**kwargs)
+        from vllm_train.engine import fast_sync
+
+        # Why vLLM's own CPU LoRA ops are in use (None: the single-adapter fast path is installed).
+        self.cpu_lora_fast_ops_unavailable = "not on CPU / LoRA off / engine out of process" \
+            if cuda or not o.enable_lora or not o.in_process else "disabled in EngineOptions"
+        if o.cpu_lora_fast_ops and not cuda and o.enable_lora and o.in_process:
+            self.cpu_lora_fast_ops_unavailable = fast_sync.install_cpu_single_adapter_lora_ops(vllm_version())
+        return llm
 
     # ---- prompts -------------------------------------------------------------------------------
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
