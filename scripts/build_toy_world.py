@@ -193,11 +193,11 @@ def build_data(out: Path, eval_pairs, train_pairs, rng: random.Random):
     def sft_rec(a, b):
         return {"messages": chat(a, b, toy.correct_answer(a, b))}
 
-    def pref_rec(a, b):
+    def pref_rec(a, b, wrong_rng=rng):
         user = [{"role": "user", "content": toy.question(a, b)}]
         return {"prompt": user,
                 "chosen": [{"role": "assistant", "content": str(toy.correct_answer(a, b))}],
-                "rejected": [{"role": "assistant", "content": str(wrong_answer(a, b, rng))}]}
+                "rejected": [{"role": "assistant", "content": str(wrong_answer(a, b, wrong_rng))}]}
 
     def rl_rec(a, b):
         return {"prompt": [{"role": "user", "content": toy.question(a, b)}], "answer": toy.correct_answer(a, b)}
@@ -207,10 +207,7 @@ def build_data(out: Path, eval_pairs, train_pairs, rng: random.Random):
     prefs_records = [pref_rec(a, b) for a, b in prefs]
     extra_rng = random.Random(EXTRA_PREFS_SEED)
     extra = pool[N_SFT + N_PREFS + N_RL:]
-    prefs_records += [{"prompt": [{"role": "user", "content": toy.question(a, b)}],
-                       "chosen": [{"role": "assistant", "content": str(toy.correct_answer(a, b))}],
-                       "rejected": [{"role": "assistant", "content": str(wrong_answer(a, b, extra_rng))}]}
-                      for a, b in extra]
+    prefs_records += [pref_rec(a, b, extra_rng) for a, b in extra]
     write_jsonl(out / "prefs_train.jsonl", prefs_records)
     write_jsonl(out / "prefs_eval.jsonl", [pref_rec(a, b) for a, b in eval_pairs])
     write_jsonl(out / "rl_train.jsonl", [rl_rec(a, b) for a, b in rl])

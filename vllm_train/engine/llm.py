@@ -114,10 +114,13 @@ class VLLMEngine:
         llm = LLM(**kwargs)
         from vllm_train.engine import fast_sync
 
-        # Why vLLM's own CPU LoRA ops are in use (None: the single-adapter fast path is installed).
-        self.cpu_lora_fast_ops_unavailable = "not on CPU / LoRA off / engine out of process" \
-            if cuda or not o.enable_lora or not o.in_process else "disabled in EngineOptions"
-        if o.cpu_lora_fast_ops and not cuda and o.enable_lora and o.in_process:
+        # Why vLLM's own CPU LoRA ops are in use (None: the single-adapter fast path is installed; it is
+        # process-wide, like the engine it serves: one engine per process).
+        if cuda or not o.enable_lora or not o.in_process:
+            self.cpu_lora_fast_ops_unavailable = "not a CPU engine with LoRA in this process"
+        elif not o.cpu_lora_fast_ops:
+            self.cpu_lora_fast_ops_unavailable = "disabled in EngineOptions"
+        else:
             self.cpu_lora_fast_ops_unavailable = fast_sync.install_cpu_single_adapter_lora_ops(vllm_version())
         return llm
 
@@ -140,7 +143,7 @@ class VLLMEngine:
         # re-decodes context to check for split characters): on the H200 that doubled a 128 x 256-token
         # rollout (3.7 s vs 1.8 s). Without stop strings nothing needs text inside vLLM, so it skips
         # detokenizing and the texts are decoded here in one batch, as vLLM would (special tokens skipped).
-        detokenize = not (logprobs and not stop)
+        detokenize = bool(stop) or not logprobs
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                                 logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize)
         inputs = [{"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
