@@ -67,8 +67,10 @@ def test_reward_model_ranks_held_out_pairs(trained_rm, tiny_model, tokenizer):
     # Target was >= 0.9, not reached: on the 0.86M-parameter toy model a LoRA + scalar-head
     # Bradley-Terry model must build a "judge the sum" circuit at the end-of-turn token. It sits at
     # chance (0.47 untrained) for a few hundred steps, then climbs; seed-to-seed spread is large.
-    # Measured held-out peaks: 0.84 (2,000 pairs, 1,400 steps), 0.89 (6,000 pairs, 1,100 steps);
-    # lr 3e-3 collapsed to constant scores. This budget (1,000 steps) is asserted well above chance.
+    # It is bimodal: `vllm-train rm` with rank 16 for 2,000 steps reached 0.950 with seed 1 and 0.740
+    # with seed 0 (a seed-0 run of 4,000 steps stayed at ~0.83). lr 3e-3 collapsed to constant scores.
+    # This budget (1,000 steps, rank 8: 0.707 measured) is asserted well above chance, and not on a
+    # lucky trajectory that other numerics (threads, CPU) might not follow.
     assert accuracy >= RM_MIN_ACCURACY
     assert report["vllm"]["accuracy"] == pytest.approx(accuracy, abs=1 / 300)
 
