@@ -3,7 +3,10 @@ engines in one process are not supported), on the shipped tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +43,19 @@ def engine(tiny_model):
 def shipped():
     """Path of a shipped data file: shipped('sft_train.jsonl')."""
     return data_file
+
+
+def _run_result_script(script, args: list[str], env: dict[str, str], timeout: int) -> dict:
+    """Run a test's script in a fresh interpreter (one vLLM engine per process) with `env` added to
+    the environment; return the JSON it printed on its last ``RESULT `` line, or fail with its stderr."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="session")
+def run_result_script():
+    """`run_result_script(script, args, env, timeout) -> dict`: see `_run_result_script`."""
+    return _run_result_script

@@ -4,10 +4,7 @@ fallback in engines where the fast path is unavailable (subprocesses: one engine
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -171,15 +168,11 @@ FALLBACK_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_fallback_case(case: str, tiny_model: str, tmp_path) -> dict:
+def run_fallback_case(case: str, tiny_model: str, tmp_path, run_result_script) -> dict:
     script = tmp_path / f"fallback_{case}.py"
     script.write_text(FALLBACK_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if case == "multiprocess" else "0")
-    proc = subprocess.run([sys.executable, str(script), case, tiny_model], capture_output=True, text=True,
-                          env=env, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if case == "multiprocess" else "0"}
+    return run_result_script(script, [case, tiny_model], env, timeout=600)
 
 
 def check_public_fallback(result: dict) -> None:
@@ -188,14 +181,14 @@ def check_public_fallback(result: dict) -> None:
     assert max(result["gaps"]) <= TOLERANCE
 
 
-def test_falls_back_to_public_path_for_unverified_vllm_version(tiny_model, tmp_path):
-    result = run_fallback_case("unverified-version", tiny_model, tmp_path)
+def test_falls_back_to_public_path_for_unverified_vllm_version(tiny_model, tmp_path, run_result_script):
+    result = run_fallback_case("unverified-version", tiny_model, tmp_path, run_result_script)
     check_public_fallback(result)
     assert "not one of the verified versions" in result["why"]
 
 
-def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path):
-    result = run_fallback_case("multiprocess", tiny_model, tmp_path)
+def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path, run_result_script):
+    result = run_fallback_case("multiprocess", tiny_model, tmp_path, run_result_script)
     check_public_fallback(result)
     assert "another process" in result["why"] or "cannot read" in result["why"]
 
@@ -222,7 +215,7 @@ def test_cpu_single_adapter_lora_ops_equal_vllms_own():
     a_stack = torch.randn(max_loras, 1, rank, d_in, generator=gen)
     b_stack = torch.randn(max_loras, 1, d_out, rank, generator=gen)
     for indices in (torch.full((tokens,), 1), torch.tensor([0, 1, 1, 2, 0, 1])):
-        fast_used = fast_sync._one_slot(a_stack, indices, tokens) is not None
+        fast_used = fast_sync._one_slot_product(x, a_stack, indices, x.dtype) is not None
         assert fast_used == bool((indices == indices[0]).all())
         ours, theirs = torch.zeros(tokens, rank + 2), torch.zeros(tokens, rank + 2)
         fast_sync._fast_bgmv_shrink(x, a_stack, ours, indices, 0.5)

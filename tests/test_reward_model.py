@@ -33,6 +33,11 @@ def test_bradley_terry_hand_worked():
     assert m["accuracy"] == 0.5 and m["margin"] == pytest.approx(0.0)
 
 
+def scaled_max_diff(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |got - reference| / max(1, |reference|): absolute for scores below 1, relative above."""
+    return ((got - reference).abs() / reference.abs().clamp(min=1.0)).max().item()
+
+
 def _scores(model, dataset, pad_id):
     from vllm_train.trainers.rm import pair_scores
 
@@ -91,7 +96,7 @@ def test_vllm_score_equals_hf_score(trained_rm, tokenizer):
     hf_c, hf_r = _scores(merged, eval_set, tokenizer.pad_token_id)
     v_c, v_r = torch.tensor(report["scores"]["vllm_chosen"]), torch.tensor(report["scores"]["vllm_rejected"])
     hf, v = torch.cat([hf_c, hf_r]), torch.cat([v_c, v_r])
-    scaled = ((v - hf).abs() / hf.abs().clamp(min=1.0)).max().item()
+    scaled = scaled_max_diff(v, hf)
     print(f"max |vLLM - HF| reward score: {(v - hf).abs().max().item():.2e} (scaled by max(1, |r|): {scaled:.2e})")
     assert scaled <= 1e-4
     assert hf_c.std() > 0.1  # real, varied scores (not a constant head)
@@ -114,7 +119,7 @@ def test_peft_loads_base_plus_adapter(trained_rm, tiny_model, tokenizer):
     m_c, m_r = _scores(merged, eval_set, tokenizer.pad_token_id)
     peft_scores, merged_scores = torch.cat([p_c, p_r]), torch.cat([m_c, m_r])
     # fp32: merged (W + BA)x vs unmerged Wx + B(Ax); measured 1.6e-4 absolute at |r| = 47 (3.6e-5 scaled)
-    scaled = ((peft_scores - merged_scores).abs() / merged_scores.abs().clamp(min=1.0)).max().item()
+    scaled = scaled_max_diff(peft_scores, merged_scores)
     assert scaled <= 1e-4, scaled
 
 

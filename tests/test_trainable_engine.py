@@ -3,10 +3,6 @@ in a subprocess (the pytest process holds the session's one in-process engine)."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 SCRIPT = textwrap.dedent('''
@@ -43,19 +39,15 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_case(case: str, tiny_model: str, tmp_path) -> dict:
+def run_case(case: str, tiny_model: str, tmp_path, run_result_script) -> dict:
     script = tmp_path / "trainable_engine_case.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if case == "in-process" else "1")
-    proc = subprocess.run([sys.executable, str(script), case, tiny_model], capture_output=True, text=True,
-                          env=env, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if case == "in-process" else "1"}
+    return run_result_script(script, [case, tiny_model], env, timeout=900)
 
 
-def test_trainable_engine_in_process(tiny_model, tmp_path):
-    result = run_case("in-process", tiny_model, tmp_path)
+def test_trainable_engine_in_process(tiny_model, tmp_path, run_result_script):
+    result = run_case("in-process", tiny_model, tmp_path, run_result_script)
     # the loader ran in this process and handed the live vLLM model to the training side
     assert result["live_model"] == "LlamaForCausalLM"
     assert result["worker"] == {"pid": result["this_pid"], "loaded_by_trainable_loader": True,
@@ -66,8 +58,8 @@ def test_trainable_engine_in_process(tiny_model, tmp_path):
     assert isinstance(result["text"], str)
 
 
-def test_trainable_engine_multiprocess_registers_loader_in_worker(tiny_model, tmp_path):
-    result = run_case("multiprocess", tiny_model, tmp_path)
+def test_trainable_engine_multiprocess_registers_loader_in_worker(tiny_model, tmp_path, run_result_script):
+    result = run_case("multiprocess", tiny_model, tmp_path, run_result_script)
     assert result["live_model"] is None  # the model lives in the engine-core process
     worker = result["worker"]
     assert worker["pid"] != result["this_pid"] and worker["loaded_by_trainable_loader"]

@@ -195,32 +195,35 @@ CPU_LORA_OP_MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.punica_wra
 _installed_cpu_ops: dict[str, object] = {}  # op name -> vLLM's original function
 
 
-def _one_slot(weights: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """(out, in) weight of the slot every index points at, or None when the batch mixes slots or uses -1."""
+def _one_slot_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor | None:
+    """inputs @ W.T for the slot W every index points at, (tokens, out) in `dtype`; None when the
+    batch mixes slots or uses -1 (no adapter), which vLLM's own op then handles."""
+    rows = inputs.shape[0]
     if indices.dim() != 1 or indices.numel() != rows or rows == 0:
         return None
     slot = int(indices[0])
     if slot < 0 or not bool((indices == slot).all()):
         return None
     w = weights[slot]
-    return w[0] if w.dim() == 3 else w  # (max_loras, 1, out, in) stacks carry a singleton dim
+    w = w[0] if w.dim() == 3 else w  # (max_loras, 1, out, in) stacks carry a singleton dim
+    return inputs.to(dtype) @ w.to(dtype).T
 
 
 def _fast_bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
-    w = _one_slot(lora_a_weights, lora_indices_tensor, inputs.shape[0])
-    if w is None:
+    out = _one_slot_product(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)  # (tokens, r)
+    if out is None:
         return _installed_cpu_ops["bgmv_shrink"](inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
-    out = inputs.to(output_tensor.dtype) @ w.to(output_tensor.dtype).T  # (tokens, r)
     output_tensor[:, : out.shape[1]] = scaling * out
 
 
 def _fast_bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
-    w = _one_slot(lora_b_weights, lora_indices_tensor, inputs.shape[0])
     broadcast_row = inputs.shape[0] == 1 and output_tensor.shape[0] != 1  # a corner case vLLM handles
-    if w is None or broadcast_row:
+    out = None if broadcast_row else _one_slot_product(inputs, lora_b_weights, lora_indices_tensor,
+                                                       output_tensor.dtype)  # (tokens, out)
+    if out is None:
         return _installed_cpu_ops["bgmv_expand"](inputs, lora_b_weights, output_tensor, lora_indices_tensor,
                                                  add_inputs)
-    out = inputs.to(output_tensor.dtype) @ w.to(output_tensor.dtype).T  # (tokens, out)
     width = min(out.shape[1], output_tensor.shape[1])
     if add_inputs:
         output_tensor[:, :width] += out[:, :width]
@@ -230,11 +233,10 @@ def _fast_bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 
 def _fast_bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                             add_inputs=True):
-    w = _one_slot(lora_b_weights, lora_indices_tensor, inputs.shape[0])
-    if w is None:
+    out = _one_slot_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)  # (tokens, size)
+    if out is None:
         return _installed_cpu_ops["bgmv_expand_slice"](inputs, lora_b_weights, output_tensor, lora_indices_tensor,
                                                        slice_offset, slice_size, add_inputs)
-    out = inputs.to(output_tensor.dtype) @ w.to(output_tensor.dtype).T  # (tokens, slice_size)
     if add_inputs:
         output_tensor[:, slice_offset:slice_offset + slice_size] += out
     else:
