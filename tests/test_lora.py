@@ -236,7 +236,9 @@ def test_injected_model_matches_peft_logits(tiny_model, use_rslora):
             lora.lora_a.copy_(state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             lora.lora_b.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     expected, got = logits_of(peft_model), logits_of(ours)
-    assert (got - expected).abs().max().item() <= 1e-5
+    # fp32 rounding order only (our layer adds B's product into the base output inside one addmm; four
+    # layers on, logits of up to ~25 differ by ~3e-5); a wrong adapter is off by > 1e-2.
+    assert (got - expected).abs().max().item() <= 1e-4
     assert (expected - logits_of(load_base(tiny_model))).abs().max() > 1e-2  # the adapter does matter
 
 

@@ -9,40 +9,53 @@ from torch import nn
 
 
 class LoRADelta(torch.autograd.Function):
-    """``scaling * (x @ A.T) @ B.T`` with a hand-written backward.
+    """``base_output + scaling * (x @ A.T) @ B.T``, or the delta alone when `base_output` is None, with a
+    hand-written backward.
 
     Compute dtype: the activations' when they are half precision (a bf16 base on CUDA: as autocast and
     vLLM's own LoRA kernels do), else the weights' (fp32 on CPU). A and B stay fp32 either way (the
     optimizer's master copy) and get fp32 gradients. Autocast is switched off inside, so the dtype is
     this rule's and not autocast's. Backward keeps `x` in its own dtype (autograd would save a cast
     copy per LoRA: q, k and v each make one), while `x` itself is saved by the frozen base layer anyway.
-    Saved: x (..., in), A and B in the compute dtype and the small hidden (..., r).
+    Fewer passes over output-sized tensors (the RL update on a GPU is bound by kernel launches): the
+    second matmul adds into `base_output` and scales in the same kernel (``addmm``), and backward
+    applies the scaling to rank-r tensors, not to the output-sized gradient.
+    Saved: x (..., in), A and B in the compute dtype and the small hidden (N, r).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                base_output: torch.Tensor | None = None) -> torch.Tensor:
         compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
+        out_shape = (*x.shape[:-1], lora_b.shape[0])
         with torch.autocast(x.device.type, enabled=False):
             a, b = lora_a.to(compute), lora_b.to(compute)  # (r, in), (out, r)
-            hidden = x.to(compute) @ a.T  # (..., r)
+            hidden = x.to(compute).reshape(-1, a.shape[1]) @ a.T  # (N, r), N = tokens
             ctx.save_for_backward(x, a, b, hidden)
             ctx.scaling, ctx.param_dtype = scaling, lora_a.dtype
-            return (hidden @ b.T) * scaling  # (..., out)
+            if base_output is not None and base_output.dtype == compute:
+                return torch.addmm(base_output.reshape(-1, b.shape[0]), hidden, b.T, alpha=scaling).view(out_shape)
+            delta = (hidden @ b.T).mul_(scaling).view(out_shape)  # (..., out)
+            return delta if base_output is None else base_output + delta.to(base_output.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         x, a, b, hidden = ctx.saved_tensors
         rank, in_features = a.shape
-        grad_scaled = grad_output.to(a.dtype) * ctx.scaling  # (..., out)
-        grad_hidden = grad_scaled @ b  # (..., r)
-        grad_x = grad_a = grad_b = None
+        grad_NO = grad_output.reshape(-1, b.shape[0]).to(a.dtype)  # (N, out)
+        grad_hidden = (grad_NO @ b).mul_(ctx.scaling)  # (N, r)
+        grad_x = grad_a = grad_b = grad_base = None
         if ctx.needs_input_grad[2]:
-            grad_b = (grad_scaled.reshape(-1, grad_scaled.shape[-1]).T @ hidden.reshape(-1, rank)).to(ctx.param_dtype)
+            grad_b = (grad_NO.T @ hidden).mul_(ctx.scaling).to(ctx.param_dtype)  # (out, r)
         if ctx.needs_input_grad[1]:
-            grad_a = (grad_hidden.reshape(-1, rank).T @ x.reshape(-1, in_features).to(a.dtype)).to(ctx.param_dtype)
+            grad_a = (grad_hidden.T @ x.reshape(-1, in_features).to(a.dtype)).to(ctx.param_dtype)  # (r, in)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_hidden @ a).to(x.dtype)  # (..., in)
-        return grad_x, grad_a, grad_b, None
+            grad_x = (grad_hidden @ a).to(x.dtype).view(x.shape)  # (..., in)
+        if len(ctx.needs_input_grad) == 4:  # called without base_output
+            return grad_x, grad_a, grad_b, None
+        if ctx.needs_input_grad[4]:
+            grad_base = grad_output
+        return grad_x, grad_a, grad_b, None, grad_base
 
 
 class TrainableLoRALinear(nn.Module):
@@ -72,7 +85,7 @@ class TrainableLoRALinear(nn.Module):
         """Add the LoRA contribution to `base_output` (the frozen layer's output for `x`)."""
         if self.disabled:
             return base_output
-        return base_output + self.delta(x).to(base_output.dtype)
+        return LoRADelta.apply(self.dropout(x), self.lora_a, self.lora_b, self.scaling, base_output)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in): what merging adds to the base weight."""

@@ -74,8 +74,13 @@ def adapter_rank(path: str) -> int:
 
 
 def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
+    """AdamW; on CUDA the fused kernel (a LoRA on every linear layer is hundreds of small tensors)."""
+    params = list(params)
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) \
+        else params
+    fused = bool(tensors) and all(p.is_cuda for p in tensors)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8)
+                             betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 def lr_multiplier(step: int, total_steps: int, config: LoRATrainConfig) -> float:

@@ -327,7 +327,9 @@ class RLHFTrainer:
             hidden_BLH = self.model.base_model(input_ids=input_ids_BL, attention_mask=attention_BL).last_hidden_state
             hidden_BTH = hidden_BLH.gather(1, positions_BT[..., None].expand(-1, -1, hidden_BLH.size(-1)))
             logits_BTV = self.model.get_output_embeddings()(hidden_BTH)
-        logits_BTV = logits_BTV.float() / self.config.temperature
+        logits_BTV = logits_BTV.float()
+        if self.config.temperature != 1.0:  # sampled at this temperature (a full-vocabulary pass otherwise saved)
+            logits_BTV = logits_BTV / self.config.temperature
         logps_BT = logits_BTV.gather(-1, tokens_BT[..., None])[..., 0] - torch.logsumexp(logits_BTV, dim=-1)
         mask_BT = batch["mask_BT"][rows].to(self.device)
         values_BT = None
