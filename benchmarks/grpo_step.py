@@ -86,6 +86,7 @@ def prompt_records(n: int) -> list[dict]:
 
 def run_ours(p: dict, model_dir: str, profile: bool = False) -> dict:
     from vllm_train.config import LoRATrainConfig, RLHFConfig
+    from vllm_train.engine.llm import EngineOptions
     from vllm_train.trainers.rl import RLHFTrainer
 
     lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
@@ -93,7 +94,10 @@ def run_ours(p: dict, model_dir: str, profile: bool = False) -> dict:
                            output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
     config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"], log_ref_kl=False,
                         group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0)
-    trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False)
+    # in_process=false: vLLM's engine core in its own process (adapters then go the public path)
+    engine = EngineOptions(max_lora_rank=config.lora_config.engine_max_lora_rank, seed=0,
+                           in_process=bool(p.get("in_process", True)))
+    trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False, engine_options=engine)
     records = prompt_records(p["prompts"])
     times, stats = [], []
     for step in range(p["steps"]):
