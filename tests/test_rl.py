@@ -29,6 +29,21 @@ def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
     return RLHFConfig(lora_config=lora, algorithm=algorithm, **{**defaults, **kw})
 
 
+@pytest.fixture
+def rl_trainer(tiny_model, engine):
+    """Makes RLHFTrainers on the session engine and closes them after the test, which removes their
+    adapters from the engine (so no pinned slot outlives its test)."""
+    made = []
+
+    def make(config: RLHFConfig, reward_fn=TOY_REWARD) -> RLHFTrainer:
+        made.append(RLHFTrainer(tiny_model, config=config, reward_fn=reward_fn, engine=engine, progress=False))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
+
+
 # ---- rewards -------------------------------------------------------------------------------------
 def nan_reward(prompt, completion, example):
     return float("nan")
@@ -68,17 +83,15 @@ def test_cli_bad_reward_exits_2(tmp_path, tiny_model, shipped, capsys):
     assert "group_size" in capsys.readouterr().err
 
 
-def test_trainer_reward_nan_stops_the_step(tmp_path, tiny_model, engine, shipped):
-    trainer = RLHFTrainer(tiny_model, config=_config(tmp_path, rollout_batch_size=2, group_size=2),
-                          reward_fn=nan_reward, engine=engine, progress=False)
+def test_trainer_reward_nan_stops_the_step(tmp_path, tiny_model, engine, shipped, rl_trainer):
+    trainer = rl_trainer(_config(tmp_path, rollout_batch_size=2, group_size=2), reward_fn=nan_reward)
     with pytest.raises(VllmTrainError, match="rewards must be finite"):
         trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:2], seed=0)
 
 
 # ---- live adapter: vLLM serves exactly the trainer's new weights ----------------------------------
-def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, shipped):
-    trainer = RLHFTrainer(tiny_model, config=_config(tmp_path, rollout_batch_size=4, group_size=4, lr=2e-2),
-                          reward_fn=TOY_REWARD, engine=engine, progress=False)
+def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, shipped, rl_trainer):
+    trainer = rl_trainer(_config(tmp_path, rollout_batch_size=4, group_size=4, lr=2e-2))
     records = load_prompt_records(shipped("rl_train.jsonl"))
     prompt_ids = encode_prompt(trainer.tokenizer, records[0]["prompt"])
     completion = completion_ids(trainer.tokenizer, records[0]["prompt"], "123")  # a fixed, wrong answer + EOS
@@ -92,13 +105,17 @@ def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, 
     theirs = engine.completion_logprobs(prompt_ids, completion, adapter)
     assert (ours - before).abs().max().item() > 1e-3  # the update changed the policy ...
     assert (ours - theirs).abs().max().item() < 1e-4  # ... and vLLM serves the new weights
+    assert adapter.id in engine.llm.llm_engine.list_loras()
+    trainer.close()  # on a borrowed engine: the trainer's adapter goes, the engine stays
+    assert adapter.id not in engine.llm.llm_engine.list_loras()
+    assert engine.generate(["1 + 1 ="], max_tokens=2)[0][0].token_ids
 
 
 # ---- learning on the toy world -------------------------------------------------------------------
-def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped):
+def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped, rl_trainer):
     eval_file = shipped("rl_eval.jsonl")
     config = _config(tmp_path, "grpo", save_steps=10)
-    trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
+    trainer = rl_trainer(config)
     before = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
     t0 = time.perf_counter()
     last = trainer.train(shipped("rl_train.jsonl"), num_steps=20)
@@ -117,9 +134,9 @@ def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped):
     assert json.loads((tmp_path / "resolved_config.json").read_text())["algorithm"] == "grpo"
 
 
-def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped):
+def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped, rl_trainer):
     config = _config(tmp_path, "ppo", lr=1e-3, group_size=4, kl_coef=0.01, ppo_epochs=2, num_minibatches=2)
-    trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
+    trainer = rl_trainer(config)
     eval_records = load_prompt_records(shipped("rl_eval.jsonl"))[:100]
     before = trainer.evaluate(eval_records)["reward"]
     trainer.train(shipped("rl_train.jsonl"), num_steps=15)
@@ -133,11 +150,11 @@ def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped):
     assert (tmp_path / "value_head.safetensors").is_file()
 
 
-def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped):
+def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped, rl_trainer):
     def run(steps, resume=None):
         config = _config(tmp_path, "rloo", rollout_batch_size=2, group_size=4, save_steps=1)
         config.lora_config.resume_from = resume
-        trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
+        trainer = rl_trainer(config)
         trainer.train(shipped("rl_train.jsonl"), num_steps=steps)
         return trainer
 
@@ -151,10 +168,10 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped):
         torch.testing.assert_close(v, a_full[k], atol=1e-5, rtol=0)
 
 
-def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, shipped):
+def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, shipped, rl_trainer):
     config = _config(tmp_path, "dapo", rollout_batch_size=4, group_size=4, clip_range_high=0.28,
                      dynamic_sampling=True, tis_cap=2.0, kl_coef=0.01)
-    trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, engine=engine, progress=False)
+    trainer = rl_trainer(config)
     stats = trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:4], seed=0)
     assert 0 <= stats["groups_kept"] <= 4
     if stats["groups_kept"]:  # groups whose 4 answers all scored the same were dropped before the update

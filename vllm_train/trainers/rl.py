@@ -436,9 +436,14 @@ class RLHFTrainer:
         return reward_name(self.reward_fn)
 
     def close(self) -> None:
-        if self._engine is not None and self._owns_engine:
-            self._engine.close()
-        self._engine = None
+        """Close the engine this trainer made; on a borrowed engine, remove this trainer's adapter
+        instead (which also frees the slot its fast sync pinned, for the engine's other users)."""
+        if self._engine is not None:
+            if self._owns_engine:
+                self._engine.close()
+            elif self._served is not None:
+                self._engine.remove_adapter(self._served[1])
+        self._engine, self._served = None, None
 
 
 def load_prompt_records(source: Any, what: str = "prompt dataset") -> list[dict]:
