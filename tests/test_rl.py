@@ -6,6 +6,7 @@ shipped checkable reward. Budgets are CI-sized (2 CPU cores); assertions are on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -178,6 +179,31 @@ def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, sh
         assert stats["kl_ref"] >= 0 and "clipfrac" in stats and "kl_loss" in stats
     else:
         assert stats["skipped"] == 1
+
+
+def test_dapo_refills_the_batch_with_informative_groups(tmp_path, shipped, rl_trainer):
+    """Dynamic sampling drops groups with equal rewards and samples more prompts until the batch is full."""
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:8]
+    flat = [{**r, "flat": True} for r in records[:4]]  # every completion scores 0: no signal
+    varied = [{**r, "flat": False} for r in records[4:]]  # every completion scores differently
+    counter = itertools.count()
+
+    def reward(prompt, completion, example):
+        return 0.0 if example["flat"] else float(next(counter))
+
+    config = _config(tmp_path, "dapo", rollout_batch_size=4, group_size=4, dynamic_sampling=True)
+    trainer = rl_trainer(config, reward_fn=reward)
+    asked = []
+
+    def more_records(k):
+        asked.append(k)
+        return varied[:k]
+
+    stats = trainer.ppo_step(flat[:2] + varied[:2], seed=0, more_records=more_records)
+    assert asked == [4]  # 2 groups missing / 1 in 2 informative so far
+    assert stats["refill_rounds"] == 1 and stats["groups_kept"] == 4 and "skipped" not in stats
+    stats = trainer.ppo_step(flat, seed=1, more_records=lambda k: flat[:k])  # never informative
+    assert stats["refill_rounds"] == config.dynamic_sampling_rounds and stats["skipped"] == 1
 
 
 def test_reward_model_scores_equal_hf_forward(tmp_path, tiny_model):

@@ -143,6 +143,7 @@ class RLHFConfig:
     value_loss_coef: float = 0.5  # PPO
     whiten_advantages: bool = True  # PPO: advantages to zero mean, unit variance over the batch
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no signal; DAPO)
+    dynamic_sampling_rounds: int = 4  # then sample more prompts, up to N times, to refill the batch
     tis_cap: float | None = None  # truncated importance sampling: weight tokens by min(pi_train/pi_vllm, cap)
 
     # Intervals and seed
@@ -173,6 +174,8 @@ class RLHFConfig:
         _check(0.0 <= self.gamma <= 1.0, "gamma", self.gamma, "0 <= gamma <= 1")
         _check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", self.gae_lambda, "0 <= gae_lambda <= 1")
         _check(self.value_loss_coef >= 0, "value_loss_coef", self.value_loss_coef, "must be >= 0")
+        _check(self.dynamic_sampling_rounds >= 0, "dynamic_sampling_rounds", self.dynamic_sampling_rounds,
+               "an integer >= 0")
         _check(self.tis_cap is None or self.tis_cap >= 1.0, "tis_cap", self.tis_cap, "None or >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")

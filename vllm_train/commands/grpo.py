@@ -17,7 +17,9 @@ function scores them, group-relative advantages drive a clipped policy-gradient 
 
   --algorithm grpo      advantages (r - mean) / std per prompt; loss averaged per sequence
   --algorithm dr_grpo   advantages r - mean; loss summed over tokens / (sequences x max_new_tokens)
-  --algorithm dapo      token-level loss (pair with --clip-range-high 0.28 --dynamic-sampling true)
+  --algorithm dapo      token-level loss (pair with --clip-range-high 0.28 --dynamic-sampling true:
+                        groups whose rewards are all equal are dropped, and up to
+                        --dynamic-sampling-rounds more rollouts refill the batch)
   --algorithm rloo      leave-one-out baseline; token-level loss
 
 Prompts (.jsonl/.json/.parquet): {"prompt": "text" or [chat messages], ...any fields your reward reads}.

@@ -22,6 +22,7 @@ One loop for all of them, read top to bottom in `ppo_step`:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    def extended(self, more: Rollout) -> Rollout:
+        """This rollout's samples followed by `more`'s (same group size)."""
+        return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
+                       self.completion_ids + more.completion_ids, self.completions + more.completions,
+                       self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds)
 
 
 class _PolicyAndValueHead:
@@ -188,8 +195,11 @@ class RLHFTrainer:
         return torch.tensor(values, dtype=torch.float32)
 
     # ---- 3. one step: rollout -> score -> update -------------------------------------------------
-    def ppo_step(self, records: Sequence[dict], seed: int | None = None) -> dict:
-        """One RL step on a batch of prompt records (the configured algorithm; named after the seed plan)."""
+    def ppo_step(self, records: Sequence[dict], seed: int | None = None,
+                 more_records: Callable[[int], Sequence[dict]] | None = None) -> dict:
+        """One RL step on a batch of prompt records (the configured algorithm; named after the seed plan).
+        With dynamic sampling, `more_records(k)` (k more prompt records; `train` passes one) lets the step
+        refill the batch with informative groups, as DAPO does; without it, uninformative groups are only dropped."""
         c, N = self.config, self.config.group_size
         t_start = time.perf_counter()
         rollout = self.generate_rollouts(records, seed)
@@ -205,6 +215,12 @@ class RLHFTrainer:
         rewards_GN = rewards_S.view(-1, N)
         keep_G = grpo.informative_groups(rewards_GN) if c.dynamic_sampling \
             else torch.ones(len(rewards_GN), dtype=torch.bool)
+        if c.dynamic_sampling and more_records is not None:
+            rollout, rewards_GN, keep_G, stats["refill_rounds"] = self._refill(
+                rollout, rewards_GN, keep_G, len(records), more_records, seed)
+            rewards_S = rewards_GN.flatten()
+            stats.update(rollout_seconds=rollout.seconds, sync_ms=rollout.sync_ms,
+                         rollout_tok_per_s=rollout.num_tokens / max(rollout.seconds, 1e-9))
         keep = keep_G.repeat_interleave(N).nonzero()[:, 0].tolist()
         stats["groups_kept"] = int(keep_G.sum())
         if not keep:
@@ -286,6 +302,27 @@ class RLHFTrainer:
             stats["kl_ref"] = ppo.masked_mean(ppo.kl_per_token(old_logps_BT, ref_logps_BT, "k3"), mask_BT).item()
         stats["step_seconds"] = time.perf_counter() - t_start
         return stats
+
+    def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, keep_G: torch.Tensor, target: int,
+                more_records: Callable[[int], Sequence[dict]], seed: int | None):
+        """DAPO's dynamic sampling: sample groups for more prompts until `target` groups have rewards
+        that differ (at most `dynamic_sampling_rounds` rounds). Each round asks for the missing number
+        divided by the share of informative groups so far. Returns the extended rollout, rewards,
+        the groups that train (the first `target` informative ones) and the rounds taken."""
+        rounds = 0
+        while int(keep_G.sum()) < target and rounds < self.config.dynamic_sampling_rounds:
+            rounds += 1
+            missing = target - int(keep_G.sum())
+            share = max(keep_G.float().mean().item(), 1.0 / target)
+            extra = self.generate_rollouts(more_records(min(target, math.ceil(missing / share))),
+                                           None if seed is None else seed + 7919 * rounds)
+            extra_GN = self.compute_rewards(extra.prompts, extra.completions, extra.examples).view(
+                -1, self.config.group_size)
+            rollout = rollout.extended(extra)
+            rewards_GN = torch.cat([rewards_GN, extra_GN])
+            keep_G = torch.cat([keep_G, grpo.informative_groups(extra_GN)])
+        keep_G = keep_G & (keep_G.cumsum(0) <= target)
+        return rollout, rewards_GN, keep_G, rounds
 
     def _tis_weights(self, old_logps_BT, vllm_logps_BT, mask_BT):
         """Truncated importance sampling: min(pi_trainer / pi_vllm, cap) per token (samples came from vLLM)."""
@@ -378,7 +415,8 @@ class RLHFTrainer:
             logger.log(step, last)
         bar = tqdm(total=num_steps, initial=step, desc=c.algorithm, disable=not self.progress, dynamic_ncols=True)
         while step < num_steps:
-            stats = self.ppo_step(self._batch_records(records, step), seed=c.seed * 1_000_003 + step)
+            stats = self.ppo_step(self._batch_records(records, step), seed=c.seed * 1_000_003 + step,
+                                  more_records=self._refill_source(records, step))
             step += 1
             if eval_records is not None and ((c.eval_steps and step % c.eval_steps == 0) or step == num_steps):
                 stats.update({f"eval_{k}": v for k, v in self.evaluate(eval_records).items()})
@@ -407,6 +445,11 @@ class RLHFTrainer:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
             out.append(records[order[pos]])
         return out
+
+    def _refill_source(self, records: list[dict], step: int) -> Callable[[int], list[dict]]:
+        """Extra prompts for dynamic sampling at `step`: random draws seeded by the step (resumable)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step + 1)
+        return lambda k: [records[i] for i in torch.randint(len(records), (k,), generator=generator).tolist()]
 
     @torch.no_grad()
     def evaluate(self, records: Any, max_prompts: int | None = None) -> dict:
