@@ -34,6 +34,28 @@ FIELD_HELP = {
     "save_total_limit": "checkpoints to keep",
     "resume_from": "checkpoint dir to resume from, or 'latest' (newest under the output dir)",
     "output_dir": "where the adapter, metrics, plots and checkpoints go",
+    # RL (RLHFConfig)
+    "algorithm": "grpo | dr_grpo | dapo | rloo | ppo",
+    "rollout_batch_size": "prompts per RL step",
+    "group_size": "completions sampled per prompt (>= 2 for the group-relative algorithms)",
+    "max_new_tokens": "longest completion vLLM samples",
+    "temperature": "sampling temperature of the rollouts (the loss uses the same)",
+    "top_p": "nucleus sampling of the rollouts (1: off)",
+    "ppo_epochs": "passes over each rollout batch",
+    "num_minibatches": "optimizer steps per pass over a rollout batch",
+    "clip_range": "policy ratio clip (lower side; both sides unless --clip-range-high is set)",
+    "clip_range_high": "upper ratio clip (DAPO's clip-higher uses 0.28)",
+    "value_clip_range": "PPO value clip",
+    "kl_coef": "penalty on the KL to the reference (the base model: adapter disabled)",
+    "log_ref_kl": "log the KL to the reference every step even when --kl-coef is 0 (one no-grad forward)",
+    "gamma": "PPO: GAE discount",
+    "gae_lambda": "PPO: GAE lambda",
+    "value_loss_coef": "PPO: weight of the value loss",
+    "whiten_advantages": "PPO: advantages to zero mean and unit variance over the batch",
+    "dynamic_sampling": "drop groups whose rewards are all equal (no signal), then refill the batch (DAPO)",
+    "dynamic_sampling_rounds": "with --dynamic-sampling: at most this many extra rollouts to refill the batch",
+    "tis_cap": "truncated importance sampling: weight tokens by min(p_trainer / p_vllm, cap) (>= 1)",
+    "eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
 }
 
 
