@@ -36,7 +36,7 @@ def reward_model(out: Path, steps: int) -> Path:
 
     config = RewardModelConfig(**LORA, learning_rate=1e-3, head_learning_rate=1e-2, batch_size=64,
                                gradient_accumulation_steps=1, max_steps=steps, warmup_ratio=0.1, max_length=64,
-                               output_dir=str(out))
+                               base_preference_coef=1.0, output_dir=str(out))
     trainer = RewardModelTrainer(str(TINY_MODEL), config)
     trainer.setup_training()
     final = trainer.train(data_file("prefs_train.jsonl"), data_file("prefs_eval.jsonl"))

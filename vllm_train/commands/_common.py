@@ -34,6 +34,9 @@ FIELD_HELP = {
     "save_total_limit": "checkpoints to keep",
     "resume_from": "checkpoint dir to resume from, or 'latest' (newest under the output dir)",
     "output_dir": "where the adapter, metrics, plots and checkpoints go",
+    # reward models (RewardModelConfig)
+    "base_preference_coef": "weight of a training-only loss that also asks the reward's last-token state to "
+                            "predict the base LM's own chosen-vs-rejected log-prob preference (0: off)",
     # RL (RLHFConfig)
     "algorithm": "grpo | dr_grpo | dapo | rloo | ppo",
     "rollout_batch_size": "prompts per RL step",

@@ -22,9 +22,14 @@ Data: the same pairs as `vllm-train dpo`, {"prompt", "chosen", "rejected"} (stri
   adapter/                                    the same as a PEFT adapter (task SEQ_CLS, head in
                                               modules_to_save) for PeftModel.from_pretrained
   metrics.jsonl, tb/, loss.png, resolved_config.json, checkpoints/
-On the shipped toy model the result depends on the seed: the model either learns to judge the sum
-(held-out accuracy 0.95 with --seed 1, rank 16, 2000 steps) or stalls near 0.75-0.83 (--seed 0); try a
-few seeds and keep the best by held-out accuracy.
+--base-preference-coef W (training only; 0 = off) adds W times a second loss: a temporary second head
+on the same last-token state learns the base LM's own preference, sigmoid(log p_base(chosen) -
+log p_base(rejected)), computed once before training with the adapter off. It helps when the base model
+already knows part of the answer but the reward head latches onto a shortcut first. On the shipped toy
+model, plain training learns "the larger answer wins" and, depending on the seed, stalls near 0.75-0.83
+held-out accuracy. With --base-preference-coef 1.0 (rank 16, 2500 steps, cosine) it reaches >= 0.9
+(measured: seed 0 0.967, seed 3 0.997). The second head is neither saved nor checkpointed (a resumed
+run restarts it from zero).
 With --eval-data: held-out pair accuracy after each epoch; add --score-with-vllm to also score the
 held-out pairs with the saved model in vLLM and report max |vLLM - HF| (written to rm_eval.json).
 """
@@ -34,7 +39,7 @@ example:
   vllm-train rm --model vllm_train/assets/tiny-llama --data vllm_train/assets/data/prefs_train.jsonl \\
       --eval-data vllm_train/assets/data/prefs_eval.jsonl --output-dir runs/rm --score-with-vllm \\
       --learning-rate 1e-3 --head-learning-rate 1e-2 --batch-size 64 --gradient-accumulation-steps 1 \\
-      --max-steps 1000 --rank 16 --alpha 32 \\
+      --max-steps 2500 --rank 16 --alpha 32 --base-preference-coef 1.0 \\
       --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -47,11 +48,14 @@ class RewardModelConfig(LoRATrainConfig):
     LoRA layers get almost no gradient until it has grown: a higher head rate gets training going."""
 
     head_learning_rate: float | None = None  # None: 10 x learning_rate
+    # > 0: add this weight times a distillation loss of the base LM's preference (see `base_preference_loss`)
+    base_preference_coef: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
                self.head_learning_rate, "None or > 0")
+        _check(self.base_preference_coef >= 0, "base_preference_coef", self.base_preference_coef, "must be >= 0")
 
     @property
     def head_lr(self) -> float:
@@ -116,6 +120,56 @@ def batch_scores(model, batch: dict, device, autocast=contextlib.nullcontext) ->
     return logits[:, 0].float()
 
 
+def pooled_hidden(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The final hidden state at each row's last non-padding token (what the score head reads), (2B, H)."""
+    with autocast():
+        hidden_BTH = model.base_model(input_ids=batch["input_ids"].to(device),
+                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    last_B = batch["attention_mask"].sum(1).to(device) - 1  # right padding
+    return hidden_BTH[torch.arange(len(last_B), device=device), last_B]
+
+
+@torch.no_grad()
+def base_preference_margins(model_name: str, model, injector, dataset, pad_token_id: int,
+                            batch_size: int = 64) -> torch.Tensor:
+    """log p_base(chosen completion) - log p_base(rejected completion) for every pair, (N,) fp32: the base
+    LM's own preference (the adapter disabled, the checkpoint's LM head over the body's hidden states)."""
+    from transformers import AutoModelForCausalLM
+
+    device = next(model.parameters()).device
+    lm_head = AutoModelForCausalLM.from_pretrained(model_name).get_output_embeddings().weight.float().to(device)
+    margins = []
+    was_training = model.training
+    model.eval()
+    with injector.disable_adapter():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                       pad_token_id)
+            hidden = model.base_model(input_ids=batch["input_ids"].to(device),
+                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+            logps = torch.log_softmax(hidden[:, :-1].float() @ lm_head.T, dim=-1)  # (2B, T-1, V)
+            labels = batch["labels"][:, 1:].to(device)
+            token_logps = logps.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+            chosen, rejected = token_logps.sum(1).chunk(2)
+            margins.append((chosen - rejected).cpu())
+    model.train(was_training)
+    return torch.cat(margins)
+
+
+def base_preference_loss(aux_chosen_B: torch.Tensor, aux_rejected_B: torch.Tensor,
+                         base_margin_B: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry cross-entropy of a second head's margin against the base LM's soft preference
+    sigmoid(log p_base(chosen) - log p_base(rejected)).
+
+    Why: on the toy world the base LM already ranks the +-1 and +10 mistakes (>= 0.95 of pairs by log-prob)
+    but the reward head, read at the last token, learns "the larger answer wins" first and stalls near 0.8.
+    Asking the same last-token state to also predict the base LM's preference makes the body carry that
+    knowledge to the token the reward is read from. The second head is used in training only."""
+    target = torch.sigmoid(base_margin_B)
+    margin = aux_chosen_B - aux_rejected_B
+    return -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
+
+
 @torch.no_grad()
 def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int,
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +197,7 @@ class RewardModelTrainer:
         self.tensorboard = tensorboard
         self.progress = progress
         self.model = self.tokenizer = self.params = None
+        self.aux_head = self.base_margins = None  # base_preference_coef > 0: training-only head + its targets
         self.global_step = 0
 
     def setup_training(self, adapter: str | None = None) -> None:
@@ -169,8 +224,17 @@ class RewardModelTrainer:
         total_steps = common.total_optimizer_steps(len(dataset), c)
         params = self.params.get_trainable_params()
         head_lr = c.head_lr if isinstance(c, RewardModelConfig) else c.learning_rate
+        heads = [self.params.head.weight]
+        self.base_margins = self.aux_head = None
+        if getattr(c, "base_preference_coef", 0.0) > 0:  # training-only second head (never saved)
+            self.aux_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False).to(self.device)
+            torch.nn.init.zeros_(self.aux_head.weight)
+            heads.append(self.aux_head.weight)
+            params = params + [self.aux_head.weight]
+            self.base_margins = base_preference_margins(self.model_name, self.model, self.params.injector, dataset,
+                                                        self.tokenizer.pad_token_id)
         optimizer = common.make_optimizer([{"params": self.params.injector.get_trainable_params()},
-                                           {"params": [self.params.head.weight], "lr": head_lr}], c)
+                                           {"params": heads, "lr": head_lr}], c)
         scheduler = common.make_schedule(optimizer, total_steps, c)
 
         start_epoch, start_group, step = 0, 0, 0
@@ -234,8 +298,17 @@ class RewardModelTrainer:
         totals: dict[str, float] = {}
         for idx in group:
             batch = collate_preference([dataset[i] for i in idx], self.tokenizer.pad_token_id)
-            chosen_B, rejected_B = batch_scores(self.model, batch, self.device, self._autocast).chunk(2)
-            loss, metrics = bradley_terry_loss(chosen_B, rejected_B)
+            if self.aux_head is None:
+                chosen_B, rejected_B = batch_scores(self.model, batch, self.device, self._autocast).chunk(2)
+                loss, metrics = bradley_terry_loss(chosen_B, rejected_B)
+            else:
+                hidden_SH = pooled_hidden(self.model, batch, self.device, self._autocast).float()
+                chosen_B, rejected_B = self.params.head(hidden_SH)[:, 0].chunk(2)
+                loss, metrics = bradley_terry_loss(chosen_B, rejected_B)
+                aux_chosen_B, aux_rejected_B = self.aux_head(hidden_SH)[:, 0].chunk(2)
+                aux = base_preference_loss(aux_chosen_B, aux_rejected_B, self.base_margins[idx].to(self.device))
+                loss = loss + self.config.base_preference_coef * aux
+                metrics["base_preference_loss"] = aux.item()
             (loss * len(idx) / n_pairs).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * len(idx) / n_pairs
