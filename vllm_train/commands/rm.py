@@ -28,8 +28,8 @@ log p_base(rejected)), computed once before training with the adapter off. It he
 already knows part of the answer but the reward head latches onto a shortcut first. On the shipped toy
 model, plain training learns "the larger answer wins" and, depending on the seed, stalls near 0.75-0.83
 held-out accuracy. With --base-preference-coef 1.0 (rank 16, 2500 steps, cosine) it reaches >= 0.9
-(measured: seeds 0-3 0.967, 0.970, 0.957, 0.997). The second head is neither saved nor checkpointed (a resumed
-run restarts it from zero).
+(measured: seeds 0-3 0.967, 0.970, 0.957, 0.997). The second head is neither saved nor
+checkpointed (a resumed run restarts it from zero).
 With --eval-data: held-out pair accuracy after each epoch; add --score-with-vllm to also score the
 held-out pairs with the saved model in vLLM and report max |vLLM - HF| (written to rm_eval.json).
 """
