@@ -9,6 +9,12 @@
    model scores in-process (next to the one vLLM engine), a value head on the policy gives GAE
    advantages, KL to the base model is penalised per token.
 Prints held-out greedy accuracy after each stage.
+
+Known problem (open): on the toy world the PPO stage reward-hacks the learned reward model. The policy
+drifts to completions the RM scores well outside its training data, and held-out accuracy falls
+(measured: SFT 81.7% -> PPO 1.3%, RM pair accuracy 83%). The example shows the three stages working
+together, not a gain. PPO with the checkable reward (`--reward vllm_train.toy:correctness_reward` on the
+CLI) does raise reward.
 """
 
 import argparse
