@@ -51,8 +51,6 @@ class LoRADelta(torch.autograd.Function):
             grad_a = (grad_hidden.T @ x.reshape(-1, in_features).to(a.dtype)).to(ctx.param_dtype)  # (r, in)
         if ctx.needs_input_grad[0]:
             grad_x = (grad_hidden @ a).to(x.dtype).view(x.shape)  # (..., in)
-        if len(ctx.needs_input_grad) == 4:  # called without base_output
-            return grad_x, grad_a, grad_b, None
         if ctx.needs_input_grad[4]:
             grad_base = grad_output
         return grad_x, grad_a, grad_b, None, grad_base
@@ -77,15 +75,15 @@ class TrainableLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA update alone, (..., in) -> (..., out), in the parameters' dtype."""
-        return LoRADelta.apply(self.dropout(x), self.lora_a, self.lora_b, self.scaling)
+    def delta(self, x: torch.Tensor, base_output: torch.Tensor | None = None) -> torch.Tensor:
+        """The LoRA update, (..., in) -> (..., out): alone (in the compute dtype), or added to `base_output`."""
+        return LoRADelta.apply(self.dropout(x), self.lora_a, self.lora_b, self.scaling, base_output)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """Add the LoRA contribution to `base_output` (the frozen layer's output for `x`)."""
         if self.disabled:
             return base_output
-        return LoRADelta.apply(self.dropout(x), self.lora_a, self.lora_b, self.scaling, base_output)
+        return self.delta(x, base_output)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in): what merging adds to the base weight."""

@@ -51,6 +51,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
         from vllm_train.data.tokenize import completion_ids, prompt_ids
+        from vllm_train.trainers.rm import pooled_hidden
 
         seqs = [prompt_ids(self.tokenizer, p) + completion_ids(self.tokenizer, p, c)
                 for p, c in zip(prompts, completions)]
@@ -62,8 +63,7 @@ class RewardModelScorer:
             ids = torch.tensor([s + [pad] * (L - len(s)) for s in chunk], device=self.device)
             attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in chunk], device=self.device)
             # Right padding: the causal model's last real token never sees the pads; pool it directly.
-            hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-            last = attn.sum(1) - 1
-            logits = self.model.score(hidden[torch.arange(len(chunk), device=self.device), last])
+            hidden = pooled_hidden(self.model, {"input_ids": ids, "attention_mask": attn}, self.device)
+            logits = self.model.score(hidden)
             scores.extend(logits[:, 0].float().cpu().tolist())
         return scores

@@ -129,31 +129,17 @@ def pooled_hidden(model, batch: dict, device, autocast=contextlib.nullcontext) -
     return hidden_BTH[torch.arange(len(last_B), device=device), last_B]
 
 
-@torch.no_grad()
-def base_preference_margins(model_name: str, model, injector, dataset, pad_token_id: int,
+def base_preference_margins(model_name: str, dataset, pad_token_id: int, device, dtype,
                             batch_size: int = 64) -> torch.Tensor:
     """log p_base(chosen completion) - log p_base(rejected completion) for every pair, (N,) fp32: the base
-    LM's own preference (the adapter disabled, the checkpoint's LM head over the body's hidden states)."""
+    LM's own preference (the plain causal LM, i.e. the reward model's body with the adapter off)."""
     from transformers import AutoModelForCausalLM
 
-    device = next(model.parameters()).device
-    lm_head = AutoModelForCausalLM.from_pretrained(model_name).get_output_embeddings().weight.float().to(device)
-    margins = []
-    was_training = model.training
-    model.eval()
-    with injector.disable_adapter():
-        for start in range(0, len(dataset), batch_size):
-            batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                       pad_token_id)
-            hidden = model.base_model(input_ids=batch["input_ids"].to(device),
-                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-            logps = torch.log_softmax(hidden[:, :-1].float() @ lm_head.T, dim=-1)  # (2B, T-1, V)
-            labels = batch["labels"][:, 1:].to(device)
-            token_logps = logps.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
-            chosen, rejected = token_logps.sum(1).chunk(2)
-            margins.append((chosen - rejected).cpu())
-    model.train(was_training)
-    return torch.cat(margins)
+    from vllm_train.trainers.dpo import pair_logps
+
+    base = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
+    chosen, rejected = pair_logps(base, dataset, pad_token_id, batch_size)
+    return chosen - rejected
 
 
 def base_preference_loss(aux_chosen_B: torch.Tensor, aux_rejected_B: torch.Tensor,
@@ -231,8 +217,8 @@ class RewardModelTrainer:
             torch.nn.init.zeros_(self.aux_head.weight)
             heads.append(self.aux_head.weight)
             params = params + [self.aux_head.weight]
-            self.base_margins = base_preference_margins(self.model_name, self.model, self.params.injector, dataset,
-                                                        self.tokenizer.pad_token_id)
+            self.base_margins = base_preference_margins(self.model_name, dataset, self.tokenizer.pad_token_id,
+                                                        self.device, next(self.model.parameters()).dtype)
         optimizer = common.make_optimizer([{"params": self.params.injector.get_trainable_params()},
                                            {"params": heads, "lr": head_lr}], c)
         scheduler = common.make_schedule(optimizer, total_steps, c)
