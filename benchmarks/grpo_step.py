@@ -40,7 +40,7 @@ PRESETS = {
     # Qwen2-0.5B shape, random init (GPU: TRL + vLLM colocate 3.9 s/step, TRL + HF generation 11.4 s/step)
     "qwen2-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936,
                        prompts=16, generations=8, new_tokens=256, rank=16, targets=ALL_LINEAR,
-                       dtype="bfloat16", micro_batch=64, steps=8, warmup=2),
+                       dtype="bfloat16", micro_batch=64, ours_micro_batch=128, steps=8, warmup=2),
 }
 
 
@@ -89,9 +89,11 @@ def run_ours(p: dict, model_dir: str, profile: bool = False) -> dict:
     from vllm_train.engine.llm import EngineOptions
     from vllm_train.trainers.rl import RLHFTrainer
 
+    # ours_micro_batch: our log-probs never hold the batch's full logits (`token_logprobs`), so the
+    # whole batch fits where TRL's micro-batch of 64 is its limit beside vLLM's memory share
     lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
-                           batch_size=p["micro_batch"], warmup_ratio=0.0, lr_scheduler="constant",
-                           output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
+                           batch_size=p.get("ours_micro_batch", p["micro_batch"]), warmup_ratio=0.0,
+                           lr_scheduler="constant", output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
     config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"], log_ref_kl=False,
                         group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0)
     # in_process=false: vLLM's engine core in its own process (adapters then go the public path)
@@ -223,8 +225,9 @@ def main() -> None:
     if "ours" in results:
         summary.update({f"ours_{key}": results["ours"][key] for key in
                         ("sync_ms", "rollout_s", "update_s", "response_len", "mismatch_abs_logp")})
+    micro = f"{p['micro_batch']}" + (f" (ours {p['ours_micro_batch']})" if "ours_micro_batch" in p else "")
     print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.2f}M params, {p['prompts']} prompts x {p['generations']} "
-          f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, micro-batch {p['micro_batch']}, {device}, "
+          f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, micro-batch {micro}, {device}, "
           f"load avg {os.getloadavg()[0]:.1f})")
     print("| trainer                         | s/step (median) | vs TRL |")
     print("|---------------------------------|-----------------|--------|")

@@ -42,3 +42,37 @@ def test_token_logprobs_and_metrics():
     assert torch.allclose(logps, torch.tensor([[math.log(0.25), 0.0]]))
     _, metrics = causal_lm_loss(logits, labels)
     assert metrics["num_tokens"] == 1
+
+
+def _reference_token_logprobs(hidden_NH, weight_VH, tokens_N, temperature):
+    logits_NV = (hidden_NH @ weight_VH.T).float() / temperature
+    return torch.log_softmax(logits_NV, dim=-1).gather(-1, tokens_N[:, None])[:, 0]
+
+
+def test_chunked_token_logprobs_pass_gradcheck_across_chunks():
+    from vllm_train.losses.causal_lm import token_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(11, (7,))
+    # 3 rows per chunk (33 // 11): chunks of 3, 3 and 1 rows; gradients for hidden and weight both
+    fn = lambda h, w: token_logprobs(h, w, tokens, temperature=0.7, max_chunk_elements=33)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_chunked_token_logprobs_equal_the_full_log_softmax():
+    from vllm_train.losses.causal_lm import token_logprobs
+
+    torch.manual_seed(1)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    tokens = torch.randint(300, (50,))
+    upstream = torch.randn(50)
+    ours = token_logprobs(hidden, weight, tokens, temperature=1.3, max_chunk_elements=300 * 8)  # 7 chunks
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), hidden)
+    reference = _reference_token_logprobs(hidden, weight, tokens, 1.3)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), hidden)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=0, atol=1e-5)
+    assert ours.dtype == torch.float32

@@ -20,7 +20,7 @@ from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.errors import VllmTrainError
 from vllm_train.evaluation import completion_logprobs, toy_accuracy
 from vllm_train.rewards import TOY_REWARD, load_reward_function, score_with_function
-from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
+from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
 
 
 def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
@@ -110,6 +110,35 @@ def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, 
     trainer.close()  # on a borrowed engine: the trainer's adapter goes, the engine stays
     assert adapter.id not in engine.llm.llm_engine.list_loras()
     assert engine.generate(["1 + 1 ="], max_tokens=2)[0][0].token_ids
+
+
+@pytest.mark.parametrize("targets", [list(ALL_LINEAR_MODULES), ["q_proj", "lm_head"]])
+def test_trainer_logprobs_equal_a_plain_hf_forward(tmp_path, tiny_model, shipped, targets):
+    """The trainer's completion log-probs (chunked over the frozen head; through the module when the head
+    has a LoRA) equal a plain HF forward's, at temperature 1 and 0.7, for completions of unequal length."""
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:3]
+    for temperature in (1.0, 0.7):
+        config = _config(tmp_path, temperature=temperature)
+        config.lora_config.target_modules = targets
+        trainer = RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD, progress=False)
+        with torch.no_grad():  # a non-zero adapter, so the LoRA path is exercised too
+            for p in trainer.injector.get_trainable_params():
+                p.normal_(0, 0.05)
+        texts = ["123", "7", "45 + 1"]
+        prompts = [encode_prompt(trainer.tokenizer, r["prompt"]) for r in records]
+        comps = [completion_ids(trainer.tokenizer, r["prompt"], t) for r, t in zip(records, texts)]
+        rollout = Rollout(prompts=[r["prompt"] for r in records], examples=records, prompt_ids=prompts,
+                          completion_ids=comps, completions=texts, vllm_logps=[[] for _ in comps], sync_ms=0.0,
+                          seconds=0.0)
+        batch = trainer._completion_batch(rollout, [0, 1, 2])
+        with torch.no_grad():
+            logps_BT, _ = trainer._forward(batch, rollout, torch.arange(3))
+        for i, (p_ids, c_ids) in enumerate(zip(prompts, comps)):
+            logits = trainer.model(input_ids=torch.tensor([p_ids + c_ids])).logits[0, len(p_ids) - 1:-1]
+            expected = torch.log_softmax(logits.float() / temperature, -1)
+            expected = expected.gather(-1, torch.tensor(c_ids)[:, None])[:, 0]
+            torch.testing.assert_close(logps_BT[i, :len(c_ids)], expected.detach(), rtol=0, atol=1e-5)
+            assert (logps_BT[i, len(c_ids):] == 0).all()  # padding
 
 
 # ---- learning on the toy world -------------------------------------------------------------------

@@ -57,6 +57,15 @@ class AdapterRef:
     path: str
 
 
+def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``)."""
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):
+        return list(logprobs.logprobs)  # exactly one entry per position: the sampled token's
+    return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
+
+
 def on_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -144,8 +153,11 @@ class VLLMEngine:
         # rollout (3.7 s vs 1.8 s). Without stop strings nothing needs text inside vLLM, so it skips
         # detokenizing and the texts are decoded here in one batch, as vLLM would (special tokens skipped).
         detokenize = bool(stop) or not logprobs
+        # flat_logprobs: vLLM keeps each request's log-probs in flat lists instead of one dict and one
+        # Logprob object per token (about 33k objects for an RL batch of 128 x 256 tokens).
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize)
+                                logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize,
+                                flat_logprobs=True)
         inputs = [{"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
         texts = None if detokenize else iter(self.tokenizer.batch_decode(
@@ -156,7 +168,7 @@ class VLLMEngine:
             for comp in out.outputs:
                 lps = None
                 if logprobs and comp.logprobs is not None:
-                    lps = [step[tok].logprob for step, tok in zip(comp.logprobs, comp.token_ids)]
+                    lps = _sampled_token_logprobs(comp.logprobs, comp.token_ids)
                 text = comp.text if texts is None else next(texts)
                 samples.append(Sample(text, list(comp.token_ids), lps, comp.finish_reason))
             result.append(samples)

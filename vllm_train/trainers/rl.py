@@ -40,6 +40,7 @@ from vllm_train.data.io import check_text_field, load_records
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
+from vllm_train.losses.causal_lm import token_logprobs
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.rewards.loading import RewardFn, load_reward_function, score_with_function
 from vllm_train.trainers import common
@@ -360,15 +361,20 @@ class RLHFTrainer:
         # The hidden state at position p_i - 1 + t predicts completion token t of sequence i.
         starts_B = torch.tensor([len(rollout.prompt_ids[batch["keep"][r]]) - 1 for r in rows], device=self.device)
         positions_BT = (starts_B[:, None] + torch.arange(T, device=self.device)[None]).clamp(max=L - 1)
+        mask_BT = batch["mask_BT"][rows].to(self.device)
+        head = self.model.get_output_embeddings()
         with self._autocast():
             hidden_BLH = self.model.base_model(input_ids=input_ids_BL, attention_mask=attention_BL).last_hidden_state
             hidden_BTH = hidden_BLH.gather(1, positions_BT[..., None].expand(-1, -1, hidden_BLH.size(-1)))
-            logits_BTV = self.model.get_output_embeddings()(hidden_BTH)
-        logits_BTV = logits_BTV.float()
-        if self.config.temperature != 1.0:  # sampled at this temperature (a full-vocabulary pass otherwise saved)
-            logits_BTV = logits_BTV / self.config.temperature
-        logps_BT = logits_BTV.gather(-1, tokens_BT[..., None])[..., 0] - torch.logsumexp(logits_BTV, dim=-1)
-        mask_BT = batch["mask_BT"][rows].to(self.device)
+            if not _frozen_plain_linear(head):  # e.g. a LoRA on the head: full logits through the module
+                logits_BTV = head(hidden_BTH).float() / self.config.temperature
+                logps_BT = logits_BTV.gather(-1, tokens_BT[..., None])[..., 0] - torch.logsumexp(logits_BTV, dim=-1)
+        if _frozen_plain_linear(head):
+            # Only the completion tokens, a chunk of rows at a time: the (B, T, V) logits never exist, so
+            # a whole RL batch fits in one micro-batch (fewer passes, and the update is launch-bound).
+            logps_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=self.device)
+            logps_BT[mask_BT] = token_logprobs(hidden_BTH[mask_BT], head.weight, tokens_BT[mask_BT],
+                                               self.config.temperature)
         values_BT = None
         if self.value_head is not None:
             values_BT = self.value_head(hidden_BTH.float())[..., 0] * mask_BT
@@ -487,6 +493,10 @@ class RLHFTrainer:
             elif self._served is not None:
                 self._engine.remove_adapter(self._served[1])
         self._engine, self._served = None, None
+
+
+def _frozen_plain_linear(module) -> bool:
+    return type(module) is nn.Linear and module.bias is None and not module.weight.requires_grad
 
 
 def load_prompt_records(source: Any, what: str = "prompt dataset") -> list[dict]:
