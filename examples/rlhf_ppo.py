@@ -7,14 +7,16 @@
    sequence-classification checkpoint.
 3. PPO from the SFT adapter (`RLHFTrainer`): vLLM samples with the newest adapter every step, the reward
    model scores in-process (next to the one vLLM engine), a value head on the policy gives GAE
-   advantages, KL to the base model is penalised per token.
-Prints held-out greedy accuracy after each stage.
+   advantages, and the KL penalty keeps the policy near the SFT adapter it started from.
+   For contrast, PPO on the same reward model from the base model (no SFT), on the same vLLM engine.
+Prints held-out greedy accuracy (the checkable answer, never the reward model) after each stage.
 
-Known problem (open): on the toy world the PPO stage reward-hacks the learned reward model. The policy
-drifts to completions the RM scores well outside its training data, and held-out accuracy falls
-(measured: SFT 81.7% -> PPO 1.3%, RM pair accuracy 83%). The example shows the three stages working
-together, not a gain. PPO with the checkable reward (`--reward vllm_train.toy:correctness_reward` on the
-CLI) does raise reward.
+What to expect (measured, 2 CPU cores, 4-6 min): base 49.7% -> SFT 81.7% -> PPO from SFT 80.0%;
+PPO from the base model 49.7% -> 70.0%. The learned reward model ranks a policy's own samples correctly
+only about 70% of the time (it prefers some off-by-one answers), which is below what the SFT policy
+already gets right, so it can teach the base model the carry but cannot improve on SFT; with the KL to the
+SFT adapter and whitened rewards, PPO holds SFT's accuracy instead of exploiting the reward model. Without
+those two (raw scores with a spread of ~10, KL to the base model), the same run fell to 1.3%.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from vllm_train.assets import TINY_MODEL, data_file
 from vllm_train.config import ALL_LINEAR_MODULES
 
 LORA = dict(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES))
+EVAL_FILE = data_file("rl_eval.jsonl")
 
 
 def sft(out: Path, steps: int) -> Path:
@@ -50,6 +53,22 @@ def reward_model(out: Path, steps: int) -> Path:
     return out
 
 
+def ppo(out: Path, rm_dir: Path, steps: int, lr: float, start: str | None, engine=None):
+    """PPO on the reward model from `start` (an adapter, or None: the base model). Rewards are whitened
+    per batch and the KL reference is the starting policy (RLHFConfig's defaults whiten_rewards and
+    kl_reference="initial"). Returns (trainer, held-out accuracy before, last step's metrics)."""
+    from vllm_train.evaluation import toy_accuracy
+
+    lora = LoRATrainConfig(**LORA, learning_rate=lr, batch_size=128, warmup_ratio=0.0, lr_scheduler="constant",
+                           output_dir=str(out))
+    config = RLHFConfig(lora_config=lora, algorithm="ppo", rollout_batch_size=16, group_size=4, max_new_tokens=8,
+                        kl_coef=0.2, ppo_epochs=2, num_minibatches=2, seed=0)
+    trainer = RLHFTrainer(str(TINY_MODEL), str(rm_dir), config, adapter=start, engine=engine)
+    before = toy_accuracy(trainer.engine, EVAL_FILE, trainer.sync_adapter()[0])["accuracy"]
+    last = trainer.train(data_file("rl_train.jsonl"), num_steps=steps)
+    return trainer, before, last
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/example-rlhf")
@@ -66,24 +85,21 @@ def main() -> None:
     rm_dir = reward_model(root / "rm", args.rm_steps)
 
     print("[3/3] PPO from the SFT adapter ...", flush=True)
-    lora = LoRATrainConfig(**LORA, learning_rate=2e-3, batch_size=128, warmup_ratio=0.0, lr_scheduler="constant",
-                           output_dir=str(root / "ppo"))
-    config = RLHFConfig(lora_config=lora, algorithm="ppo", rollout_batch_size=16, group_size=4, max_new_tokens=8,
-                        kl_coef=0.02, ppo_epochs=2, num_minibatches=2, seed=0)
-    trainer = RLHFTrainer(str(TINY_MODEL), str(rm_dir), config, adapter=str(sft_dir))
-    # Accuracy is always judged by the checkable answer, whatever reward trained the policy.
     from vllm_train.evaluation import toy_accuracy
 
-    eval_file = data_file("rl_eval.jsonl")
-    base = toy_accuracy(trainer.engine, eval_file)["accuracy"]
-    after_sft = toy_accuracy(trainer.engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
-    last = trainer.train(data_file("rl_train.jsonl"), num_steps=args.ppo_steps)
-    after_ppo = toy_accuracy(trainer.engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
-    print(f"\nheld-out accuracy: base {base:.1%} -> SFT {after_sft:.1%} -> PPO {after_ppo:.1%} "
-          f"({time.perf_counter() - t0:.0f} s in all)")
-    print(f"  PPO last step: reward {last['reward_mean']:.3f}, KL to base {last.get('kl_ref', float('nan')):.4f}, "
+    trainer, after_sft, last = ppo(root / "ppo", rm_dir, args.ppo_steps, 2e-4, start=str(sft_dir))
+    base = toy_accuracy(trainer.engine, EVAL_FILE)["accuracy"]
+    after_ppo = toy_accuracy(trainer.engine, EVAL_FILE, trainer.sync_adapter()[0])["accuracy"]
+    print(f"  PPO last step: reward {last['reward_mean']:.3f}, KL to SFT {last.get('kl_ref', float('nan')):.4f}, "
           f"sync {last['sync_ms']:.2f} ms, mismatch |dlogp| {last['mismatch_abs_logp']:.1e}")
-    print(f"  runs in {root}/ (sft, rm, ppo: adapters, metrics.jsonl, curves)")
+    print("      and PPO on the same reward model from the base model (no SFT) ...", flush=True)
+    from_base, _, _ = ppo(root / "ppo-from-base", rm_dir, 2 * args.ppo_steps, 5e-4, start=None,
+                          engine=trainer.engine)
+    after_base_ppo = toy_accuracy(trainer.engine, EVAL_FILE, from_base.sync_adapter()[0])["accuracy"]
+    from_base.close()  # a borrowed engine: removes its adapter, keeps the engine
+    print(f"\nheld-out accuracy: base {base:.1%} -> SFT {after_sft:.1%} -> PPO from SFT {after_ppo:.1%}; "
+          f"PPO from base {base:.1%} -> {after_base_ppo:.1%} ({time.perf_counter() - t0:.0f} s in all)")
+    print(f"  runs in {root}/ (sft, rm, ppo, ppo-from-base: adapters, metrics.jsonl, curves)")
     trainer.close()
 
 

@@ -136,12 +136,17 @@ class RLHFConfig:
     clip_range: float = 0.2  # ratio clip (lower side; both sides unless clip_range_high is set)
     clip_range_high: float | None = None  # asymmetric upper clip (DAPO uses 0.28); None: = clip_range
     value_clip_range: float = 0.2  # PPO value clip
-    kl_coef: float = 0.0  # penalty on KL to the reference (= base model, adapter disabled)
+    kl_coef: float = 0.0  # penalty on KL to the reference policy (see kl_reference)
+    # "initial": the policy the run starts from (the --adapter, e.g. an SFT run; with no adapter that is the
+    # base model); "base": the base model with the adapter disabled, whatever the start
+    kl_reference: Literal["initial", "base"] = "initial"
     log_ref_kl: bool = True  # measure KL to the reference every step even when kl_coef = 0 (one no-grad forward)
     gamma: float = 1.0  # GAE discount (PPO)
     gae_lambda: float = 0.95  # GAE lambda (PPO)
     value_loss_coef: float = 0.5  # PPO
     whiten_advantages: bool = True  # PPO: advantages to zero mean, unit variance over the batch
+    whiten_rewards: bool = True  # PPO: sequence scores to zero mean, unit variance over the batch before the KL
+    # penalty is added (a reward model's scale and offset are arbitrary; unscaled, they swamp kl_coef)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no signal; DAPO)
     dynamic_sampling_rounds: int = 4  # then sample more prompts, up to N times, to refill the batch
     tis_cap: float | None = None  # truncated importance sampling: weight tokens by min(pi_train/pi_vllm, cap)
@@ -171,6 +176,7 @@ class RLHFConfig:
                self.clip_range_high, "None or > 0")
         _check(self.value_clip_range > 0, "value_clip_range", self.value_clip_range, "must be > 0")
         _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
+        _check(self.kl_reference in ("initial", "base"), "kl_reference", self.kl_reference, "'initial' or 'base'")
         _check(0.0 <= self.gamma <= 1.0, "gamma", self.gamma, "0 <= gamma <= 1")
         _check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", self.gae_lambda, "0 <= gae_lambda <= 1")
         _check(self.value_loss_coef >= 0, "value_loss_coef", self.value_loss_coef, "must be >= 0")

@@ -49,7 +49,11 @@ FIELD_HELP = {
     "clip_range": "policy ratio clip (lower side; both sides unless --clip-range-high is set)",
     "clip_range_high": "upper ratio clip (DAPO's clip-higher uses 0.28)",
     "value_clip_range": "PPO value clip",
-    "kl_coef": "penalty on the KL to the reference (the base model: adapter disabled)",
+    "kl_coef": "penalty on the KL to the reference policy (see --kl-reference)",
+    "kl_reference": "the KL's reference: 'initial' = the policy the run starts from (--adapter, e.g. your SFT "
+                    "run; the base model without one), 'base' = the base model (adapter disabled)",
+    "whiten_rewards": "PPO: scores to zero mean, unit variance over the batch before the KL penalty (a reward "
+                      "model's scale is arbitrary)",
     "log_ref_kl": "log the KL to the reference every step even when --kl-coef is 0 (one no-grad forward)",
     "gamma": "PPO: GAE discount",
     "gae_lambda": "PPO: GAE lambda",

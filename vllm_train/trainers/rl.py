@@ -4,8 +4,10 @@ One loop for all of them, read top to bottom in `ppo_step`:
 
     sync adapter -> sample (vLLM) -> reward -> advantages -> forward/backward (HF + our LoRA) -> step -> log
 
-* The policy trains as a Hugging Face model with our LoRA layers; the **reference** is the same model
-  with the adapter disabled (no second copy).
+* The policy trains as a Hugging Face model with our LoRA layers; the **reference** for the KL is the
+  policy the run starts from, with no second model: the base with the adapter disabled, or -- when the run
+  starts from an adapter such as an SFT run -- a copy of that adapter's LoRA weights swapped in for one
+  no-grad forward (``kl_reference="base"`` keeps the base model as the reference even then).
 * Before **every** rollout the trainer's newest adapter goes to vLLM through `VLLMEngine.sync_adapter`
   (a new adapter version each time, so vLLM never serves stale weights or stale prefix-cache entries).
   Each step logs the sync time, rollout tok/s, and the train/serve mismatch: mean |delta log-prob| and
@@ -16,7 +18,9 @@ One loop for all of them, read top to bottom in `ppo_step`:
   learn a useful critic at all. vLLM serves only the LoRA weights; the head is saved beside them as
   ``value_head.safetensors``.
 * Algorithms differ only in their advantage function and loss aggregation (`ALGORITHMS`); PPO adds
-  GAE over KL-shaped per-token rewards and a clipped value loss.
+  GAE over KL-shaped per-token rewards and a clipped value loss. Its sequence scores are whitened over the
+  batch first (``whiten_rewards``): a reward model's scale and per-prompt offset are arbitrary, and raw
+  scores with a spread of 10-20 made the KL penalty and the value loss irrelevant on the toy world.
 """
 
 from __future__ import annotations
@@ -126,6 +130,12 @@ class RLHFTrainer:
         c, lc = self.config, self.config.lora_config
         torch.manual_seed(c.seed)
         self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, lc, adapter)
+        # The KL reference. Starting from an adapter (say an SFT run), the policy to stay close to is that
+        # adapter, not the base model: keep a copy of its LoRA weights (megabytes) and swap them in for the
+        # reference forward. Without one, the initial policy *is* the base model: disable the adapter.
+        self._reference_weights = None
+        if adapter and c.kl_reference == "initial":
+            self._reference_weights = [p.detach().clone() for p in self.injector.get_trainable_params()]
         self.value_head = None
         self.saveable = self.injector
         if c.algorithm == "ppo":
@@ -235,13 +245,16 @@ class RLHFTrainer:
             old_logps_BT, old_values_BT = self._forward_all(batch, rollout) if need_old else (None, None)
             ref_logps_BT = None
             if c.kl_coef > 0 or c.log_ref_kl:
-                with self.injector.disable_adapter():
+                with self._reference_policy():
                     ref_logps_BT, _ = self._forward_all(batch, rollout)
 
             if c.algorithm == "ppo":
                 kl_BT = ppo.kl_per_token(old_logps_BT, ref_logps_BT, "k1") if ref_logps_BT is not None \
                     else torch.zeros_like(old_logps_BT)
-                token_rewards_BT = ppo.kl_shaped_rewards(rewards_S[keep], kl_BT, mask_BT, c.kl_coef)
+                scores_S = rewards_S[keep]
+                if c.whiten_rewards and len(keep) > 1:
+                    scores_S = ppo.masked_whiten(scores_S, torch.ones_like(scores_S))
+                token_rewards_BT = ppo.kl_shaped_rewards(scores_S, kl_BT, mask_BT, c.kl_coef)
                 advantages, returns_BT = ppo.gae(token_rewards_BT, old_values_BT, mask_BT, c.gamma, c.gae_lambda)
                 if c.whiten_advantages:
                     advantages = ppo.masked_whiten(advantages, mask_BT)
@@ -324,6 +337,23 @@ class RLHFTrainer:
             keep_G = torch.cat([keep_G, grpo.informative_groups(extra_GN)])
         keep_G = keep_G & (keep_G.cumsum(0) <= target)
         return rollout, rewards_GN, keep_G, rounds
+
+    @contextlib.contextmanager
+    def _reference_policy(self):
+        """The KL reference inside the block: the starting adapter's weights swapped in, or no adapter."""
+        if self._reference_weights is None:
+            with self.injector.disable_adapter():
+                yield
+            return
+        params = self.injector.get_trainable_params()
+        current = [p.data for p in params]
+        try:
+            for p, ref in zip(params, self._reference_weights):
+                p.data = ref
+            yield
+        finally:
+            for p, data in zip(params, current):
+                p.data = data
 
     def _tis_weights(self, old_logps_BT, vllm_logps_BT, mask_BT):
         """Truncated importance sampling: min(pi_trainer / pi_vllm, cap) per token (samples came from vLLM)."""
