@@ -17,9 +17,9 @@ class LoRADelta(torch.autograd.Function):
     optimizer's master copy) and get fp32 gradients. Autocast is switched off inside, so the dtype is
     this rule's and not autocast's. Backward keeps `x` in its own dtype (autograd would save a cast
     copy per LoRA: q, k and v each make one), while `x` itself is saved by the frozen base layer anyway.
-    Fewer passes over output-sized tensors (the RL update on a GPU is bound by kernel launches): the
-    second matmul adds into `base_output` and scales in the same kernel (``addmm``), and backward
-    applies the scaling to rank-r tensors, not to the output-sized gradient.
+    Fewer passes over output-sized tensors: the second matmul adds into `base_output` and scales in the
+    same kernel (``addmm``), and backward applies the scaling to rank-r tensors, not to the output-sized
+    gradient.
     Saved: x (..., in), A and B in the compute dtype and the small hidden (N, r).
     """
 
