@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from adapter_cases import BAD_VALUE_CASES, make_bad_adapter
 
 from vllm_train.assets import TINY_MODEL
 
@@ -68,6 +69,8 @@ def _make_adapters(root: Path) -> dict[str, Path]:
     cfg["base_model_name_or_path"] = "some-org/other-model"
     (wrong / "adapter_config.json").write_text(json.dumps(cfg))
     out["wrong_base"] = wrong
+    for case in BAD_VALUE_CASES:
+        out[case] = make_bad_adapter(out["v1"], root / case, case)
     return out
 
 
@@ -364,13 +367,14 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
     ("rank16", "above the server's max_lora_rank 8"),
     ("wrong_base", "trained on base model 'some-org/other-model'"),
     ("missing", "adapter directory not found"),
+    *BAD_VALUE_CASES.items(),
 ])
 def test_bad_adapter_is_rejected_and_nothing_changes(served, adapters, expected, case, message, tmp_path):
     before = [_loaded(url) for url in served.urls]
     current = _assert_serves(served, expected)
     path = adapters.get(case, tmp_path / "nope")
     result = served.cli("push", "--server", ",".join(served.urls), "--adapter", str(path), "--name", "live")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -117,7 +117,7 @@ class AdapterPublisher:
                 recorded = [recorded_server(u) for u in self.urls]
                 known = [r["max_lora_rank"] for r in recorded if r and "max_lora_rank" in r]
                 max_rank = min(known) if known else None
-            validate_adapter(adapter_dir, states[0].base_root, max_rank)
+            validate_adapter(adapter_dir, states[0].base_root, max_rank, check_base_name=True)
             t_validated = time.perf_counter()
 
             loaded_versions = {v for s in states for v in s.versions(name)}

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector, read_adapter_dir
+from vllm_train.lora.validate import validate_adapter
 
 
 def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
@@ -56,6 +57,8 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_name)
+    if adapter:
+        validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
     device, dtype = pick_device_and_dtype(config.precision)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
     model.config.use_cache = False
@@ -68,9 +71,9 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     return model, tokenizer, injector
 
 
-def adapter_rank(path: str) -> int:
-    config, _ = read_adapter_dir(path)
-    return int(config["r"])
+def adapter_rank(path: str, base_model: str | None = None) -> int:
+    """The rank of the adapter in `path`, after validating it (against `base_model`, when given)."""
+    return int(validate_adapter(path, base_model)["r"])
 
 
 def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
@@ -199,6 +202,7 @@ def _optimizer_tensors(optimizer, params) -> tuple[dict[str, torch.Tensor], dict
 
 def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
     """A LoRATrainConfig whose LoRA shape matches the PEFT adapter in `path` (to load it for eval)."""
+    validate_adapter(path)
     config, state = read_adapter_dir(path)
     modules = config.get("target_modules") or []
     if isinstance(modules, str):  # PEFT allows a regex; take the module names from the tensors instead

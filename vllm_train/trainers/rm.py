@@ -35,6 +35,7 @@ from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.lora.injector import PEFT_PREFIX, LoRAInjector, read_adapter_dir, write_adapter_dir
 from vllm_train.lora.layers import LoRAWrappedLinear
+from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.dpo import bradley_terry_loss
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.trainers import common
@@ -96,6 +97,8 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = common.load_tokenizer(model_name)
+    if adapter:
+        validate_adapter(adapter, model_name)
     device, dtype = common.pick_device_and_dtype(config.precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
