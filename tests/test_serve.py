@@ -1,8 +1,9 @@
 """`vllm-train serve` / `push` against real vLLM OpenAI servers on 127.0.0.1 (CPU in CI).
 
-One `vllm-train serve --replicas 2` process is shared by the whole module (a server start costs 30-110 s
-on 2 busy cores); the tests run in file order and the last ones take replica 1 down and then SIGTERM the
-CLI. The oracle for every served answer is the session's in-process vLLM engine with the same adapter.
+One `vllm-train serve --replicas 2` process, guarded by an API key, is shared by the whole module (a
+server start costs 30-110 s on 2 busy cores); the tests run in file order and the last ones take replica 1
+down and then SIGTERM the CLI. The oracle for every served answer is the session's in-process vLLM engine
+with the same adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ MAX_TOKENS = 6
 N_VERSIONS = 6  # weight sets: 0 is published at start, 1 by the parity test, 2..5 (+1) during the load test
 TOL = 1e-4
 CLI = [sys.executable, "-m", "vllm_train.cli"]
+API_KEY = "test-key-" + os.urandom(8).hex()
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -133,9 +136,9 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, adapters):
     root = tmp_path_factory.mktemp("serve")
-    env = dict(os.environ, VLLM_TRAIN_STAGE_DIR=str(root / "stage"), VLLM_TRAIN_STATE_DIR=str(root / "state"),
+    env = dict(os.environ, VLLM_TRAIN_STAGE_DIR=str(root / "stage"), VLLM_TRAIN_API_KEY=API_KEY,
                PYTHONUNBUFFERED="1")
-    saved = {k: os.environ.get(k) for k in ("VLLM_TRAIN_STAGE_DIR", "VLLM_TRAIN_STATE_DIR")}
+    saved = {k: os.environ.get(k) for k in ("VLLM_TRAIN_STAGE_DIR", "VLLM_TRAIN_API_KEY")}
     os.environ.update({k: env[k] for k in saved})
     proc = subprocess.Popen(CLI + ["serve", "--model", str(TINY_MODEL), "--replicas", "2", "--port", "0",
                                    "--max-lora-rank", "8", "--adapter", f"live={adapters['v0']}",
@@ -183,7 +186,7 @@ def _client(url: str):
     request costs more CPU than the request on this box)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def _ask(url: str, model: str) -> tuple[str, str, list[float]]:
@@ -201,7 +204,22 @@ def _matches(logprobs: list[float], expected: dict) -> bool:
 def _loaded(url: str) -> dict[str, str]:
     from vllm_train.engine.http_client import replica_state
 
-    return replica_state(url).adapters
+    return replica_state(url, api_key=API_KEY).adapters
+
+
+def _http(method: str, url: str, payload=None, headers=None) -> tuple[int, str]:
+    """(status, body) of one raw request."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                         **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def _assert_serves(served: Served, expected, urls=None) -> str:
@@ -254,6 +272,31 @@ def test_server_options_are_validated():
     assert parse_urls("127.0.0.1:8000/v1, http://h:1/") == ["http://127.0.0.1:8000", "http://h:1"]
 
 
+def test_stage_dir_must_be_yours_and_closed_to_writers(adapters, tmp_path, monkeypatch):
+    """Item 7 of issue 13: another user who owns (or may write) the stage dir could swap the files a
+    server loads after they were validated; such a dir is refused before anything else happens."""
+    from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.errors import VllmTrainError
+
+    root = tmp_path / "stage"
+    root.mkdir()
+    publisher = AdapterPublisher("http://127.0.0.1:9", stage_dir=root)
+    os.chmod(root, 0o777)
+    with pytest.raises(VllmTrainError, match=r"stage dir .* is writable by group or others \(mode 777\)"):
+        publisher.publish(adapters["v1"], "x")
+    os.chmod(root, 0o755)
+    with monkeypatch.context() as m:
+        m.setattr(os, "getuid", lambda: root.stat().st_uid + 1)
+        with pytest.raises(VllmTrainError, match=r"stage dir .* is owned by uid \d+, not by you"):
+            publisher.publish(adapters["v1"], "x")
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    with pytest.raises(VllmTrainError, match="is not a directory"):
+        AdapterPublisher("http://127.0.0.1:9", stage_dir=link).publish(adapters["v1"], "x")
+    with pytest.raises(VllmTrainError, match="not reachable"):  # a good dir: on to the (absent) server
+        publisher.publish(adapters["v1"], "x")
+
+
 def test_replica_that_dies_at_start_reports_its_log(tmp_path):
     from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
@@ -273,6 +316,53 @@ def test_serve_publishes_startup_adapter_on_every_replica(served, expected):
     assert _assert_serves(served, expected) == "live-v1"
 
 
+def test_every_route_needs_the_api_key(served, adapters, expected):
+    """Nothing answers without the key: not vLLM's /v1 routes, not runtime LoRA loading through the
+    SageMaker routes, not /health or routes that do not exist; a hijacking load fails; so does a push."""
+    before = [_loaded(url) for url in served.urls]
+    url = served.urls[0]
+    attempts = [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", {"model": "live-v1", "prompt": "1 + 1 =", "max_tokens": 1}),
+        ("POST", "/v1/chat/completions", {"model": "live", "messages": MESSAGES, "max_tokens": 1}),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "live-v99", "lora_path": str(adapters["v1"])}),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "live-v1", "lora_path": str(adapters["v2"]),
+                                           "load_inplace": True}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "live-v1"}),
+        ("POST", "/adapters", {"name": "live-v98", "src": str(adapters["v1"])}),
+        ("DELETE", "/adapters/live-v1", None),
+        ("POST", "/invocations", {"model": "live-v1", "prompt": "1", "max_tokens": 1}),
+        ("POST", "/tokenize", {"model": "live-v1", "prompt": "1"}),
+        ("GET", "/metrics", None), ("GET", "/health", None), ("GET", "/no/such/route", None),
+        ("POST", "/vllm-train/aliases", {"live": "live-v99"}), ("GET", "/vllm-train/server", None),
+    ]
+    for method, route, payload in attempts:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            status, body = _http(method, url + route, payload, headers)
+            assert status == 401, (method, route, headers, status, body)
+    env = {k: v for k, v in served.env.items() if k not in ("VLLM_TRAIN_API_KEY", "VLLM_API_KEY")}
+    result = subprocess.run(CLI + ["push", "--server", ",".join(served.urls), "--adapter", str(adapters["v1"]),
+                                   "--name", "live"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "HTTP 401" in result.stderr and result.stdout == "", result.stderr
+    assert [_loaded(u) for u in served.urls] == before
+    assert _assert_serves(served, expected) == "live-v1"
+    assert _http("GET", url + "/v1/models", headers=AUTH)[0] == 200
+
+
+def test_answers_carry_no_server_paths(served, adapters, tmp_path):
+    from vllm_train.engine.staging import default_stage_root
+
+    for url in served.urls:
+        status, body = _http("GET", url + "/v1/models", headers=AUTH)
+        assert status == 200 and str(TINY_MODEL) not in body and str(default_stage_root()) not in body, body
+        assert all("/" not in card["root"] for card in json.loads(body)["data"])
+    for path in (tmp_path / "private" / "nothing-here", adapters["rank16"]):  # missing; rank above the server's
+        status, body = _http("POST", served.urls[0] + "/v1/load_lora_adapter",
+                             {"lora_name": "leak-v1", "lora_path": str(path)}, AUTH)
+        assert status >= 400 and str(path.parent) not in body, body
+    assert "leak-v1" not in _loaded(served.urls[0])
+
+
 def test_push_then_openai_client_matches_in_process_engine(served, adapters, expected):
     result = served.cli("push", "--server", ",".join(served.urls), "--adapter", str(adapters["v1"]), "--name", "live")
     assert result.returncode == 0, result.stderr
@@ -285,6 +375,8 @@ def test_push_then_openai_client_matches_in_process_engine(served, adapters, exp
         assert max(abs(a - b) for a, b in zip(lps, expected[1]["logprobs"])) < TOL
         assert len(lps) == len(expected[1]["logprobs"])
         assert set(_loaded(url)) == {"live-v1", "live-v2"}  # keep=2
+        model, text, lps = _ask(url, "live")  # the stable alias: the newest version, named in the answer
+        assert model == "live-v2" and text == expected[1]["text"] and _matches(lps, expected[1])
 
 
 def test_load_while_pushing_five_versions(served, adapters, expected):
@@ -380,6 +472,98 @@ def test_bad_adapter_is_rejected_and_nothing_changes(served, adapters, expected,
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert [_loaded(url) for url in served.urls] == before  # nothing half-published
     assert _assert_serves(served, expected) == current
+
+
+def _unload(url: str, served_name: str, alias: str | None = None) -> None:
+    status, body = _http("POST", url + "/v1/unload_lora_adapter", {"lora_name": served_name}, AUTH)
+    assert status == 200, body
+    if alias:
+        assert _http("POST", url + "/vllm-train/aliases", {alias: None}, AUTH)[0] == 200
+
+
+def test_push_refuses_versions_it_did_not_publish(served, adapters, expected, tmp_path):
+    """A version loaded by another client (here an insider with the key) under a published name stops the
+    next push before it touches anything; one loaded during a publish fails the check afterwards."""
+    from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.errors import VllmTrainError
+
+    current = _assert_serves(served, expected)
+    before = [_loaded(url) for url in served.urls]
+    hijack = tmp_path / "hijack"
+    shutil.copytree(adapters["v3"], hijack)
+    foreign = f"live-v{int(current.rsplit('-v', 1)[1]) + 50}"
+    status, body = _http("POST", served.urls[1] + "/v1/load_lora_adapter",
+                         {"lora_name": foreign, "lora_path": str(hijack)}, AUTH)
+    assert status == 200, body
+    result = served.cli("push", "--server", ",".join(served.urls), "--adapter", str(adapters["v1"]), "--name", "live")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == "" and len(lines) == 1, result.stderr
+    assert f"serves {foreign} from 'hijack', which this publisher did not publish" in lines[0]
+    assert "nothing was published" in lines[0]
+    _unload(served.urls[1], foreign)
+    assert [_loaded(url) for url in served.urls] == before
+
+    def load_foreign(url: str, name: str) -> None:
+        if url == served.urls[0]:
+            assert _http("POST", served.urls[1] + "/v1/load_lora_adapter",
+                         {"lora_name": foreign, "lora_path": str(hijack)}, AUTH)[0] == 200
+
+    publisher = AdapterPublisher(served.urls, keep=2, on_loaded=load_foreign)
+    with pytest.raises(VllmTrainError, match=rf"after publishing live-v\d+, replica {re.escape(served.urls[1])} "
+                                             rf"serves {{.*{foreign}}} but this publisher expected"):
+        publisher.publish(adapters["v1"], "live")
+    _unload(served.urls[1], foreign)
+    new = publisher.current("live")
+    assert new != current
+    served.content[new] = 1
+    assert _assert_serves(served, expected) == new
+
+
+def test_two_server_groups_keep_their_own_versions(served, adapters, expected):
+    """Item 6 of issue 13: replica 0 and replica 1 as two server groups publishing the same name: own
+    version numbers, own staged files (one group's push never deletes the other's), own alias."""
+    from vllm_train.engine.publish import AdapterPublisher
+
+    group_a, group_b = AdapterPublisher(served.urls[:1], keep=1), AdapterPublisher(served.urls[1:], keep=1)
+    assert group_a.stage.dir != group_b.stage.dir
+    assert group_a.publish(adapters["v2"], "twin") == "twin-v1"
+    assert group_b.publish(adapters["v3"], "twin") == "twin-v1"
+    b_files = sorted(group_b.stage.dir.iterdir())
+    assert group_a.publish(adapters["v4"], "twin") == "twin-v2"  # retires group A's twin-v1 only
+    assert sorted(group_b.stage.dir.iterdir()) == b_files
+    assert list(group_a.stage.live("twin")) == [2] and list(group_b.stage.live("twin")) == [1]
+    for url, version, weights in ((served.urls[0], "twin-v2", 4), (served.urls[1], "twin-v1", 3)):
+        assert set(_loaded(url)) - {m for m in _loaded(url) if m.startswith("live-")} == {version}
+        for model in ("twin", version):
+            answered, text, lps = _ask(url, model)
+            assert answered == version and text == expected[weights]["text"] and _matches(lps, expected[weights])
+    _unload(served.urls[0], "twin-v2", alias="twin")
+    _unload(served.urls[1], "twin-v1", alias="twin")
+
+
+def test_staged_files_are_readable_as_the_stage_dir_allows(served, adapters, expected, tmp_path):
+    """Item 7 of issue 13: under a umask of 077 the staged copies still get the group read bit that the
+    stage dir (mode 750) grants, so a server running as another user in that group can load them."""
+    import shlex
+    import stat
+
+    root = tmp_path / "shared-stage"
+    root.mkdir()
+    os.chmod(root, 0o750)
+    push = CLI + ["push", "--server", ",".join(served.urls), "--adapter", str(adapters["v2"]), "--name", "perm",
+                  "--stage-dir", str(root)]
+    result = subprocess.run(["sh", "-c", "umask 077 && exec " + shlex.join(push)], env=served.env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "perm-v1", result.stderr
+    (group,) = root.iterdir()
+    (staged,) = [p for p in group.iterdir() if p.name.startswith("perm-v1-")]
+    assert stat.S_IMODE(group.stat().st_mode) == stat.S_IMODE(staged.stat().st_mode) == 0o750
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in staged.iterdir()} == {
+        "adapter_config.json": 0o640, "adapter_model.safetensors": 0o640}
+    for url in served.urls:
+        _, text, lps = _ask(url, "perm")
+        assert text == expected[2]["text"] and _matches(lps, expected[2])
+        _unload(url, "perm-v1", alias="perm")
 
 
 def test_server_side_rejection_rolls_back(served, adapters, expected):

@@ -10,19 +10,22 @@ Publish a PEFT adapter directory to every replica of a running vLLM OpenAI serve
 `vllm-train serve`, or any vLLM server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora) as a
 new version NAME-vN, and print that served name.
 
-Before any replica is touched the directory is validated: both PEFT files readable, rank within the
-servers' --max-lora-rank, trained on the base model the servers serve. The files are copied to an
-immutable staging directory (--stage-dir; the servers must be able to read it), loaded on the first
-replica, then on the others. If any replica fails, the new version is unloaded from those that loaded
-it and the previous version keeps serving; the exit status is then non-zero. After success, versions
-older than the --keep newest are unloaded. Names are never reused for new weights (vLLM's prefix cache
-is keyed by the adapter name).
+Before any replica is touched the directory is validated, by value: config sane (rank, finite alpha,
+target modules), tensors floating point and finite, shapes those of the base model the servers serve,
+rank within the servers' --max-lora-rank; and every replica must serve only versions of NAME that this
+publisher loaded for these --server URLs. The files are copied to this server group's immutable staging
+directory (under --stage-dir; the servers must be able to read it), loaded on the first replica, then
+on the others; then NAME (the stable alias clients may query) points at the new version. If any replica
+fails, the new version is unloaded from those that loaded it and the previous version keeps serving;
+the exit status is then non-zero. After success, versions older than the --keep newest are unloaded,
+and every replica is checked to serve exactly the expected versions. Names are never reused for new
+weights (vLLM's prefix cache is keyed by the adapter name).
 """
 
 EXAMPLE = """\
 example:
   vllm-train push --server http://127.0.0.1:8000,http://127.0.0.1:8001 --adapter runs/sft --name sft
-  # -> sft-v2 ; then: client.completions.create(model="sft-v2", ...)
+  # -> sft-v2 ; then: client.completions.create(model="sft", ...)   (or model="sft-v2")
 """
 
 
@@ -37,8 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="versions of NAME that stay loaded, the new one included (default: 2)")
     p.add_argument("--max-lora-rank", type=int, metavar="R", help="the servers' max LoRA rank (default: what "
                    "`vllm-train serve` recorded; otherwise vLLM checks it while loading)")
-    p.add_argument("--stage-dir", metavar="DIR", help="where versions are copied; must be readable by the "
-                   "servers (default: $VLLM_TRAIN_STAGE_DIR or /dev/shm/vllm-train-adapters)")
+    p.add_argument("--stage-dir", metavar="DIR", help="where versions are copied (one subdirectory per server "
+                   "group); yours, not writable by others, readable by the servers (default: $VLLM_TRAIN_STAGE_DIR "
+                   "or /dev/shm/vllm-train-adapters-UID)")
+    p.add_argument("--api-key", metavar="KEY", help="the servers' API key (default: $VLLM_TRAIN_API_KEY; prefer "
+                   "the variable, command lines are visible to local users)")
     p.add_argument("--timeout", type=float, default=120, metavar="S", help="per HTTP call (default: 120)")
     p.add_argument("--verbose", action="store_true", help="also print timings and unloaded versions (stderr)")
     p.set_defaults(run=run)
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.engine.publish import AdapterPublisher
 
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
-                                 stage_dir=args.stage_dir, timeout=args.timeout)
+                                 stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key)
     result = publisher.publish_detailed(args.adapter, args.name)
     print(result.served_name, flush=True)
     if args.verbose:

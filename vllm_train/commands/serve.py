@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -15,14 +16,22 @@ SIGTERM; then stop every replica and its engine process (SIGTERM, SIGKILL after 
 CPU-safe defaults: eager mode, fp32, a fixed KV cache (--kv-cache-gib); on GPU: bf16, CUDA graphs, one
 GPU per replica when there are enough. Adapters given with --adapter are published as NAME-v1; publish
 new versions while the servers run with `vllm-train push` (or `vllm-train sft --push-to URL`). Query
-with any OpenAI client: model = the served adapter name (e.g. "sft-v3"), or the base model's name.
+with any OpenAI client: model = NAME (always the newest published version; the answer names it), a
+version such as "sft-v3", or the base model's name.
+
+Security: the servers listen on 127.0.0.1 only unless --host says otherwise. With an API key
+(--api-key or, better, $VLLM_TRAIN_API_KEY: command lines are visible to every local user) every route
+needs "Authorization: Bearer KEY", runtime LoRA loading included; without one, any local process can
+load, unload and query adapters, and a --host beyond loopback is refused. Only `vllm-train push` (the
+publisher) should load adapters: it refuses to publish next to versions it did not load. Answers carry
+no absolute server paths.
 """
 
 EXAMPLE = """\
 example:
   vllm-train serve --model vllm_train/assets/tiny-llama --adapter sft=runs/sft --port 8000 --replicas 2
   vllm-train push --server http://127.0.0.1:8000,http://127.0.0.1:8001 --adapter runs/sft2 --name sft
-  curl http://127.0.0.1:8000/v1/models
+  curl -H "Authorization: Bearer $VLLM_TRAIN_API_KEY" http://127.0.0.1:8000/v1/models
 """
 
 
@@ -32,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="publish this PEFT adapter as NAME-v1 once the servers are up (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--api-key", metavar="KEY", help="require this key on every route (default: "
+                   "$VLLM_TRAIN_API_KEY; prefer the variable, command lines are visible to local users)")
     p.add_argument("--port", type=int, default=8000,
                    help="port of replica 0; replica i uses port+i; 0 = any free ports (default: 8000)")
     p.add_argument("--replicas", type=int, default=1, metavar="K", help="server processes (default: 1)")
@@ -62,6 +73,7 @@ def _raise_stop(signum, frame):  # SIGTERM -> leave the wait loop and clean up
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_train.engine.gateway import API_KEY_ENV
     from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
@@ -77,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
                           max_cpu_loras=args.max_cpu_loras, served_model_name=args.served_model_name,
                           max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization, log_dir=args.log_dir,
-                          startup_timeout=args.startup_timeout)
+                          startup_timeout=args.startup_timeout, api_key=args.api_key or os.environ.get(API_KEY_ENV))
+    if config.api_key is None:
+        if not config.loopback:
+            raise VllmTrainError(f"--host {config.host} without an API key would let anyone who reaches it load "
+                                 f"adapters from this machine's disk: set ${API_KEY_ENV} (or --api-key)")
+        print(f"warning: no API key: any local process can load, unload and query adapters (set ${API_KEY_ENV})",
+              file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     group = None
     try:
@@ -86,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
         group = start_servers(config)
         for r in group.replicas:
             print(f"replica {r.index}: {r.url}/v1  (pid {r.pid}, log {r.log_path})", flush=True)
-        publisher = AdapterPublisher(group.urls, max_lora_rank=config.max_lora_rank)
+        publisher = AdapterPublisher(group.urls, max_lora_rank=config.max_lora_rank, api_key=config.api_key)
         for name, path in adapters:
-            print(f"adapter {name}: served as {publisher.publish(path, name)}", flush=True)
+            print(f"adapter {name}: served as {publisher.publish(path, name)} (model '{name}': the newest version)",
+                  flush=True)
         urls = ",".join(group.urls)
         print(f"ready in {time.perf_counter() - t0:.0f}s. Publish a version: vllm-train push --server {urls} "
               f"--adapter DIR --name NAME", flush=True)

