@@ -297,6 +297,19 @@ def test_stage_dir_must_be_yours_and_closed_to_writers(adapters, tmp_path, monke
         publisher.publish(adapters["v1"], "x")
 
 
+def test_serve_binds_loopback_and_refuses_other_hosts_without_a_key(monkeypatch, capsys):
+    from vllm_train.cli import build_parser, main
+    from vllm_train.engine.replicas import ServerConfig
+
+    assert build_parser().parse_args(["serve", "--model", str(TINY_MODEL)]).host == "127.0.0.1"
+    assert ServerConfig(str(TINY_MODEL)).loopback and ServerConfig(str(TINY_MODEL), host="::1").loopback
+    assert not ServerConfig(str(TINY_MODEL), host="0.0.0.0").loopback
+    monkeypatch.delenv("VLLM_TRAIN_API_KEY", raising=False)
+    assert main(["serve", "--model", str(TINY_MODEL), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host 0.0.0.0 without an API key" in err[0]
+
+
 def test_replica_that_dies_at_start_reports_its_log(tmp_path):
     from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
