@@ -21,6 +21,7 @@ from vllm_train.errors import VllmTrainError
 from vllm_train.evaluation import completion_logprobs, toy_accuracy
 from vllm_train.rewards import TOY_REWARD, load_reward_function, score_with_function
 from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
+from vllm_train.trainers.rl_policy import CompletionBatch
 
 
 def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
@@ -131,9 +132,8 @@ def test_trainer_logprobs_equal_a_plain_hf_forward(tmp_path, tiny_model, shipped
         rollout = Rollout(prompts=[r["prompt"] for r in records], examples=records, prompt_ids=prompts,
                           completion_ids=comps, completions=texts, vllm_logps=[[] for _ in comps], sync_ms=0.0,
                           seconds=0.0)
-        batch = trainer._completion_batch(rollout, [0, 1, 2])
         with torch.no_grad():
-            logps_BT, _ = trainer._forward(batch, rollout, torch.arange(3))
+            logps_BT, _ = trainer.policy.forward(CompletionBatch.of(rollout, [0, 1, 2]), torch.arange(3))
         for i, (p_ids, c_ids) in enumerate(zip(prompts, comps)):
             logits = trainer.model(input_ids=torch.tensor([p_ids + c_ids])).logits[0, len(p_ids) - 1:-1]
             expected = torch.log_softmax(logits.float() / temperature, -1)
@@ -168,8 +168,8 @@ def test_kl_reference_is_the_starting_adapter_or_the_base(tmp_path, shipped, rl_
         assert first["kl_ref"] > 1e-3
     trained = _lora_weights(trainer)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(trained, initial))  # the update was not undone
-    if trainer._reference_weights is not None:  # the reference copy was not trained
-        assert all(torch.equal(a, b) for a, b in zip(trainer._reference_weights, initial))
+    if trainer.policy.reference_weights is not None:  # the reference copy was not trained
+        assert all(torch.equal(a, b) for a, b in zip(trainer.policy.reference_weights, initial))
 
 
 def test_ppo_whitened_rewards_make_the_update_invariant_to_the_reward_scale(tmp_path, shipped, rl_trainer):

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +56,21 @@ class AdapterRef:
     name: str
     id: int
     path: str
+
+
+class RolloutEngine(Protocol):
+    """What the RL trainer needs of an engine: `VLLMEngine`, or a fake in the loop's unit tests."""
+
+    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
+                     family: str = "live") -> AdapterRef: ...
+
+    def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]: ...
+
+    def remove_adapter(self, ref: AdapterRef) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
