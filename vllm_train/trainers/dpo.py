@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vllm_train import models
 from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
+from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.peft_io import adapter_card
@@ -186,7 +187,7 @@ class DPOTrainer:
             loss, metrics = preference_loss(self.config.loss_type, policy_chosen_B, policy_rejected_B,
                                             ref_chosen_B, ref_rejected_B, self.config.beta, self.config.label_smoothing)
             if self.config.rpo_alpha > 0:  # RPO: also raise the chosen answers' likelihood (per-token NLL)
-                n_tokens_B = (batch["labels"][: len(idx), 1:] != -100).sum(-1).to(self.device)
+                n_tokens_B = (batch["labels"][: len(idx), 1:] != IGNORE_INDEX).sum(-1).to(self.device)
                 chosen_nll = rpo_chosen_nll(policy_chosen_B, n_tokens_B)
                 loss = loss + self.config.rpo_alpha * chosen_nll
                 metrics.update(loss=loss.item(), chosen_nll=chosen_nll.item())

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from vllm_train import models
 from vllm_train.config import LoRATrainConfig, write_resolved_config
-from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
-from vllm_train.lora.peft_io import adapter_card
+from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
+from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
 from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.trainers import common
@@ -135,7 +135,7 @@ class LoRATrainer:
     def _accumulate(self, dataset, group: list[list[int]]) -> tuple[float, int]:
         """Forward/backward over one accumulation group; returns (summed token NLL, token count)."""
         batches = [collate_causal_lm([dataset[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         loss_sum = 0.0
         for b in batches:
             b = {k: v.to(self.device) for k, v in b.items()}
@@ -211,7 +211,7 @@ class LoRATrainer:
         elif lora_path is None:
             adapter = self.current_adapter()
         else:
-            weights = Path(lora_path) / "adapter_model.safetensors"
+            weights = Path(lora_path) / ADAPTER_WEIGHTS
             key = f"{Path(lora_path).resolve()}@{weights.stat().st_mtime_ns if weights.exists() else 0}"
             if key not in self._path_adapters:
                 models.adapter_rank(lora_path)  # one-line error for a missing or broken adapter dir
