@@ -293,8 +293,8 @@ def test_reward_model_scores_equal_hf_forward(tmp_path, tiny_model):
     from transformers import AutoModelForSequenceClassification
 
     from vllm_train.data.tokenize import prompt_ids
+    from vllm_train.models import load_tokenizer
     from vllm_train.rewards.model import RewardModelScorer
-    from vllm_train.trainers.common import load_tokenizer
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)

@@ -425,7 +425,7 @@ def test_replica_down_mid_push_rolls_back(served, adapters, expected):
 
 def test_push_hook_publishes_each_save(served, adapters, expected):
     """What `sft --push-to` / `LoRATrainer(on_save=make_push_hook(...))` does with each saved dir."""
-    from vllm_train.commands.push import make_push_hook
+    from vllm_train.engine.push_hook import make_push_hook
     from vllm_train.engine.server import AdapterPublisher
 
     url = served.urls[:1]  # replica 1 is down since the previous test

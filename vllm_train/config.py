@@ -103,9 +103,6 @@ class LoRATrainConfig:
     def engine_max_lora_rank(self) -> int:
         return engine_max_lora_rank(self.rank)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "ppo")
 
@@ -196,10 +193,6 @@ class RLHFConfig:
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
 
     @property
-    def lora(self) -> LoRATrainConfig:
-        return self.lora_config
-
-    @property
     def output_dir(self) -> str:
         return self.lora_config.output_dir
 
@@ -213,9 +206,6 @@ class RLHFConfig:
     @property
     def clip_high(self) -> float:
         return self.clip_range if self.clip_range_high is None else self.clip_range_high
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 ConfigT = TypeVar("ConfigT")

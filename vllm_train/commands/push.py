@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 DESCRIPTION = """\
 Publish a PEFT adapter directory to every replica of a running vLLM OpenAI server (started by
@@ -58,37 +56,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"published on {len(result.urls)} replica(s): {timings}; unloaded: "
               f"{', '.join(result.unloaded) or 'none'}", file=sys.stderr)
     return 0
-
-
-def make_push_hook(urls: str | list[str], name: str, *, keep: int = 2, strict: bool = False, check: bool = True,
-                   **publisher_kwargs) -> Callable[[Path], None]:
-    """An `on_save` callback that publishes every adapter dir a trainer writes (checkpoints and final)
-    to the servers at `urls` as the next version of `name`:
-
-        trainer = LoRATrainer(model, config, on_save=make_push_hook("http://127.0.0.1:8000", name="sft"))
-
-    A failed push prints one warning line and training goes on (the previous version keeps serving);
-    `strict=True` raises instead. Name and servers are checked now (`check=False` skips the servers), so
-    a typo or a server that is not up fails before training starts.
-    """
-    from vllm_train.engine.server import NAME_RE, VERSION_RE, AdapterPublisher
-    from vllm_train.errors import VllmTrainError
-
-    publisher = AdapterPublisher(urls, keep=keep, **publisher_kwargs)
-    if not isinstance(name, str) or not NAME_RE.match(name) or VERSION_RE.match(name):
-        raise VllmTrainError(f"--push-name {name!r} is invalid (letters, digits, '.', '_', '-'; no '-vN' suffix)")
-    if check:
-        publisher.states("start the servers before training with --push-to")
-
-    def push(path: Path) -> None:
-        try:
-            served = publisher.publish(path, name)
-        except VllmTrainError as exc:
-            if strict:
-                raise
-            print(f"warning: push of {path} failed: {exc}", file=sys.stderr, flush=True)
-            return
-        print(f"pushed {path} -> {served} on {len(publisher.urls)} replica(s)", file=sys.stderr, flush=True)
-
-    push.publisher = publisher  # type: ignore[attr-defined]
-    return push

@@ -286,7 +286,7 @@ class VLLMEngine:
         return ref
 
     def _sync_public(self, peft_state: dict[str, torch.Tensor], peft_config: dict, family: str) -> AdapterRef:
-        from vllm_train.lora.injector import write_adapter_dir
+        from vllm_train.lora.peft_io import write_adapter_dir
 
         self._slot_writers.pop(family, None)  # the pinned version is about to be removed
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None

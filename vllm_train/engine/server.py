@@ -502,7 +502,7 @@ def validate_adapter(adapter_dir: str | Path, base_model: str | None = None,
     """Check a PEFT adapter directory before any server sees it: both files readable, A/B pairs with
     the configured rank, rank <= `max_lora_rank`, trained on `base_model` (name and tensor shapes, when
     the base model's config.json is readable here). Returns the adapter config; raises `VllmTrainError`."""
-    from vllm_train.lora.injector import ADAPTER_CONFIG, PEFT_PREFIX, read_adapter_dir
+    from vllm_train.lora.peft_io import ADAPTER_CONFIG, PEFT_PREFIX, read_adapter_dir
 
     path = Path(adapter_dir)
     config, state = read_adapter_dir(path)
@@ -747,7 +747,7 @@ class AdapterPublisher:
     def _stage(self, adapter_dir: str | Path, name: str, version: int) -> Path:
         """An immutable copy of the adapter files: a trainer may overwrite or delete its checkpoint dirs,
         while vLLM can re-read an evicted adapter from its path at any time."""
-        from vllm_train.lora.injector import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
         target = self.stage_dir / f"{name}-v{version}-{uuid.uuid4().hex[:8]}"
         tmp = self.stage_dir / f".tmp-{target.name}"
