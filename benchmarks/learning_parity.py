@@ -138,7 +138,7 @@ def judge(case: dict, model_dir: str, adapter_dir: str | None) -> float:
     from transformers import AutoModelForCausalLM
 
     from vllm_train.data.tokenize import prompt_ids
-    from vllm_train.trainers.common import load_tokenizer
+    from vllm_train.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

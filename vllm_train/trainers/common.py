@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
-from vllm_train.models import load_policy  # noqa: F401  (trainers/rl.py calls common.load_policy; issue #12 item 2)
 
 
 def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:

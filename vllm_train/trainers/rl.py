@@ -31,6 +31,7 @@ from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.models import load_policy
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common
 from vllm_train.trainers.rl_algorithms import make_algorithm
@@ -70,7 +71,7 @@ class RLHFTrainer:
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
         torch.manual_seed(c.seed)
-        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, c.lora_config, adapter)
+        self.model, self.tokenizer, self.injector = load_policy(self.model_name, c.lora_config, adapter)
         # The KL reference: started from an adapter (say an SFT run), the policy to stay close to is that
         # adapter, not the base model, so keep a copy of its LoRA weights (megabytes) to swap in.
         reference = [p.detach().clone() for p in self.injector.get_trainable_params()] \

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vllm_train.losses.causal_lm import token_logprobs
+from vllm_train.models import autocast_for
 from vllm_train.trainers.rl_rollouts import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -81,7 +82,7 @@ class Policy:
         starts_B = torch.tensor([batch.prompt_lens[r] - 1 for r in rows], device=dev)
         positions_BT = (starts_B[:, None] + torch.arange(tokens_BT.size(1), device=dev)[None]).clamp(max=L - 1)
         head = self.model.get_output_embeddings()
-        with self._autocast():
+        with autocast_for(self.model):
             hidden_BLH = self.model.base_model(input_ids=input_ids_BL, attention_mask=attention_BL).last_hidden_state
             hidden_BTH = hidden_BLH.gather(1, positions_BT[..., None].expand(-1, -1, hidden_BLH.size(-1)))
             if not self._chunked:
@@ -122,11 +123,6 @@ class Policy:
         finally:
             for p, data in zip(params, current):
                 p.data = data
-
-    def _autocast(self):
-        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 class PolicyAndValueHead:
