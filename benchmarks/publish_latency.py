@@ -1,6 +1,6 @@
 """Publish latency: trainer saves an adapter -> `push` -> first successful completion on the new version.
 
-For 1 and 2 replicas of vLLM's OpenAI server (started by `vllm_train.engine.server`), and for reference the
+For 1 and 2 replicas of vLLM's OpenAI server (started by `vllm_train.engine.replicas`), and for reference the
 in-process engine's public path (`VLLMEngine.load_adapter`), over N pushes of fresh random LoRA weights:
 
   save   write the PEFT dir (LoRAInjector.save, as a trainer checkpoint does)
@@ -84,7 +84,8 @@ def first_completion(url: str, model: str, timeout: float = 60.0) -> None:
 
 
 def bench_servers(model_path: str, replicas: int, pushes: int, warmup: int, rank: int, work: Path) -> list[dict]:
-    from vllm_train.engine.server import AdapterPublisher, ServerConfig, start_servers
+    from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.engine.replicas import ServerConfig, start_servers
 
     injector = make_injector(model_path, rank)
     t0 = time.perf_counter()

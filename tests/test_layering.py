@@ -45,9 +45,9 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("causal_lm",), ("preference",)],
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
-    "lora": [("layers", "peft_io"), ("injector",)],
+    "lora": [("layers", "peft_io"), ("injector",), ("validate",)],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync",), ("llm",), ("loader", "reward", "server"), ("push_hook",)],
+    "engine": [("fast_sync", "http_client"), ("llm", "replicas"), ("loader", "reward", "publish")],
     "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),
@@ -56,7 +56,6 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
 
 MAX_LINES = 400
 SPLIT_PENDING = {  # split by issue #12 item 2/3
-    "vllm_train/engine/server.py",
 }
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from adapter_cases import BAD_VALUE_CASES, make_bad_adapter
 
 from vllm_train.assets import TINY_MODEL
 
@@ -68,6 +69,8 @@ def _make_adapters(root: Path) -> dict[str, Path]:
     cfg["base_model_name_or_path"] = "some-org/other-model"
     (wrong / "adapter_config.json").write_text(json.dumps(cfg))
     out["wrong_base"] = wrong
+    for case in BAD_VALUE_CASES:
+        out[case] = make_bad_adapter(out["v1"], root / case, case)
     return out
 
 
@@ -196,14 +199,14 @@ def _matches(logprobs: list[float], expected: dict) -> bool:
 
 
 def _loaded(url: str) -> dict[str, str]:
-    from vllm_train.engine.server import replica_state
+    from vllm_train.engine.http_client import replica_state
 
     return replica_state(url).adapters
 
 
 def _assert_serves(served: Served, expected, urls=None) -> str:
     """Every (given) replica serves the same newest `live` version, with that version's weights."""
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher
 
     current = AdapterPublisher(urls or served.urls).current("live")
     assert current is not None
@@ -220,8 +223,8 @@ def test_validate_adapter_rejects_other_base_shapes(adapters, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_train.engine.server import validate_adapter
     from vllm_train.errors import VllmTrainError
+    from vllm_train.lora.validate import validate_adapter
 
     validate_adapter(adapters["v1"], str(TINY_MODEL), max_lora_rank=8)
     bad = tmp_path / "wider"
@@ -237,7 +240,9 @@ def test_validate_adapter_rejects_other_base_shapes(adapters, tmp_path):
 
 
 def test_server_options_are_validated():
-    from vllm_train.engine.server import AdapterPublisher, ServerConfig, parse_urls
+    from vllm_train.engine.http_client import parse_urls
+    from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.engine.replicas import ServerConfig
     from vllm_train.errors import VllmTrainError
 
     with pytest.raises(VllmTrainError, match="max_lora_rank"):
@@ -250,7 +255,7 @@ def test_server_options_are_validated():
 
 
 def test_replica_that_dies_at_start_reports_its_log(tmp_path):
-    from vllm_train.engine.server import ServerConfig, start_servers
+    from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
 
     config = ServerConfig(str(TINY_MODEL), extra_args=["--no-such-option"], startup_timeout=300,
@@ -283,7 +288,7 @@ def test_push_then_openai_client_matches_in_process_engine(served, adapters, exp
 
 
 def test_load_while_pushing_five_versions(served, adapters, expected):
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher
 
     n_threads, per_thread, n_pushes = 4, 50, 5
     publisher = AdapterPublisher(served.urls, keep=2)
@@ -362,13 +367,14 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
     ("rank16", "above the server's max_lora_rank 8"),
     ("wrong_base", "trained on base model 'some-org/other-model'"),
     ("missing", "adapter directory not found"),
+    *BAD_VALUE_CASES.items(),
 ])
 def test_bad_adapter_is_rejected_and_nothing_changes(served, adapters, expected, case, message, tmp_path):
     before = [_loaded(url) for url in served.urls]
     current = _assert_serves(served, expected)
     path = adapters.get(case, tmp_path / "nope")
     result = served.cli("push", "--server", ",".join(served.urls), "--adapter", str(path), "--name", "live")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -379,7 +385,7 @@ def test_bad_adapter_is_rejected_and_nothing_changes(served, adapters, expected,
 def test_server_side_rejection_rolls_back(served, adapters, expected):
     """Rank not known to the publisher (as for a server started elsewhere): vLLM itself rejects it on the
     canary replica, nothing stays loaded, and the next push does not reuse the attempted name."""
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.errors import VllmTrainError
 
     before = [_loaded(url) for url in served.urls]
@@ -393,7 +399,7 @@ def test_server_side_rejection_rolls_back(served, adapters, expected):
 
 def test_replica_down_mid_push_rolls_back(served, adapters, expected):
     """Replica 1 dies after replica 0 loaded the new version: replica 0 unloads it again."""
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.errors import VllmTrainError
 
     before = _loaded(served.urls[0])
@@ -425,8 +431,7 @@ def test_replica_down_mid_push_rolls_back(served, adapters, expected):
 
 def test_push_hook_publishes_each_save(served, adapters, expected):
     """What `sft --push-to` / `LoRATrainer(on_save=make_push_hook(...))` does with each saved dir."""
-    from vllm_train.engine.push_hook import make_push_hook
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher, make_push_hook
 
     url = served.urls[:1]  # replica 1 is down since the previous test
     hook = make_push_hook(url, name="hooked")

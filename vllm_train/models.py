@@ -18,6 +18,7 @@ from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.peft_io import read_adapter_dir
+from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.losses.dpo import sequence_logps
 
@@ -64,6 +65,8 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_name)
+    if adapter:
+        validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
     device, dtype = pick_device_and_dtype(config.precision)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
     model.config.use_cache = False
@@ -76,9 +79,9 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     return model, tokenizer, injector
 
 
-def adapter_rank(path: str) -> int:
-    config, _ = read_adapter_dir(path)
-    return int(config["r"])
+def adapter_rank(path: str, base_model: str | None = None) -> int:
+    """The rank of the adapter in `path`, after validating it (against `base_model`, when given)."""
+    return int(validate_adapter(path, base_model)["r"])
 
 
 def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:

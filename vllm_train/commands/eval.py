@@ -107,7 +107,7 @@ def _toy(args) -> dict:
     from vllm_train.evaluation import toy_accuracy
     from vllm_train.models import adapter_rank
 
-    rank = adapter_rank(args.adapter) if args.adapter else 8
+    rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))
     out = {"toy/base": toy_accuracy(engine, args.data)}

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.n < 1 or args.temperature < 0:
         raise VllmTrainError("--max-tokens and --n must be >= 1 and --temperature >= 0")
     check_model_path(args.model)
-    rank = adapter_rank(args.adapter) if args.adapter else 8
+    rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))
     adapter = engine.load_adapter(args.adapter) if args.adapter else None

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_train.engine.server import AdapterPublisher
+    from vllm_train.engine.publish import AdapterPublisher
 
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
                                  stage_dir=args.stage_dir, timeout=args.timeout)

@@ -62,7 +62,8 @@ def _raise_stop(signum, frame):  # SIGTERM -> leave the wait loop and clean up
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_train.engine.server import AdapterPublisher, ServerConfig, start_servers
+    from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
 
     adapters = []

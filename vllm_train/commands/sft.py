@@ -73,6 +73,6 @@ def _push_hook(args):
     urls = getattr(args, "push_to", None)
     if not urls:
         return None
-    from vllm_train.engine.push_hook import make_push_hook
+    from vllm_train.engine.publish import make_push_hook
 
     return make_push_hook(urls, name=getattr(args, "push_name", None) or "sft")

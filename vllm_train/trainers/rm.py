@@ -37,6 +37,7 @@ from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.layers import merged_state_dict
 from vllm_train.lora.peft_io import PEFT_PREFIX, read_adapter_dir, write_adapter_dir
+from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.dpo import base_preference_loss, bradley_terry_loss
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import pair_logps, pooled_hidden
@@ -97,6 +98,8 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = models.load_tokenizer(model_name)
+    if adapter:
+        validate_adapter(adapter, model_name)
     device, dtype = models.pick_device_and_dtype(config.precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token

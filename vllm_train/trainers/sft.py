@@ -214,7 +214,7 @@ class LoRATrainer:
             weights = Path(lora_path) / ADAPTER_WEIGHTS
             key = f"{Path(lora_path).resolve()}@{weights.stat().st_mtime_ns if weights.exists() else 0}"
             if key not in self._path_adapters:
-                models.adapter_rank(lora_path)  # one-line error for a missing or broken adapter dir
+                models.adapter_rank(lora_path, self.model_name)  # one-line error for a bad adapter dir
                 self._path_adapters[key] = self.engine.load_adapter(lora_path, family=f"path{len(self._path_adapters)}")
             adapter = self._path_adapters[key]
         return self.engine.generate_raw(prompts, kwargs, adapter)

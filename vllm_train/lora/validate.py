@@ -1,0 +1,206 @@
+"""One validation of a PEFT LoRA adapter directory, by value, used by every reader of an adapter
+(`push`, `serve --adapter`, and `--adapter` of generate / eval / dpo / grpo / ppo).
+
+Checked: the config (rank in vLLM's range, finite positive alpha, target modules, no DoRA), every tensor
+(floating point, finite), the LoRA pairs (``lora_A`` (r, in) and ``lora_B`` (out, r) for each module, r as
+configured, the module targeted) and, with a base model, each pair's shape against the base model's
+config.json (hidden / intermediate / head sizes; vLLM's fused ``qkv_proj`` / ``gate_up_proj`` are the sums
+of their parts) and its layer index. The first problem is raised as one `VllmTrainError` line naming the
+file and the field or tensor. No vLLM import here: commands check an adapter before starting an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_train.config import VLLM_MAX_LORA_RANKS
+from vllm_train.errors import VllmTrainError
+from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir
+
+LORA_KEY_RE = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_adapter(adapter_dir: str | Path, base_model: str | None = None, max_lora_rank: int | None = None,
+                     *, check_base_name: bool = False) -> dict:
+    """Check a PEFT adapter directory before anything loads it; returns its adapter config.
+
+    `base_model`: a local model directory whose config.json gives the expected tensor shapes.
+    `max_lora_rank`: the serving engine's limit. `check_base_name`: also require that the adapter's
+    ``base_model_name_or_path`` names `base_model` (servers, where the adapter reaches other users)."""
+    path = Path(adapter_dir)
+    config, state = read_adapter_dir(path)
+    where, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    rank, rank_pattern = _check_config(config, where)
+    top = max([rank, *rank_pattern.values()])
+    if max_lora_rank is not None and top > max_lora_rank:
+        raise VllmTrainError(f"{where}: adapter rank r={top} is above the server's max_lora_rank "
+                             f"{max_lora_rank} (start the server with --max-lora-rank >= {top})")
+    pairs = _lora_pairs(state, weights)
+    targets = config.get("target_modules")
+    for mod, ab in pairs.items():
+        if isinstance(targets, list) and not any(_matches(mod, t) for t in targets):
+            raise VllmTrainError(f"{weights}: tensor {_key(mod, 'A')} is for module '{mod}', which is not in "
+                                 f"{ADAPTER_CONFIG} target_modules {targets}")
+        expected_r = next((r for pattern, r in rank_pattern.items() if _pattern_matches(mod, pattern)), rank)
+        if ab["A"][0] != expected_r:
+            raise VllmTrainError(f"{weights}: tensor {_key(mod, 'A')} has shape {_shape(ab['A'])} but "
+                                 f"{ADAPTER_CONFIG} says rank {expected_r} (expected ({expected_r}, in))")
+    if base_model is not None:
+        if check_base_name:
+            trained_on = config.get("base_model_name_or_path")
+            if trained_on and not _same_model(str(trained_on), base_model):
+                raise VllmTrainError(f"{where}: adapter was trained on base model '{trained_on}' but the server "
+                                     f"serves '{base_model}'")
+        _check_base_shapes(pairs, weights, base_model)
+    return config
+
+
+def _check_config(config: dict, where: Path) -> tuple[int, dict[str, int]]:
+    """(r, rank_pattern) after checking the config's numbers and target modules."""
+
+    def rank_ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= VLLM_MAX_LORA_RANKS[-1]
+
+    def alpha_ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    rule = f"an integer from 1 to {VLLM_MAX_LORA_RANKS[-1]}"
+    if not rank_ok(config["r"]):
+        raise VllmTrainError(f"{where}: field 'r' is {config['r']!r}, expected {rule}")
+    if not alpha_ok(config.get("lora_alpha", 8)):  # PEFT's default alpha is 8
+        raise VllmTrainError(f"{where}: field 'lora_alpha' is {config['lora_alpha']!r}, expected a finite number > 0")
+    patterns = {}
+    for field, ok, expect in (("rank_pattern", rank_ok, rule), ("alpha_pattern", alpha_ok, "a finite number > 0")):
+        value = config.get(field) or {}
+        if not isinstance(value, dict):
+            raise VllmTrainError(f"{where}: field '{field}' must be an object (module pattern -> value)")
+        for key, v in value.items():
+            if not ok(v):
+                raise VllmTrainError(f"{where}: field '{field}' entry {key!r} is {v!r}, expected {expect}")
+        patterns[field] = value
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets or isinstance(targets, list) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise VllmTrainError(f"{where}: field 'target_modules' is {targets!r}, expected a non-empty list of "
+                             f"module names (or a regex string)")
+    if config.get("use_dora"):
+        raise VllmTrainError(f"{where}: DoRA adapters (use_dora: true) are not supported")
+    return config["r"], patterns["rank_pattern"]
+
+
+def _lora_pairs(state: dict[str, torch.Tensor], weights: Path) -> dict[str, dict[str, torch.Size]]:
+    """module path -> {"A": shape, "B": shape}, after checking every tensor's dtype and values."""
+    pairs: dict[str, dict[str, torch.Size]] = {}
+    for key, tensor in state.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise VllmTrainError(f"{weights}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                 f"expected a floating-point dtype")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise VllmTrainError(f"{weights}: tensor {key} holds {bad} non-finite value(s) (NaN or inf)")
+        m = LORA_KEY_RE.match(key)
+        if m:
+            pairs.setdefault(m["mod"], {})[m["ab"]] = tensor.shape
+    if not pairs:
+        raise VllmTrainError(f"{weights}: holds no '{PEFT_PREFIX}*.lora_A/B.weight' tensors")
+    for mod, ab in pairs.items():
+        for half, other in (("A", "B"), ("B", "A")):
+            if half not in ab:
+                raise VllmTrainError(f"{weights}: tensor {_key(mod, other)} has no {_key(mod, half)} partner")
+            if len(ab[half]) != 2:
+                raise VllmTrainError(f"{weights}: tensor {_key(mod, half)} has shape {_shape(ab[half])}, "
+                                     f"expected a matrix")
+        if ab["A"][0] != ab["B"][1]:
+            raise VllmTrainError(f"{weights}: tensors {_key(mod, 'A')} {_shape(ab['A'])} and {_key(mod, 'B')} "
+                                 f"{_shape(ab['B'])} are not a LoRA pair (A: (r, in), B: (out, r))")
+    return pairs
+
+
+def _check_base_shapes(pairs: dict[str, dict[str, torch.Size]], weights: Path, base_model: str) -> None:
+    cfg = _text_config(Path(base_model) / "config.json")
+    dims = expected_dims(cfg)
+    layers = cfg.get("num_hidden_layers")
+    for mod, ab in pairs.items():
+        layer = re.search(r"\.layers\.(\d+)\.", f".{mod}.")
+        if isinstance(layers, int) and layer and int(layer[1]) >= layers:
+            raise VllmTrainError(f"{weights}: tensor {_key(mod, 'A')} is for layer {layer[1]} but '{base_model}' "
+                                 f"has {layers} layers: adapter is for another base model")
+        leaf = mod.rsplit(".", 1)[-1]
+        if leaf not in dims:
+            continue  # a module the config does not describe: vLLM checks it when loading
+        fan_in, fan_out = dims[leaf]
+        r = ab["A"][0]
+        for half, want in (("A", (r, fan_in)), ("B", (fan_out, r))):
+            if tuple(ab[half]) != want:
+                raise VllmTrainError(f"{weights}: tensor {_key(mod, half)} has shape {_shape(ab[half])} but "
+                                     f"'{base_model}' needs {want}: adapter is for another base model")
+
+
+def _text_config(config_file: Path) -> dict:
+    """The decoder's config (``text_config`` of multimodal models); {} when unreadable (then the shapes
+    go unchecked here and the model loader reports the broken file)."""
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    text = cfg.get("text_config", cfg)
+    return text if isinstance(text, dict) else {}
+
+
+def expected_dims(config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of the LoRA-able projections of a decoder from its config.json, fused ones
+    included (their outputs are the sums of their parts')."""
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return {}
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    inter = config.get("intermediate_size")
+    dims = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+            "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden)}
+    if isinstance(inter, int):
+        dims.update(gate_proj=(hidden, inter), up_proj=(hidden, inter), down_proj=(inter, hidden))
+    for fused, parts in FUSED_PROJECTIONS.items():
+        if all(p in dims for p in parts):
+            dims[fused] = (dims[parts[0]][0], sum(dims[p][1] for p in parts))
+    return dims
+
+
+def _matches(module: str, target: str) -> bool:
+    """PEFT's matching of a target_modules entry: the full path or its dotted suffix."""
+    return module == target or module.endswith(f".{target}")
+
+
+def _pattern_matches(module: str, pattern: str) -> bool:
+    """PEFT's matching of a rank_pattern key: a regex for the path's end."""
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", module) is not None
+    except re.error:
+        return _matches(module, pattern)
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
+
+
+def _key(module: str, half: str) -> str:
+    return f"{PEFT_PREFIX}{module}.lora_{half}.weight"
+
+
+def _shape(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape)
