@@ -80,7 +80,7 @@ def measure(args) -> dict:
     from vllm_train.config import LoRATrainConfig
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.evaluation import completion_logprobs
-    from vllm_train.trainers.common import load_policy
+    from vllm_train.models import load_policy
 
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"

@@ -45,7 +45,7 @@ def build_model(args, out: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vllm_train.assets import TINY_MODEL
-    from vllm_train.trainers.common import load_tokenizer
+    from vllm_train.models import load_tokenizer
 
     tok = load_tokenizer(str(TINY_MODEL))
     torch.manual_seed(0)

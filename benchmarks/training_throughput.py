@@ -63,7 +63,7 @@ def run_peft(args) -> dict:
 
     from vllm_train.assets import TINY_MODEL
     from vllm_train.data.causal_lm import collate_causal_lm
-    from vllm_train.trainers.common import load_tokenizer
+    from vllm_train.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(TINY_MODEL))
     ds = dataset(tokenizer, args.examples)

@@ -24,7 +24,7 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from vllm_train.trainers.common import load_tokenizer
+    from vllm_train.models import load_tokenizer
 
     return load_tokenizer(tiny_model)
 

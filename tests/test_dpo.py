@@ -90,8 +90,7 @@ def test_adapter_disabled_logps_equal_base_model(tiny_model, tokenizer):
 
     from vllm_train.config import LoRATrainConfig
     from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.trainers.common import load_policy
-    from vllm_train.trainers.dpo import pair_logps
+    from vllm_train.models import load_policy, pair_logps
 
     data = PreferenceDataset(data_file("prefs_eval.jsonl"), tokenizer, 64)
     data.examples = data.examples[:24]
@@ -110,8 +109,8 @@ def test_starting_adapter_is_the_reference(tiny_model, tokenizer, tmp_path):
     """With --adapter, the reference log-probs are the starting adapter's, not the base's."""
     from vllm_train.config import LoRATrainConfig
     from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.trainers.common import load_policy
-    from vllm_train.trainers.dpo import DPOConfig, DPOTrainer, pair_logps
+    from vllm_train.models import load_policy, pair_logps
+    from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
 
     data = PreferenceDataset(data_file("prefs_eval.jsonl"), tokenizer, 64)
     data.examples = data.examples[:16]
@@ -176,8 +175,7 @@ def test_dpo_cli_writes_a_servable_run(tiny_model, tmp_path, engine):
 
 def test_dpo_raises_reward_accuracy_and_keeps_toy_skill(tiny_model, tmp_path, engine):
     """The acceptance test: held-out reward accuracy >= 0.9 after DPO; toy accuracy not lower."""
-    from vllm_train.commands.dpo import preference_eval
-    from vllm_train.evaluation import toy_accuracy
+    from vllm_train.evaluation import preference_eval, toy_accuracy
     from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
 
     cfg = DPOConfig(rank=16, alpha=32, target_modules=ALL_LINEAR, learning_rate=3e-3, batch_size=32,
@@ -199,10 +197,8 @@ def test_dpo_raises_reward_accuracy_and_keeps_toy_skill(tiny_model, tmp_path, en
     assert after["logp_accuracy"] > before["logp_accuracy"]
 
     # the same numbers through `vllm-train eval`'s function, from the saved adapter
-    class Args:
-        model, adapter, data, batch_size, max_length, beta = tiny_model, str(tmp_path / "dpo"), \
-            str(data_file("prefs_eval.jsonl")), 64, 64, 0.5
-    saved = preference_eval(Args)
+    saved = preference_eval(tiny_model, str(tmp_path / "dpo"), str(data_file("prefs_eval.jsonl")), max_length=64,
+                            batch_size=64, beta=0.5)
     assert saved["preference/adapter"]["reward_accuracy"] == pytest.approx(after["reward_accuracy"], abs=1e-6)
 
     toy_before = toy_accuracy(engine, data_file("rl_eval.jsonl"))["accuracy"]

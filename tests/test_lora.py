@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
-from vllm_train.lora.injector import PEFT_PREFIX, LoRAInjector, fused_output_sizes
+from vllm_train.lora.injector import LoRAInjector, fused_output_sizes
 from vllm_train.lora.layers import FusedLoRALinear, LoRAWrappedLinear, TrainableLoRALinear
+from vllm_train.lora.peft_io import PEFT_PREFIX
 
 
 def load_base(tiny_model):

@@ -53,7 +53,7 @@ def test_padding_and_prompt_tokens_never_count_in_logps(tiny_model, tokenizer):
     """The sequence log-prob of a padded batch equals the hand-computed sum over answer tokens only."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_train.trainers.dpo import batch_logps
+    from vllm_train.models import batch_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     ds = PreferenceDataset([PAIR, {"prompt": "12 + 3 =", "chosen": " 15", "rejected": " 16 or so"}], tokenizer, 64)

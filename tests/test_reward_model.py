@@ -35,7 +35,7 @@ def test_bradley_terry_hand_worked():
 
 
 def test_base_preference_loss_hand_worked():
-    from vllm_train.trainers.rm import base_preference_loss
+    from vllm_train.losses.dpo import base_preference_loss
 
     # base indifferent (margin 0 -> target 1/2) and the aux head too: log 2
     loss = base_preference_loss(torch.tensor([0.3]), torch.tensor([0.3]), torch.tensor([0.0]))

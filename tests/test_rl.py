@@ -20,7 +20,9 @@ from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.errors import VllmTrainError
 from vllm_train.evaluation import completion_logprobs, toy_accuracy
 from vllm_train.rewards import TOY_REWARD, load_reward_function, score_with_function
+from vllm_train.toy import correctness_reward
 from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
+from vllm_train.trainers.rl_policy import CompletionBatch
 
 
 def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
@@ -131,9 +133,8 @@ def test_trainer_logprobs_equal_a_plain_hf_forward(tmp_path, tiny_model, shipped
         rollout = Rollout(prompts=[r["prompt"] for r in records], examples=records, prompt_ids=prompts,
                           completion_ids=comps, completions=texts, vllm_logps=[[] for _ in comps], sync_ms=0.0,
                           seconds=0.0)
-        batch = trainer._completion_batch(rollout, [0, 1, 2])
         with torch.no_grad():
-            logps_BT, _ = trainer._forward(batch, rollout, torch.arange(3))
+            logps_BT, _ = trainer.policy.forward(CompletionBatch.of(rollout, [0, 1, 2]), torch.arange(3))
         for i, (p_ids, c_ids) in enumerate(zip(prompts, comps)):
             logits = trainer.model(input_ids=torch.tensor([p_ids + c_ids])).logits[0, len(p_ids) - 1:-1]
             expected = torch.log_softmax(logits.float() / temperature, -1)
@@ -168,16 +169,14 @@ def test_kl_reference_is_the_starting_adapter_or_the_base(tmp_path, shipped, rl_
         assert first["kl_ref"] > 1e-3
     trained = _lora_weights(trainer)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(trained, initial))  # the update was not undone
-    if trainer._reference_weights is not None:  # the reference copy was not trained
-        assert all(torch.equal(a, b) for a, b in zip(trainer._reference_weights, initial))
+    if trainer.policy.reference_weights is not None:  # the reference copy was not trained
+        assert all(torch.equal(a, b) for a, b in zip(trainer.policy.reference_weights, initial))
 
 
 def test_ppo_whitened_rewards_make_the_update_invariant_to_the_reward_scale(tmp_path, shipped, rl_trainer):
     """With whiten_rewards, a reward model's arbitrary scale and offset do not change PPO's update:
     rewards r and 100 r + 1000 give the same adapter after a step; without it they do not."""
     records = load_prompt_records(shipped("rl_train.jsonl"))[:8]
-    from vllm_train.toy import correctness_reward
-
     scaled_reward = lambda p, c, e: 100.0 * correctness_reward(p, c, e) + 1000.0  # noqa: E731
     gaps = {}
     for whiten in (True, False):
@@ -196,25 +195,31 @@ def test_ppo_whitened_rewards_make_the_update_invariant_to_the_reward_scale(tmp_
 
 # ---- learning on the toy world -------------------------------------------------------------------
 def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped, rl_trainer):
+    """On-policy GRPO gains >= 15 points of held-out accuracy in 20 steps; with max_staleness=1 (each
+    rollout sampled during the previous update, one update old) it ends within 3 points of that run."""
     eval_file = shipped("rl_eval.jsonl")
-    config = _config(tmp_path, "grpo", save_steps=10)
-    trainer = rl_trainer(config)
-    before = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
-    t0 = time.perf_counter()
-    last = trainer.train(shipped("rl_train.jsonl"), num_steps=20)
-    seconds = time.perf_counter() - t0
-    after = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    print(f"\nGRPO held-out accuracy {before:.3f} -> {after:.3f} in 20 steps, {seconds:.0f}s; "
-          f"sync {sum(r['sync_ms'] for r in records) / len(records):.1f} ms/step; "
-          f"mismatch |dlogp| {max(r['mismatch_abs_logp'] for r in records):.1e}")
-    assert after - before >= 0.15
-    for key in ("sync_ms", "rollout_tok_per_s", "mismatch_abs_logp", "mismatch_kl", "reward_mean",
-                "response_len", "accuracy", "loss"):
-        assert key in last
-    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "curves.png").is_file()
-    assert (tmp_path / "checkpoints" / "step-10" / "trainer_state.json").is_file()
-    assert json.loads((tmp_path / "resolved_config.json").read_text())["algorithm"] == "grpo"
+    accuracy = {}
+    for staleness in (0, 1):
+        run_dir = tmp_path / f"staleness-{staleness}"
+        trainer = rl_trainer(_config(run_dir, "grpo", save_steps=10, max_staleness=staleness))
+        before = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
+        t0 = time.perf_counter()
+        last = trainer.train(shipped("rl_train.jsonl"), num_steps=20)
+        seconds = time.perf_counter() - t0
+        accuracy[staleness] = after = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        print(f"\nGRPO (max_staleness {staleness}) held-out accuracy {before:.3f} -> {after:.3f} in 20 steps, "
+              f"{seconds:.0f}s; sync {sum(r['sync_ms'] for r in records) / len(records):.1f} ms/step; "
+              f"mismatch |dlogp| {max(r['mismatch_abs_logp'] for r in records):.1e}")
+        assert after - before >= 0.15
+        assert [r["staleness"] for r in records] == [0] + [staleness] * 19
+        for key in ("sync_ms", "rollout_tok_per_s", "mismatch_abs_logp", "mismatch_kl", "reward_mean",
+                    "response_len", "accuracy", "loss"):
+            assert key in last
+        assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "curves.png").is_file()
+        assert (run_dir / "checkpoints" / "step-10" / "trainer_state.json").is_file()
+        assert json.loads((run_dir / "resolved_config.json").read_text())["algorithm"] == "grpo"
+    assert abs(accuracy[1] - accuracy[0]) <= 0.03
 
 
 def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped, rl_trainer):
@@ -251,16 +256,24 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped, rl
         torch.testing.assert_close(v, a_full[k], atol=1e-5, rtol=0)
 
 
-def test_dapo_dynamic_sampling_and_truncated_is(tmp_path, tiny_model, engine, shipped, rl_trainer):
-    config = _config(tmp_path, "dapo", rollout_batch_size=4, group_size=4, clip_range_high=0.28,
-                     dynamic_sampling=True, tis_cap=2.0, kl_coef=0.01)
-    trainer = rl_trainer(config)
-    stats = trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:4], seed=0)
-    assert 0 <= stats["groups_kept"] <= 4
-    if stats["groups_kept"]:  # groups whose 4 answers all scored the same were dropped before the update
-        assert stats["kl_ref"] >= 0 and "clipfrac" in stats and "kl_loss" in stats
-    else:
-        assert stats["skipped"] == 1
+def test_truncated_is_weighs_vllms_on_policy_samples_one(tmp_path, shipped, rl_trainer):
+    """vLLM's sampled-token log-probs equal the trainer's (on-policy), so truncated importance weights are 1
+    and a DAPO step's gradient equals the unweighted one; dynamic sampling keeps exactly the groups whose
+    rewards differ. (test_rl_loop.py checks that off-policy weights scale the gradient.)"""
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:4]
+    lengthy = lambda p, c, e: len(c) + correctness_reward(p, c, e)  # noqa: E731  (groups with equal rewards are rare)
+    grad_norms = []
+    for cap in (None, 2.0):
+        config = _config(tmp_path / f"cap-{cap}", "dapo", rollout_batch_size=4, group_size=4, clip_range_high=0.28,
+                         dynamic_sampling=True, tis_cap=cap, kl_coef=0.01)
+        trainer = rl_trainer(config, reward_fn=lengthy)
+        rollout = trainer.generate_rollouts(records, seed=0)  # the samples the step will draw (same seed)
+        rewards_GN = trainer.compute_rewards(rollout.prompts, rollout.completions, rollout.examples).view(-1, 4)
+        stats = trainer.ppo_step(records, seed=0)
+        assert stats["groups_kept"] == int((rewards_GN.max(1).values > rewards_GN.min(1).values).sum()) > 0
+        assert stats["mismatch_abs_logp"] < 1e-4 and stats["kl_ref"] >= 0 and "clipfrac" in stats
+        grad_norms.append(stats["grad_norm"])
+    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-3)
 
 
 def test_dapo_refills_the_batch_with_informative_groups(tmp_path, shipped, rl_trainer):
@@ -293,8 +306,8 @@ def test_reward_model_scores_equal_hf_forward(tmp_path, tiny_model):
     from transformers import AutoModelForSequenceClassification
 
     from vllm_train.data.tokenize import prompt_ids
+    from vllm_train.models import load_tokenizer
     from vllm_train.rewards.model import RewardModelScorer
-    from vllm_train.trainers.common import load_tokenizer
 
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent('''
     from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
     from vllm_train.data.io import load_records
     from vllm_train.engine.llm import EngineOptions
-    from vllm_train.engine.trainable import TrainableEngine
+    from vllm_train.trainers.trainable import TrainableEngine
     from vllm_train.evaluation import completion_logprobs
 
     if __name__ == "__main__":

@@ -62,13 +62,7 @@ def test_vllm_greedy_text_equals_peft_generate(trained, engine, eval_records, ti
     adapter = engine.load_adapter(out, family="greedy")
     prompts = [r["messages"][:-1] for r in eval_records]
     ours = [s[0].text for s in engine.generate(prompts, adapter, temperature=0.0, max_tokens=6)]
-    theirs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt_ids(tok, prompt)])
-        with torch.no_grad():
-            gen = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        theirs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    theirs = _hf_greedy_texts(peft_model, tok, prompts, 6)
     assert ours == theirs
 
 
@@ -95,14 +89,33 @@ def test_trainer_generate_serves_the_newest_weights_from_one_engine(trained, eng
     assert trainer.current_adapter() is ref_after  # unchanged weights are not re-published
 
 
-def test_generate_with_lora_path_and_base(trained, eval_records):
+def _hf_greedy_texts(model, tok, prompts, max_new_tokens: int) -> list[str]:
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(tok, prompt)])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def test_generate_with_lora_path_and_base(trained, eval_records, tiny_model):
+    """`lora_path=DIR` serves that adapter and ``"base"`` the bare model: each equals its HF greedy text
+    (PEFT with the adapter; the plain base model), and the two differ."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     trainer, out = trained
-    prompts = [r["messages"][:-1] for r in eval_records[:3]] + ["1 + 2 = "]
-    with_path = trainer.generate(prompts, lora_path=str(out), max_tokens=4, temperature=0.0)
-    base = trainer.generate(prompts, lora_path="base", max_tokens=4, temperature=0.0)
-    assert len(with_path) == len(base) == 4
-    assert trainer.generate(prompts, lora_path=str(out), max_tokens=4, temperature=0.0)[0].outputs[0].text == \
-        with_path[0].outputs[0].text
+    prompts = [r["messages"][:-1] for r in eval_records]
+    with_path = [o.outputs[0].text for o in trainer.generate(prompts, lora_path=str(out), max_tokens=6,
+                                                             temperature=0.0)]
+    base = [o.outputs[0].text for o in trainer.generate(prompts, lora_path="base", max_tokens=6, temperature=0.0)]
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    assert base == _hf_greedy_texts(base_model, trainer.tokenizer, prompts, 6)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
+    assert with_path == _hf_greedy_texts(peft_model, trainer.tokenizer, prompts, 6)
+    assert with_path != base  # the adapter changed at least one answer: the path was not ignored
 
 
 def test_texts_decoded_outside_vllm_equal_vllm_detokenized_texts(engine):

@@ -25,7 +25,7 @@ _EXPORTS = {
     "TrainableLoRALinear": "vllm_train.lora.layers",
     "LoRAInjector": "vllm_train.lora.injector",
     "TrainableModelLoader": "vllm_train.engine.loader",
-    "TrainableEngine": "vllm_train.engine.trainable",
+    "TrainableEngine": "vllm_train.trainers.trainable",
     "VLLMEngine": "vllm_train.engine.llm",
     "EngineOptions": "vllm_train.engine.llm",
     "VllmTrainError": "vllm_train.errors",
@@ -47,7 +47,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from vllm_train.data.preference import PreferenceDataset  # noqa: F401
     from vllm_train.engine.llm import EngineOptions, VLLMEngine  # noqa: F401
     from vllm_train.engine.loader import TrainableModelLoader  # noqa: F401
-    from vllm_train.engine.trainable import TrainableEngine  # noqa: F401
     from vllm_train.errors import VllmTrainError  # noqa: F401
     from vllm_train.lora.injector import LoRAInjector  # noqa: F401
     from vllm_train.lora.layers import TrainableLoRALinear  # noqa: F401
@@ -55,3 +54,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from vllm_train.losses.dpo import DPOLoss  # noqa: F401
     from vllm_train.trainers.rl import RLHFTrainer  # noqa: F401
     from vllm_train.trainers.sft import LoRATrainer  # noqa: F401
+    from vllm_train.trainers.trainable import TrainableEngine  # noqa: F401

@@ -103,9 +103,6 @@ class LoRATrainConfig:
     def engine_max_lora_rank(self) -> int:
         return engine_max_lora_rank(self.rank)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "ppo")
 
@@ -150,6 +147,11 @@ class RLHFConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no signal; DAPO)
     dynamic_sampling_rounds: int = 4  # then sample more prompts, up to N times, to refill the batch
     tis_cap: float | None = None  # truncated importance sampling: weight tokens by min(pi_train/pi_vllm, cap)
+    # Rollouts overlap the update: step n+1's rollout is sampled (from the weights before step n's update)
+    # while step n updates, so it lags by up to this many updates; 0 = exactly on-policy, one after the other.
+    # The lag is corrected by truncated importance sampling against vLLM's sampled-token log-probs
+    # (tis_cap, 2.0 when unset).
+    max_staleness: int = 0
 
     # Intervals and seed
     save_steps: int = 0  # checkpoint every N steps (0: only the final adapter)
@@ -183,23 +185,27 @@ class RLHFConfig:
         _check(self.dynamic_sampling_rounds >= 0, "dynamic_sampling_rounds", self.dynamic_sampling_rounds,
                "an integer >= 0")
         _check(self.tis_cap is None or self.tis_cap >= 1.0, "tis_cap", self.tis_cap, "None or >= 1")
+        _check(self.max_staleness in (0, 1), "max_staleness", self.max_staleness,
+               "0 (on-policy) or 1 (the next rollout overlaps the update)")
+        _check(not (self.max_staleness and self.dynamic_sampling), "max_staleness", self.max_staleness,
+               "0 with dynamic_sampling (refill rounds sample inside the step, from the newest weights)")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
-
-    @property
-    def lora(self) -> LoRATrainConfig:
-        return self.lora_config
 
     @property
     def output_dir(self) -> str:
         return self.lora_config.output_dir
 
     @property
+    def importance_cap(self) -> float | None:
+        """The truncation of the importance weights pi_trainer / pi_sampler (None: not weighted)."""
+        if self.tis_cap is None and self.max_staleness > 0:
+            return 2.0
+        return self.tis_cap
+
+    @property
     def clip_high(self) -> float:
         return self.clip_range if self.clip_range_high is None else self.clip_range_high
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 ConfigT = TypeVar("ConfigT")

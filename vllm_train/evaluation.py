@@ -1,5 +1,6 @@
-"""Evaluation: perplexity / token accuracy of a model on any SFT-shaped data, and the toy skill's accuracy
-(greedy answers from vLLM, checked against the known sums)."""
+"""Evaluation: perplexity / token accuracy of a model on any SFT-shaped data, preference accuracy of an
+adapter against its base on preference pairs, and the toy skill's accuracy (greedy answers from vLLM,
+checked against the known sums)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import torch
 from vllm_train import toy
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.data.io import load_records
+from vllm_train.data.preference import PreferenceDataset
 from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.losses.dpo import preference_metrics
+from vllm_train.models import config_for_adapter, load_policy, pair_logps
 
 
 @torch.no_grad()
@@ -38,6 +42,23 @@ def lm_metrics(model, tokenizer, dataset: CausalLMDataset, batch_size: int = 16,
     loss = nll / max(1, count)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": hits / max(1, count),
             "num_tokens": count}
+
+
+def preference_eval(model_name: str, adapter: str, data: Any, max_length: int = 512, batch_size: int = 32,
+                    beta: float = 0.1) -> dict[str, dict]:
+    """Reward accuracy/margin of `adapter` against its base on the preference pairs `data`.
+
+    ``preference/base``: how often the base model itself gives `chosen` the higher log-prob
+    (``logp_accuracy``). ``preference/adapter``: DPO's implicit-reward accuracy and margin
+    (beta * log(pi/base)) and the adapter's own ``logp_accuracy``.
+    """
+    model, tokenizer, injector = load_policy(model_name, config_for_adapter(adapter), adapter)
+    pairs = PreferenceDataset(data, tokenizer, max_length)
+    with injector.disable_adapter():
+        base_c, base_r = pair_logps(model, pairs, tokenizer.pad_token_id, batch_size)
+    pol_c, pol_r = pair_logps(model, pairs, tokenizer.pad_token_id, batch_size)
+    base = {"logp_accuracy": (base_c > base_r).float().mean().item(), "num_pairs": len(pairs)}
+    return {"preference/base": base, "preference/adapter": preference_metrics(pol_c, pol_r, base_c, base_r, beta)}
 
 
 def toy_problems(source: Any) -> list[tuple[list[dict], int]]:

@@ -62,6 +62,8 @@ FIELD_HELP = {
     "dynamic_sampling": "drop groups whose rewards are all equal (no signal), then refill the batch (DAPO)",
     "dynamic_sampling_rounds": "with --dynamic-sampling: at most this many extra rollouts to refill the batch",
     "tis_cap": "truncated importance sampling: weight tokens by min(p_trainer / p_vllm, cap) (>= 1)",
+    "max_staleness": "1: sample the next step's rollout while this step updates (it lags one update; "
+                     "corrected by importance weights, --tis-cap 2 if unset); 0: on-policy, one after the other",
     "eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
 }
 

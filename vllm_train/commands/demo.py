@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.assets import TINY_MODEL, data_file
     from vllm_train.commands._common import check_output_dir
     from vllm_train.config import LoRATrainConfig
+    from vllm_train.engine.llm import vllm_version
     from vllm_train.evaluation import toy_accuracy
     from vllm_train.trainers.sft import LoRATrainer
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     trainer.setup_training()
     t0 = time.perf_counter()
     engine = trainer.engine
-    print(f"[1/4] vLLM {__import__('vllm').__version__} engine up in {time.perf_counter() - t0:.1f}s; "
+    print(f"[1/4] vLLM {vllm_version()} engine up in {time.perf_counter() - t0:.1f}s; "
           f"base model accuracy on {eval_file.name} ...", flush=True)
     before = toy_accuracy(engine, eval_file)["accuracy"]
     print(f"      base accuracy: {before:.1%}", flush=True)

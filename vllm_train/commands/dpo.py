@@ -1,5 +1,4 @@
-"""`vllm-train dpo`: preference optimization (DPO / IPO / hinge) of a LoRA adapter; also the
-preference metrics `vllm-train eval` reports for {"prompt","chosen","rejected"} data."""
+"""`vllm-train dpo`: preference optimization (DPO / IPO / hinge) of a LoRA adapter."""
 
 from __future__ import annotations
 
@@ -76,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.trainers.common import check_model_path, load_tokenizer
+    from vllm_train.models import check_model_path, load_tokenizer
     from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
 
     config = config_from_args(args, DPOConfig, output_dir=args.output_dir)
@@ -95,24 +94,3 @@ def run(args: argparse.Namespace) -> int:
               f"{final['eval_reward_margin']:.3f}, policy prefers chosen on {final['eval_logp_accuracy']:.1%}")
     print(f"  metrics: {args.output_dir}/metrics.jsonl   curve: {args.output_dir}/loss.png")
     return 0
-
-
-def preference_eval(args) -> dict[str, dict]:
-    """Reward accuracy/margin of `args.adapter` against its base on preference pairs `args.data`.
-
-    ``preference/base``: how often the base model itself gives `chosen` the higher log-prob
-    (``logp_accuracy``). ``preference/adapter``: DPO's implicit-reward accuracy and margin
-    (beta * log(pi/base), beta = ``args.beta`` or 0.1) and the adapter's own ``logp_accuracy``.
-    """
-    from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.trainers.common import config_for_adapter, load_policy
-    from vllm_train.trainers.dpo import pair_logps, preference_metrics
-
-    beta = float(getattr(args, "beta", None) or 0.1)
-    model, tokenizer, injector = load_policy(args.model, config_for_adapter(args.adapter), args.adapter)
-    data = PreferenceDataset(args.data, tokenizer, args.max_length)
-    with injector.disable_adapter():
-        base_c, base_r = pair_logps(model, data, tokenizer.pad_token_id, args.batch_size)
-    pol_c, pol_r = pair_logps(model, data, tokenizer.pad_token_id, args.batch_size)
-    base = {"logp_accuracy": (base_c > base_r).float().mean().item(), "num_pairs": len(data)}
-    return {"preference/base": base, "preference/adapter": preference_metrics(pol_c, pol_r, base_c, base_r, beta)}

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.io import load_records
     from vllm_train.errors import VllmTrainError
-    from vllm_train.trainers.common import check_model_path
+    from vllm_train.models import check_model_path
 
     check_model_path(args.model)
     records = load_records(args.data, what="eval set")
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if "reward" in wanted:
         if not args.adapter:
             raise VllmTrainError("reward accuracy on preference data needs --adapter (the policy to compare)")
-        from vllm_train.commands.dpo import preference_eval
+        from vllm_train.evaluation import preference_eval
 
-        results.update(preference_eval(args))
+        results.update(preference_eval(args.model, args.adapter, args.data, args.max_length, args.batch_size))
     if "toy" in wanted:
         results.update(_toy(args))
     _print_table(results)
@@ -88,7 +88,7 @@ def _perplexity(args) -> dict:
     from vllm_train.config import LoRATrainConfig
     from vllm_train.data.causal_lm import CausalLMDataset
     from vllm_train.evaluation import lm_metrics
-    from vllm_train.trainers.common import config_for_adapter, load_policy
+    from vllm_train.models import config_for_adapter, load_policy
 
     config = config_for_adapter(args.adapter) if args.adapter else LoRATrainConfig()
     model, tokenizer, injector = load_policy(args.model, config, args.adapter)
@@ -105,7 +105,7 @@ def _toy(args) -> dict:
     from vllm_train.config import engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.evaluation import toy_accuracy
-    from vllm_train.trainers.common import adapter_rank
+    from vllm_train.models import adapter_rank
 
     rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.config import engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.errors import VllmTrainError
-    from vllm_train.trainers.common import adapter_rank, check_model_path
+    from vllm_train.models import adapter_rank, check_model_path
 
     prompts = list(args.prompt) + [[{"role": "user", "content": c}] for c in args.chat]
     if not prompts:

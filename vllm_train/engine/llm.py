@@ -7,13 +7,14 @@ bf16 with CUDA graphs and a modest memory share so a trainer fits beside it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -57,6 +58,21 @@ class AdapterRef:
     path: str
 
 
+class RolloutEngine(Protocol):
+    """What the RL trainer needs of an engine: `VLLMEngine`, or a fake in the loop's unit tests."""
+
+    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
+                     family: str = "live") -> AdapterRef: ...
+
+    def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]: ...
+
+    def remove_adapter(self, ref: AdapterRef) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
     """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``)."""
     from vllm.logprobs import FlatLogprobs
@@ -64,6 +80,22 @@ def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
     if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):
         return list(logprobs.logprobs)  # exactly one entry per position: the sampled token's
     return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
+
+
+def request_seeds(seed: int | None, num_prompts: int) -> list[int | None]:
+    """One vLLM seed per prompt of a batch, derived from the batch's `seed` and the prompt's index.
+
+    vLLM's seeded sampler draws its noise from the request's own seed, so one seed for every request
+    of a batch gives every prompt the same noise: on a model with flat next-token distributions all
+    prompts then get the same completions (vLLM gives the `n` samples of one request seeds
+    ``seed + j``, so those differed, but prompt i's sample j equalled prompt k's sample j). A hash of
+    (seed, index) keeps the requests' seeds -- and their children's ``+ j`` -- apart, also from the
+    next batch's (a plain ``seed + i * n`` would reuse step s's seeds at step s + 1 shifted by one).
+    """
+    if seed is None:
+        return [None] * num_prompts
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 2
+            for i in range(num_prompts)]  # < 2**62: room for vLLM's `+ j` inside torch's seed range
 
 
 def on_cuda() -> bool:
@@ -145,7 +177,8 @@ class VLLMEngine:
     def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
                  logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]:
-        """Sample `n` completions per prompt. Returns one list of `Sample` per prompt."""
+        """Sample `n` completions per prompt. Returns one list of `Sample` per prompt. A `seed` makes the
+        batch reproducible; each prompt samples from its own seed derived from it (`request_seeds`)."""
         from vllm import SamplingParams
 
         # With log-probs, vLLM also decodes every sampled token's string for its Logprob entry (and
@@ -155,9 +188,9 @@ class VLLMEngine:
         detokenize = bool(stop) or not logprobs
         # flat_logprobs: vLLM keeps each request's log-probs in flat lists instead of one dict and one
         # Logprob object per token (about 33k objects for an RL batch of 128 x 256 tokens).
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize,
-                                flat_logprobs=True)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
+                                 logprobs=0 if logprobs else None, stop=stop, detokenize=detokenize,
+                                 flat_logprobs=True) for s in request_seeds(seed, len(prompts))]
         inputs = [{"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
         texts = None if detokenize else iter(self.tokenizer.batch_decode(
@@ -176,12 +209,14 @@ class VLLMEngine:
 
     def generate_raw(self, prompts: Sequence[Prompt], sampling: dict, adapter: AdapterRef | None = None):
         """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds
-        ``SamplingParams`` fields. Text prompts go to vLLM as text, chat messages as token ids."""
+        ``SamplingParams`` fields (a ``seed`` is spread over the prompts as in `generate`). Text prompts go
+        to vLLM as text, chat messages as token ids."""
         from vllm import SamplingParams
 
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
-        return self.llm.generate(inputs, SamplingParams(**sampling), use_tqdm=False,
-                                 lora_request=self._request(adapter))
+        params = [SamplingParams(**{**sampling, "seed": s})
+                  for s in request_seeds(sampling.get("seed"), len(inputs))]
+        return self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
 
     def completion_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
                             adapter: AdapterRef | None = None) -> torch.Tensor:
@@ -251,7 +286,7 @@ class VLLMEngine:
         return ref
 
     def _sync_public(self, peft_state: dict[str, torch.Tensor], peft_config: dict, family: str) -> AdapterRef:
-        from vllm_train.lora.injector import write_adapter_dir
+        from vllm_train.lora.peft_io import write_adapter_dir
 
         self._slot_writers.pop(family, None)  # the pinned version is about to be removed
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None

@@ -1,34 +1,19 @@
-"""Put trainable LoRA layers into a frozen model, and save/load them in PEFT's file format.
-
-PEFT format = ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
-``base_model.model.<module path>.lora_A.weight`` (rank, in) and ``...lora_B.weight`` (out, rank),
-B unscaled. vLLM (``LoRARequest``), PEFT (``PeftModel.from_pretrained``) and ``vllm serve
---lora-modules`` read these files unchanged.
-"""
+"""Put trainable LoRA layers into a frozen model, and save/load them in PEFT's file format
+(`vllm_train.lora.peft_io`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.layers import FusedLoRALinear, LoRAWrappedLinear, TrainableLoRALinear
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
-# vLLM fuses these projections; their LoRAs stay per logical projection (PEFT's names).
-FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+from vllm_train.lora.peft_io import FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir, write_adapter_dir
 
 
 class LoRAInjector:
@@ -138,14 +123,9 @@ class LoRAInjector:
             "use_dora": False,
         }
 
-    def save(self, path: str | Path, base_model_name_or_path: str | None = None,
-             extra_tensors: dict[str, torch.Tensor] | None = None, card: str | None = None) -> Path:
-        """Write a PEFT-format adapter directory atomically (written to a temp dir, then renamed)."""
-        state = self.peft_state_dict()
-        if extra_tensors:
-            state.update({k: v.detach().float().contiguous().cpu() for k, v in extra_tensors.items()})
-        config = self.peft_config(base_model_name_or_path)
-        return write_adapter_dir(path, state, config, card)
+    def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
+        """Write a PEFT-format adapter directory (each file to a temp name first, then renamed)."""
+        return write_adapter_dir(path, self.peft_state_dict(), self.peft_config(base_model_name_or_path), card)
 
     @torch.no_grad()
     def load(self, path: str | Path) -> None:
@@ -179,50 +159,3 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config, tensors) of a PEFT adapter dir; one-line errors for anything missing/corrupt."""
-    path = Path(path)
-    if not path.is_dir():
-        raise VllmTrainError(f"adapter directory not found: {path}")
-    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not config_file.is_file():
-        raise VllmTrainError(f"{path}: missing {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    if not weights_file.is_file():
-        raise VllmTrainError(f"{path}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{config_file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
-        raise VllmTrainError(f"{config_file}: not a LoRA adapter config (needs peft_type LORA and 'r')")
-    try:
-        state = load_file(str(weights_file))
-    except Exception as exc:
-        raise VllmTrainError(f"{weights_file}: cannot read safetensors ({exc})") from None
-    return config, state
-
-
-def write_adapter_dir(path: str | Path, state: dict[str, torch.Tensor], config: dict,
-                      card: str | None = None) -> Path:
-    """Write the adapter files into `path`, each to a temp file first and then renamed into place, so a
-    reader never sees a half-written file. Weights go first: a config always finds its weights."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    files = [(ADAPTER_WEIGHTS, None), (ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")]
-    if card:
-        files.append(("README.md", card))
-    for name, text in files:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
-        os.close(fd)
-        try:
-            if text is None:
-                save_file(state, tmp, metadata={"format": "pt"})
-            else:
-                Path(tmp).write_text(text)
-            os.replace(tmp, path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path

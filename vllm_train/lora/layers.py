@@ -1,4 +1,4 @@
-"""Trainable LoRA layers: the low-rank update, and the wrapper that adds it to a frozen linear."""
+"""Trainable LoRA layers: the low-rank update, the wrapper that adds it to a frozen linear, and merging."""
 
 from __future__ import annotations
 
@@ -90,12 +90,17 @@ class TrainableLoRALinear(nn.Module):
         return (self.lora_b @ self.lora_a) * self.scaling
 
     @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (out, in) + scaling * B @ A, added in fp32 and returned in `weight`'s dtype."""
+        return (weight.float() + self.delta_weight().float()).to(weight.dtype)
+
+    @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
-        weight += self.delta_weight().to(weight.dtype)
+        weight.copy_(self.merged_weight(weight))
 
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
-        weight -= self.delta_weight().to(weight.dtype)
+        weight.copy_((weight.float() - self.delta_weight().float()).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
@@ -151,3 +156,20 @@ class FusedLoRALinear(nn.Module):
             pieces[i] = lora(x, pieces[i])
         output = torch.cat(pieces, dim=-1)
         return (output, *rest) if rest is not None else output
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights with every LoRA merged into its base linear, under the original names
+    (CPU, contiguous): a plain checkpoint of the adapted model."""
+    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRAWrappedLinear)}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        owner = next((n for n in wrapped if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = tensor.detach().contiguous().cpu()
+        elif key == f"{owner}.base_layer.weight":
+            state[f"{owner}.weight"] = wrapped[owner].lora.merged_weight(tensor).contiguous().cpu()
+        elif key.startswith(f"{owner}.base_layer."):  # e.g. a bias
+            state[f"{owner}.{key[len(owner) + len('.base_layer.'):]}"] = tensor.detach().contiguous().cpu()
+    return state

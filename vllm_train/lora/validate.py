@@ -21,7 +21,7 @@ import torch
 
 from vllm_train.config import VLLM_MAX_LORA_RANKS
 from vllm_train.errors import VllmTrainError
-from vllm_train.lora.injector import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir
+from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir
 
 LORA_KEY_RE = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

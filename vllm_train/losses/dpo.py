@@ -1,6 +1,6 @@
 """Preference losses: DPO (sigmoid, with optional label smoothing = conservative DPO), IPO, hinge, and
-the Bradley-Terry loss of a reward model. Each is a pure function of per-pair tensors returning
-``(loss, metrics)``.
+the Bradley-Terry loss of a reward model (and its base-preference distillation term), and RPO's NLL term.
+The preference losses are pure functions of per-pair tensors returning ``(loss, metrics)``.
 
 Inputs are sequence log-probs, shape (B,): the sum over completion tokens of log p(token | prefix), for
 the policy and the reference, on the chosen and the rejected completion. With
@@ -95,6 +95,35 @@ def bradley_terry_loss(chosen_scores_B: torch.Tensor, rejected_scores_B: torch.T
                    "margin": margin_B.mean().item(), "chosen_score": chosen_scores_B.mean().item(),
                    "rejected_score": rejected_scores_B.mean().item()}
     return loss, metrics
+
+
+def rpo_chosen_nll(policy_chosen_B: torch.Tensor, chosen_tokens_B: torch.Tensor) -> torch.Tensor:
+    """RPO's extra term: the chosen completions' NLL per token, averaged over pairs. Added to a preference
+    loss (times ``rpo_alpha``) it keeps the chosen answers' likelihood from falling while the margin grows."""
+    return (-policy_chosen_B / chosen_tokens_B).mean()
+
+
+def preference_metrics(policy_chosen_N, policy_rejected_N, ref_chosen_N, ref_rejected_N, beta: float) -> dict:
+    """Held-out preference metrics: implicit-reward accuracy/margin vs the reference (DPO's own
+    measure) and ``logp_accuracy``, how often the policy itself gives `chosen` the higher log-prob."""
+    _, m = preference_loss("sigmoid", policy_chosen_N, policy_rejected_N, ref_chosen_N, ref_rejected_N, beta)
+    return {"reward_accuracy": m["rewards/accuracy"], "reward_margin": m["rewards/margin"],
+            "logp_accuracy": (policy_chosen_N > policy_rejected_N).float().mean().item(),
+            "dpo_loss": m["loss"], "num_pairs": len(policy_chosen_N)}
+
+
+def base_preference_loss(aux_chosen_B: torch.Tensor, aux_rejected_B: torch.Tensor,
+                         base_margin_B: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry cross-entropy of a second head's margin against the base LM's soft preference
+    sigmoid(log p_base(chosen) - log p_base(rejected)).
+
+    Why: on the toy world the base LM already ranks the +-1 and +10 mistakes (>= 0.95 of pairs by log-prob)
+    but the reward head, read at the last token, learns "the larger answer wins" first and stalls near 0.8.
+    Asking the same last-token state to also predict the base LM's preference makes the body carry that
+    knowledge to the token the reward is read from. The second head is used in training only."""
+    target = torch.sigmoid(base_margin_B)
+    margin = aux_chosen_B - aux_rejected_B
+    return -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
 
 
 def sequence_logps(token_logps_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str], examples: Sequence[dict]) -> list[float]:
         from vllm_train.data.tokenize import completion_ids, prompt_ids
-        from vllm_train.trainers.rm import pooled_hidden
+        from vllm_train.models import pooled_hidden
 
         seqs = [prompt_ids(self.tokenizer, p) + completion_ids(self.tokenizer, p, c)
                 for p, c in zip(prompts, completions)]

@@ -1,4 +1,4 @@
-"""Pieces every training loop uses: policy loading, optimizer + schedule, atomic checkpoints, resume.
+"""Pieces every training loop uses: optimizer + schedule, data order, atomic checkpoints, resume.
 
 Checkpoints hold only safetensors and JSON (no pickle): the adapter in PEFT format, the optimizer's
 moment tensors, and a JSON state with the step, epoch, batch position and RNG state.
@@ -19,61 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
-from vllm_train.lora.injector import LoRAInjector, read_adapter_dir
-from vllm_train.lora.validate import validate_adapter
-
-
-def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
-    """bf16 on CUDA (unless fp32 is asked for), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
-    if torch.cuda.is_available():
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        return torch.device("cuda"), dtype
-    if precision == "bf16":
-        return torch.device("cpu"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def check_model_path(model_name: str) -> None:
-    """Models are local directories here (no hub downloads at run time); say so clearly."""
-    path = Path(model_name)
-    if not path.is_dir():
-        raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
-    if not (path / "config.json").is_file():
-        raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
-
-
-def load_tokenizer(model_name: str):
-    from transformers import AutoTokenizer
-
-    check_model_path(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None):
-    """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded)."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(model_name)
-    if adapter:
-        validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
-    device, dtype = pick_device_and_dtype(config.precision)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
-    model.config.use_cache = False
-    injector = LoRAInjector(config)
-    injector.inject(model)
-    for lora in injector.lora_layers.values():
-        lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
-    if adapter:
-        injector.load(adapter)
-    return model, tokenizer, injector
-
-
-def adapter_rank(path: str, base_model: str | None = None) -> int:
-    """The rank of the adapter in `path`, after validating it (against `base_model`, when given)."""
-    return int(validate_adapter(path, base_model)["r"])
+from vllm_train.lora.injector import LoRAInjector
 
 
 def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
@@ -198,15 +144,3 @@ def _optimizer_tensors(optimizer, params) -> tuple[dict[str, torch.Tensor], dict
     if not tensors:
         tensors["empty"] = torch.zeros(1)
     return tensors, {"steps": steps}
-
-
-def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
-    """A LoRATrainConfig whose LoRA shape matches the PEFT adapter in `path` (to load it for eval)."""
-    validate_adapter(path)
-    config, state = read_adapter_dir(path)
-    modules = config.get("target_modules") or []
-    if isinstance(modules, str):  # PEFT allows a regex; take the module names from the tensors instead
-        modules = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if ".lora_A" in k})
-    return LoRATrainConfig(rank=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
-                           target_modules=list(modules), use_rslora=bool(config.get("use_rslora", False)),
-                           **overrides)

@@ -24,14 +24,16 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from vllm_train import models
 from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
+from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
-from vllm_train.losses.causal_lm import shifted_token_logprobs
-from vllm_train.losses.dpo import LOSS_TYPES, preference_loss, sequence_logps
+from vllm_train.lora.peft_io import adapter_card
+from vllm_train.losses.dpo import LOSS_TYPES, preference_loss, preference_metrics, rpo_chosen_nll
 from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.models import batch_logps, pair_logps
 from vllm_train.trainers import common
-from vllm_train.trainers.sft import ADAPTER_CARD
 
 
 @dataclass
@@ -55,43 +57,6 @@ class DPOConfig(LoRATrainConfig):
                self.label_smoothing, "only with loss_type sigmoid")
 
 
-@torch.no_grad()
-def pair_logps(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32,
-               autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs (sum over completion tokens) of every pair: (chosen_N, rejected_N), fp32 CPU."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                   pad_token_id)
-        logps_2B = batch_logps(model, batch, device, autocast).cpu()
-        half = len(logps_2B) // 2
-        chosen.append(logps_2B[:half])
-        rejected.append(logps_2B[half:])
-    model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def batch_logps(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Sequence log-probs of the (2B, T) rows of a `collate_preference` batch, shape (2B,)."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-    token_logps, mask = shifted_token_logprobs(logits, batch["labels"].to(device))
-    return sequence_logps(token_logps, mask)
-
-
-def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> dict:
-    """Held-out preference metrics: implicit-reward accuracy/margin vs the reference (DPO's own
-    measure) and ``logp_accuracy``, how often the policy itself gives `chosen` the higher log-prob."""
-    _, m = preference_loss("sigmoid", policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    return {"reward_accuracy": m["rewards/accuracy"], "reward_margin": m["rewards/margin"],
-            "logp_accuracy": (policy_chosen > policy_rejected).float().mean().item(),
-            "dpo_loss": m["loss"], "num_pairs": len(policy_chosen)}
-
-
 class DPOTrainer:
     """Preference optimization of a LoRA adapter on a Hugging Face model with our LoRA layers."""
 
@@ -110,7 +75,7 @@ class DPOTrainer:
 
     def setup_training(self) -> None:
         torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, self.config,
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, self.config,
                                                                        self.start_adapter)
 
     @property
@@ -118,9 +83,7 @@ class DPOTrainer:
         return next(self.model.parameters()).device
 
     def _autocast(self):
-        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return models.autocast_for(self.model)
 
     def _reference(self):
         """The reference's weights: the base (adapter off), or the starting adapter as loaded now."""
@@ -224,8 +187,8 @@ class DPOTrainer:
             loss, metrics = preference_loss(self.config.loss_type, policy_chosen_B, policy_rejected_B,
                                             ref_chosen_B, ref_rejected_B, self.config.beta, self.config.label_smoothing)
             if self.config.rpo_alpha > 0:  # RPO: also raise the chosen answers' likelihood (per-token NLL)
-                n_tokens_B = (batch["labels"][: len(idx), 1:] != -100).sum(-1).to(self.device)
-                chosen_nll = (-policy_chosen_B / n_tokens_B).mean()
+                n_tokens_B = (batch["labels"][: len(idx), 1:] != IGNORE_INDEX).sum(-1).to(self.device)
+                chosen_nll = rpo_chosen_nll(policy_chosen_B, n_tokens_B)
                 loss = loss + self.config.rpo_alpha * chosen_nll
                 metrics.update(loss=loss.item(), chosen_nll=chosen_nll.item())
             (loss * len(idx) / n_pairs).backward()
@@ -250,12 +213,10 @@ class DPOTrainer:
         if isinstance(data, PreferenceDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = common.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_name)
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_lora(self, path: str | Path) -> Path:
         """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
-        c = self.config
-        card = ADAPTER_CARD.format(base=self.model_name, kind=f"dpo-{c.loss_type}", rank=c.rank, alpha=c.alpha,
-                                   targets=", ".join(c.target_modules), steps=self.global_step)
+        card = adapter_card(self.model_name, f"dpo-{self.config.loss_type}", self.config, self.global_step)
         return self.injector.save(path, self.model_name, card=card)

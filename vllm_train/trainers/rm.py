@@ -27,17 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from vllm_train import models
 from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
 from vllm_train.data.preference import PreferenceDataset, collate_preference
-from vllm_train.lora.injector import PEFT_PREFIX, LoRAInjector, read_adapter_dir, write_adapter_dir
-from vllm_train.lora.layers import LoRAWrappedLinear
+from vllm_train.errors import VllmTrainError
+from vllm_train.lora.injector import LoRAInjector
+from vllm_train.lora.layers import merged_state_dict
+from vllm_train.lora.peft_io import PEFT_PREFIX, read_adapter_dir, write_adapter_dir
 from vllm_train.lora.validate import validate_adapter
-from vllm_train.losses.dpo import bradley_terry_loss
+from vllm_train.losses.dpo import base_preference_loss, bradley_terry_loss
 from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.models import pair_logps, pooled_hidden
 from vllm_train.trainers import common
 
 HEAD = "score"
@@ -86,8 +89,6 @@ class RewardModelParams:
         self.injector.load(path)
         _, state = read_adapter_dir(path)
         if HEAD_KEY not in state:
-            from vllm_train.errors import VllmTrainError
-
             raise VllmTrainError(f"{path}: not a reward-model adapter (no {HEAD_KEY})")
         self.head.weight.copy_(state[HEAD_KEY])
 
@@ -96,10 +97,10 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     """(model, tokenizer, params): the base as a 1-label sequence classifier, LoRA injected, head trainable."""
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = common.load_tokenizer(model_name)
+    tokenizer = models.load_tokenizer(model_name)
     if adapter:
         validate_adapter(adapter, model_name)
-    device, dtype = common.pick_device_and_dtype(config.precision)
+    device, dtype = models.pick_device_and_dtype(config.precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     model.config.use_cache = False
@@ -123,40 +124,15 @@ def batch_scores(model, batch: dict, device, autocast=contextlib.nullcontext) ->
     return logits[:, 0].float()
 
 
-def pooled_hidden(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """The final hidden state at each row's last non-padding token (what the score head reads), (2B, H)."""
-    with autocast():
-        hidden_BTH = model.base_model(input_ids=batch["input_ids"].to(device),
-                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-    last_B = batch["attention_mask"].sum(1).to(device) - 1  # right padding
-    return hidden_BTH[torch.arange(len(last_B), device=device), last_B]
-
-
 def base_preference_margins(model_name: str, dataset, pad_token_id: int, device, dtype,
                             batch_size: int = 64) -> torch.Tensor:
     """log p_base(chosen completion) - log p_base(rejected completion) for every pair, (N,) fp32: the base
     LM's own preference (the plain causal LM, i.e. the reward model's body with the adapter off)."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_train.trainers.dpo import pair_logps
-
     base = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
     chosen, rejected = pair_logps(base, dataset, pad_token_id, batch_size)
     return chosen - rejected
-
-
-def base_preference_loss(aux_chosen_B: torch.Tensor, aux_rejected_B: torch.Tensor,
-                         base_margin_B: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry cross-entropy of a second head's margin against the base LM's soft preference
-    sigmoid(log p_base(chosen) - log p_base(rejected)).
-
-    Why: on the toy world the base LM already ranks the +-1 and +10 mistakes (>= 0.95 of pairs by log-prob)
-    but the reward head, read at the last token, learns "the larger answer wins" first and stalls near 0.8.
-    Asking the same last-token state to also predict the base LM's preference makes the body carry that
-    knowledge to the token the reward is read from. The second head is used in training only."""
-    target = torch.sigmoid(base_margin_B)
-    margin = aux_chosen_B - aux_rejected_B
-    return -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
 
 
 @torch.no_grad()
@@ -198,9 +174,7 @@ class RewardModelTrainer:
         return next(self.model.parameters()).device
 
     def _autocast(self):
-        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return models.autocast_for(self.model)
 
     def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
         """Train on preference pairs, save to ``output_dir`` (merged model + adapter/), return metrics."""
@@ -319,7 +293,7 @@ class RewardModelTrainer:
         if isinstance(data, PreferenceDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = common.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_name)
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_reward_model(self, path: str | Path) -> Path:
@@ -355,21 +329,3 @@ tags: [lora, vllm-train, reward-model]
 Load with `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), DIR)`.
 The parent directory holds the same model merged, for vLLM (`runner="pooling"`, `LLM.classify`).
 """
-
-
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights with every LoRA merged into its base linear, under the original names."""
-    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRAWrappedLinear)}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        owner = next((n for n in wrapped if key.startswith(n + ".")), None)
-        if owner is None:
-            state[key] = tensor.detach().contiguous().cpu()
-        elif key == f"{owner}.base_layer.weight":
-            module = wrapped[owner]
-            merged = tensor.float() + module.lora.delta_weight().float()
-            state[f"{owner}.weight"] = merged.to(tensor.dtype).contiguous().cpu()
-        elif key.startswith(f"{owner}.base_layer."):  # e.g. a bias
-            state[f"{owner}.{key[len(owner) + len('.base_layer.'):]}"] = tensor.detach().contiguous().cpu()
-    return state

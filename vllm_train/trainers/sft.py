@@ -7,7 +7,6 @@ published to that engine as a new version whenever it changed (never a stale one
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,23 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_train import models
 from vllm_train.config import LoRATrainConfig, write_resolved_config
-from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
+from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
+from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
 from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.trainers import common
-
-ADAPTER_CARD = """---
-library_name: peft
-base_model: {base}
-tags: [lora, vllm-train, {kind}]
----
-# LoRA adapter ({kind})
-
-Trained with vllm-train from `{base}`: rank {rank}, alpha {alpha}, target modules {targets},
-{steps} optimizer steps. PEFT format: load with `PeftModel.from_pretrained(base, DIR)`, or serve with
-vLLM via `LoRARequest(name, id, DIR)` / `vllm serve ... --enable-lora --lora-modules name=DIR`.
-"""
 
 
 class LoRATrainer:
@@ -60,7 +49,7 @@ class LoRATrainer:
     def setup_training(self, adapter: str | None = None) -> None:
         """Load the base model, freeze it, inject LoRA layers (optionally loading `adapter`)."""
         torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, self.config, adapter)
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, self.config, adapter)
         self._adapter_version += 1
 
     @property
@@ -68,9 +57,7 @@ class LoRATrainer:
         return next(self.model.parameters()).device
 
     def _autocast(self):
-        if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return models.autocast_for(self.model)
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
@@ -148,7 +135,7 @@ class LoRATrainer:
     def _accumulate(self, dataset, group: list[list[int]]) -> tuple[float, int]:
         """Forward/backward over one accumulation group; returns (summed token NLL, token count)."""
         batches = [collate_causal_lm([dataset[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         loss_sum = 0.0
         for b in batches:
             b = {k: v.to(self.device) for k, v in b.items()}
@@ -180,15 +167,13 @@ class LoRATrainer:
         if isinstance(data, CausalLMDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = common.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_name)
         return CausalLMDataset(data, self.tokenizer, self.config.max_length)
 
     # ---- saving ------------------------------------------------------------------------------
     def save_lora(self, path: str | Path) -> Path:
         """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
-        c = self.config
-        card = ADAPTER_CARD.format(base=self.model_name, kind="sft", rank=c.rank, alpha=c.alpha,
-                                   targets=", ".join(c.target_modules), steps=self.global_step)
+        card = adapter_card(self.model_name, "sft", self.config, self.global_step)
         out = self.injector.save(path, self.model_name, card=card)
         if self.on_save:
             self.on_save(out)
@@ -226,10 +211,10 @@ class LoRATrainer:
         elif lora_path is None:
             adapter = self.current_adapter()
         else:
-            weights = Path(lora_path) / "adapter_model.safetensors"
+            weights = Path(lora_path) / ADAPTER_WEIGHTS
             key = f"{Path(lora_path).resolve()}@{weights.stat().st_mtime_ns if weights.exists() else 0}"
             if key not in self._path_adapters:
-                common.adapter_rank(lora_path, self.model_name)  # one-line error for a bad adapter dir
+                models.adapter_rank(lora_path, self.model_name)  # one-line error for a bad adapter dir
                 self._path_adapters[key] = self.engine.load_adapter(lora_path, family=f"path{len(self._path_adapters)}")
             adapter = self._path_adapters[key]
         return self.engine.generate_raw(prompts, kwargs, adapter)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vllm_train import models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
@@ -45,7 +46,7 @@ class TrainableEngine:
                          **options.extra}
         self.engine = VLLMEngine(self.model_name, options)
         self.vllm_model = loader.live_model(self.model_name)  # None when the engine runs in another process
-        self.model, self.tokenizer, self.injector = common.load_policy(self.model_name, train_config)
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, train_config)
         self.params = self.injector.get_trainable_params()
         self.optimizer = common.make_optimizer(self.params, train_config)
         self.peft_config = self.injector.peft_config(self.model_name)

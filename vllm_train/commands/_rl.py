@@ -1,0 +1,89 @@
+"""RL command plumbing shared by `vllm-train grpo` and `vllm-train ppo`: their arguments, config and run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+
+# LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
+_UNUSED_LORA_FIELDS = ("output_dir", "num_epochs", "max_steps", "gradient_accumulation_steps", "seed",
+                       "logging_steps", "save_steps")
+
+
+def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+    from vllm_train.config import LoRATrainConfig, RLHFConfig
+
+    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="prompt records (.jsonl/.json/.parquet)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts: greedy reward before/after "
+                   "(and every --eval-steps)")
+    p.add_argument("--num-steps", type=int, default=100, help="RL steps (default: 100)")
+    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)")
+    add_output_args(p)
+    add_config_args(p, RLHFConfig, skip=("lora_config", *skip), title="RL options (override --config)")
+    group = p.add_argument_group("LoRA and optimizer options (override --config's lora_config)")
+    for f in dataclasses.fields(LoRATrainConfig):
+        if f.name in _UNUSED_LORA_FIELDS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, list) else default
+        from vllm_train.commands._common import FIELD_HELP
+
+        help_text = FIELD_HELP.get(f.name, f.name) if f.name != "batch_size" else "sequences per micro-batch"
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"lora_{f.name}", default=None, metavar="V",
+                           help=f"{help_text} (default: {shown})")
+
+
+def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
+    from vllm_train.config import RLHFConfig, load_config_file
+
+    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    lora = dict(file_values.get("lora_config") or {})
+    lora.update({k[5:]: v for k, v in vars(args).items() if k.startswith("lora_") and v is not None})
+    lora["output_dir"] = args.output_dir
+    return config_from_args(args, RLHFConfig, lora_config=lora, algorithm=algorithm)
+
+
+def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
+    from pathlib import Path
+
+    from vllm_train.errors import VllmTrainError
+    from vllm_train.models import check_model_path
+    from vllm_train.rewards import load_reward_function
+    from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
+
+    config = rl_config_from_args(args, algorithm)
+    if algorithm is None and config.algorithm == "ppo":
+        raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
+    if args.num_steps < 1:
+        raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
+    check_model_path(args.model)
+    check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
+    # Everything the user gave is checked before any model or engine loads.
+    reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
+    reward_model = getattr(args, "reward_model", None)
+    if reward_model and not Path(reward_model).is_dir():
+        raise VllmTrainError(f"--reward-model: directory not found: {reward_model}")
+    records = load_prompt_records(args.prompts, "prompts")
+    eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
+
+    trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
+                          progress=not args.no_progress)
+    try:
+        before = trainer.evaluate(eval_records) if eval_records is not None else None
+        final = trainer.train(records, args.num_steps)
+        after = trainer.evaluate(eval_records) if eval_records is not None else None
+    finally:
+        trainer.close()
+    out = args.output_dir
+    print(f"{config.algorithm}: adapter written to {out} ({trainer.global_step} steps)")
+    print(f"  last step: reward {final.get('reward_mean', float('nan')):.4f}, "
+          f"length {final.get('response_len', float('nan')):.1f}, sync {final.get('sync_ms', 0):.1f} ms, "
+          f"mismatch |dlogp| {final.get('mismatch_abs_logp', float('nan')):.2e}")
+    if before is not None:
+        print(f"  eval greedy reward: {before['reward']:.4f} -> {after['reward']:.4f}   "
+              f"(share > 0: {before['accuracy']:.1%} -> {after['accuracy']:.1%})")
+    print(f"  metrics: {out}/metrics.jsonl   curves: {out}/curves.png")
+    return 0

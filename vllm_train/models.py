@@ -1,0 +1,133 @@
+"""Models and adapters from disk, and the forward passes every layer above reads.
+
+Loading: a local Hugging Face model directory (no hub downloads at run time), its tokenizer, and the
+training policy -- the frozen base with our LoRA layers injected, optionally loading a PEFT adapter.
+Forward passes: sequence log-probs of preference pairs (DPO, its evaluation, the reward model's
+base-preference targets) and the last-token hidden state a reward head reads (training and RL scoring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from vllm_train.config import LoRATrainConfig
+from vllm_train.data.preference import PreferenceDataset, collate_preference
+from vllm_train.errors import VllmTrainError
+from vllm_train.lora.injector import LoRAInjector
+from vllm_train.lora.peft_io import read_adapter_dir
+from vllm_train.lora.validate import validate_adapter
+from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.losses.dpo import sequence_logps
+
+
+def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA (unless fp32 is asked for), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    if torch.cuda.is_available():
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        return torch.device("cuda"), dtype
+    if precision == "bf16":
+        return torch.device("cpu"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def autocast_for(model):
+    """bf16 autocast for a bf16 model on CUDA (the fp32 LoRA weights meet bf16 activations), else nothing."""
+    param = next(model.parameters())
+    if param.device.type == "cuda" and param.dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_model_path(model_name: str) -> None:
+    """Models are local directories here (no hub downloads at run time); say so clearly."""
+    path = Path(model_name)
+    if not path.is_dir():
+        raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
+
+
+def load_tokenizer(model_name: str):
+    from transformers import AutoTokenizer
+
+    check_model_path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None):
+    """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_name)
+    if adapter:
+        validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
+    device, dtype = pick_device_and_dtype(config.precision)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
+    model.config.use_cache = False
+    injector = LoRAInjector(config)
+    injector.inject(model)
+    for lora in injector.lora_layers.values():
+        lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
+    if adapter:
+        injector.load(adapter)
+    return model, tokenizer, injector
+
+
+def adapter_rank(path: str, base_model: str | None = None) -> int:
+    """The rank of the adapter in `path`, after validating it (against `base_model`, when given)."""
+    return int(validate_adapter(path, base_model)["r"])
+
+
+def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
+    """A LoRATrainConfig whose LoRA shape matches the PEFT adapter in `path` (to load it for eval)."""
+    config, state = read_adapter_dir(path)
+    modules = config.get("target_modules") or []
+    if isinstance(modules, str):  # PEFT allows a regex; take the module names from the tensors instead
+        modules = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if ".lora_A" in k})
+    return LoRATrainConfig(rank=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+                           target_modules=list(modules), use_rslora=bool(config.get("use_rslora", False)),
+                           **overrides)
+
+
+def batch_logps(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sequence log-probs of the (2B, T) rows of a `collate_preference` batch, shape (2B,)."""
+    with autocast():
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+    token_logps, mask = shifted_token_logprobs(logits, batch["labels"].to(device))
+    return sequence_logps(token_logps, mask)
+
+
+@torch.no_grad()
+def pair_logps(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32,
+               autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (sum over completion tokens) of every pair: (chosen_N, rejected_N), fp32 CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                   pad_token_id)
+        logps_2B = batch_logps(model, batch, device, autocast).cpu()
+        half = len(logps_2B) // 2
+        chosen.append(logps_2B[:half])
+        rejected.append(logps_2B[half:])
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pooled_hidden(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The final hidden state at each row's last non-padding token (what a score head reads), (B, H).
+    `model` is a ``*ForSequenceClassification``; rows are right-padded."""
+    with autocast():
+        hidden_BTH = model.base_model(input_ids=batch["input_ids"].to(device),
+                                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    last_B = batch["attention_mask"].sum(1).to(device) - 1  # right padding
+    return hidden_BTH[torch.arange(len(last_B), device=device), last_B]

@@ -1,0 +1,106 @@
+"""RL rollouts: which prompts a step samples, and the samples vLLM returns for them.
+
+A `Rollout` is one step's samples, prompt-major. `RolloutPrefetcher` generates the next step's rollout
+in a background thread while the current step updates (``RLHFConfig.max_staleness = 1``): the rollout
+is sampled from the adapter version synced just before it was started, so it lags the weights it trains
+by one update, and the loss reweights it with vLLM's sampled-token log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_train.data.io import check_text_field, load_records
+
+
+@dataclass
+class Rollout:
+    """One step's samples, prompt-major: sample i is completion ``i % group_size`` of prompt ``i // group_size``."""
+    prompts: list[Any]  # per sample, as given (text or messages)
+    examples: list[dict]  # per sample: the prompt's record (carries e.g. the checkable answer)
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
+    vllm_logps: list[list[float]]  # the sampler's log-probs of the tokens it sampled
+    sync_ms: float
+    seconds: float
+    adapter_version: int = 0  # the trainer's weight version the samples came from
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+    def extended(self, more: Rollout) -> Rollout:
+        """This rollout's samples followed by `more`'s (same group size)."""
+        return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
+                       self.completion_ids + more.completion_ids, self.completions + more.completions,
+                       self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds,
+                       min(self.adapter_version, more.adapter_version))
+
+
+def load_prompt_records(source: Any, what: str = "prompt dataset") -> list[dict]:
+    """Prompt records ``{"prompt": text or chat messages, ...any fields the reward reads}``."""
+    return load_records(source, lambda r: check_text_field(r, "prompt", allow_messages=True), what=what)
+
+
+def step_records(records: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """The step's prompts: a seeded permutation per pass over the data (resumable from `step` alone)."""
+    n, out = len(records), []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(records[order[pos]])
+    return out
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step (each prompt then gets its own, see `VLLMEngine.generate`)."""
+    return seed * 1_000_003 + step
+
+
+def refill_source(records: list[dict], step: int, seed: int) -> Callable[[int], list[dict]]:
+    """Extra prompts for dynamic sampling at `step`: random draws seeded by the step (resumable)."""
+    generator = torch.Generator().manual_seed(step_seed(seed, step) + 1)
+    return lambda k: [records[i] for i in torch.randint(len(records), (k,), generator=generator).tolist()]
+
+
+class RolloutPrefetcher:
+    """Runs one rollout for the next step in a background thread while the caller updates.
+
+    The caller syncs the adapter *before* `start` (in its own thread, between updates) and hands the
+    background job that version, so the job never reads weights an optimizer step is changing; and it
+    calls `wait` before it drives the engine itself again (sync, evaluation), so one thread at a time
+    drives vLLM.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-train-rollout")
+        self._pending: tuple[int, Future] | None = None
+
+    def start(self, step: int, sample: Callable[[], Rollout]) -> None:
+        assert self._pending is None, "one rollout in flight at a time"
+        self._pending = (step, self._pool.submit(sample))
+
+    def wait(self) -> None:
+        """Let the rollout in flight finish (its result stays for `take`)."""
+        if self._pending is not None:
+            self._pending[1].result()
+
+    def take(self, step: int) -> Rollout | None:
+        """The rollout started for `step` (waiting for it), or None if none was."""
+        if self._pending is None or self._pending[0] != step:
+            self.wait()
+            self._pending = None
+            return None
+        future, self._pending = self._pending[1], None
+        return future.result()
+
+    def close(self) -> None:
+        self.wait()
+        self._pending = None
+        self._pool.shutdown(wait=True)
