@@ -86,6 +86,7 @@ def adapter_rank(path: str, base_model: str | None = None) -> int:
 
 def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
     """A LoRATrainConfig whose LoRA shape matches the PEFT adapter in `path` (to load it for eval)."""
+    validate_adapter(path)  # one-line errors for a bad 'r' or alpha, before LoRATrainConfig sees them
     config, state = read_adapter_dir(path)
     modules = config.get("target_modules") or []
     if isinstance(modules, str):  # PEFT allows a regex; take the module names from the tensors instead

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vllm_train.errors import VllmTrainError
-from vllm_train.lora.injector import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def default_stage_root() -> Path:
