@@ -53,7 +53,8 @@ class FakeEngine:
     def _sample(self, prompt_ids, temperature, max_tokens, generator) -> Sample:
         ids, out, lps = list(prompt_ids), [], []
         for _ in range(max_tokens):
-            logits = self._served_model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            device = next(self._served_model.parameters()).device
+            logits = self._served_model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
             logp = torch.log_softmax(logits / max(temperature, 1e-6), -1)
             tok = int(torch.multinomial(logp.exp(), 1, generator=generator)) if temperature > 0 else int(logp.argmax())
             ids.append(tok), out.append(tok), lps.append(float(logp[tok]))

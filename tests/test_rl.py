@@ -25,6 +25,10 @@ from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
 from vllm_train.trainers.rl_policy import CompletionBatch
 
 
+# |vLLM - trainer| log-prob gap we accept: fp32 exactness on CPU; bf16 noise where the engine serves bf16 (CUDA)
+SERVING_TOL = 0.05 if torch.cuda.is_available() else 1e-4
+
+
 def _config(tmp_path, algorithm="grpo", lr=2e-3, **kw) -> RLHFConfig:
     lora = LoRATrainConfig(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES), learning_rate=lr,
                            batch_size=128, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(tmp_path))
@@ -271,9 +275,10 @@ def test_truncated_is_weighs_vllms_on_policy_samples_one(tmp_path, shipped, rl_t
         rewards_GN = trainer.compute_rewards(rollout.prompts, rollout.completions, rollout.examples).view(-1, 4)
         stats = trainer.ppo_step(records, seed=0)
         assert stats["groups_kept"] == int((rewards_GN.max(1).values > rewards_GN.min(1).values).sum()) > 0
-        assert stats["mismatch_abs_logp"] < 1e-4 and stats["kl_ref"] >= 0 and "clipfrac" in stats
+        assert stats["mismatch_abs_logp"] < SERVING_TOL and stats["kl_ref"] >= 0 and "clipfrac" in stats
         grad_norms.append(stats["grad_norm"])
-    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-3)
+    # fp32 (CPU): weights are 1 to ~1e-6; bf16 serving (CUDA): exp(+-0.05) per token
+    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-3 if SERVING_TOL < 1e-3 else 0.05)
 
 
 def test_dapo_refills_the_batch_with_informative_groups(tmp_path, shipped, rl_trainer):
