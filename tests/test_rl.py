@@ -24,7 +24,6 @@ from vllm_train.toy import correctness_reward
 from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
 from vllm_train.trainers.rl_policy import CompletionBatch
 
-
 # |vLLM - trainer| log-prob gap we accept: fp32 exactness on CPU; bf16 noise where the engine serves bf16 (CUDA)
 SERVING_TOL = 0.05 if torch.cuda.is_available() else 1e-4
 
