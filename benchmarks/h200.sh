@@ -11,9 +11,9 @@ if [ ! -d /tmp/site/vllm ]; then
   cat /tmp/parts/vllm-site.tar.xz.part-* | xz -d -T0 | tar -x -C /tmp/site
 fi
 if compgen -G ".whl/*.whl" > /dev/null && [ ! -d /tmp/site/trl ]; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python "$@"
+python3 "$@"
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null || true; fi
