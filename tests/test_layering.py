@@ -47,7 +47,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate",)],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "http_client"), ("llm", "replicas"), ("loader", "reward", "publish")],
+    "engine": [("fast_sync", "http_client"), ("llm", "replicas"), ("loader", "reward", "publish"), ("remote",)],
     "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),
