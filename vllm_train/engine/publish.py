@@ -214,7 +214,7 @@ class AdapterPublisher:
     def _stage(self, adapter_dir: str | Path, name: str, version: int) -> Path:
         """An immutable copy of the adapter files: a trainer may overwrite or delete its checkpoint dirs,
         while vLLM can re-read an evicted adapter from its path at any time."""
-        from vllm_train.lora.injector import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+        from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
         target = self.stage_dir / f"{name}-v{version}-{uuid.uuid4().hex[:8]}"
         tmp = self.stage_dir / f".tmp-{target.name}"
