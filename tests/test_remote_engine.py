@@ -182,3 +182,19 @@ def test_processed_logprobs_servers_are_probed_once(make_engine):
     probes = [b for _, b in fake.calls if b["max_tokens"] == 1]
     assert len(probes) == 4  # temperatures 1 and 0.7, on each replica, on the first call only
     assert all(b["model"] == "rl-policy-v3" for b in probes)
+
+
+def test_grpo_cli_checks_the_rollout_servers_before_loading_anything(tmp_path, tiny_model, shipped, capsys):
+    from vllm_train.cli import main as cli_main
+    from vllm_train.rewards import TOY_REWARD
+
+    out = tmp_path / "run"
+    args = ["grpo", "--model", tiny_model, "--prompts", str(shipped("rl_train.jsonl")), "--reward", TOY_REWARD,
+            "--output-dir", str(out), "--rollout-servers", "http://127.0.0.1:9,127.0.0.1:10/v1"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: server replica http://127.0.0.1:9 ")
+    assert "start the servers before training with --rollout-servers" in err[0]
+    assert not out.exists()
+    assert cli_main(args[:-1] + [","]) == 2
+    assert "rollout_servers" in capsys.readouterr().err

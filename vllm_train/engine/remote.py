@@ -51,7 +51,8 @@ class _BadAnswer(Exception):
 
 
 def _post_json(url: str, body: dict | None, timeout: float, api_key: str | None) -> Any:
-    """POST `body` (GET without one); the decoded JSON answer, or `HTTPFailure` with a one-line reason."""
+    """POST `body` (GET without one); the decoded JSON answer (the text if it is not JSON), or
+    `HTTPFailure` with a one-line reason."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
                                  headers={"Content-Type": "application/json"} if data else {})
@@ -59,7 +60,7 @@ def _post_json(url: str, body: dict | None, timeout: float, api_key: str | None)
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            text = resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         text = exc.read().decode(errors="replace")
         try:
@@ -68,9 +69,12 @@ def _post_json(url: str, body: dict | None, timeout: float, api_key: str | None)
         except Exception:
             message = text.strip()[:300] or exc.reason
         raise HTTPFailure(url, f"HTTP {exc.code}: {message}", exc.code) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset,
-        # timed out, cut short, not JSON
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
         raise HTTPFailure(url, f"failed ({getattr(exc, 'reason', exc)})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # e.g. the unload route's "Success: ..."
 
 
 class ServerRolloutEngine:
