@@ -97,7 +97,8 @@ class ServerRolloutEngine:
         self.model_name = str(model_name)
         self.name = name
         self.timeout = timeout
-        explicit = {"api_key": api_key} if api_key is not None else {}  # otherwise it reads the same variables
+        # AdapterPublisher takes `api_key` with the serving-auth change; left out, it reads the same variables
+        explicit = {"api_key": api_key} if api_key is not None else {}
         self.api_key = api_key if api_key is not None else next(
             (os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
         self.publisher = AdapterPublisher(self.urls, keep=keep, stage_dir=stage_dir, timeout=timeout, **explicit)
