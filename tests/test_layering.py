@@ -48,7 +48,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "lora": [("layers", "peft_io"), ("injector",), ("validate",)],
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "gateway", "staging"), ("http_client",), ("llm", "replicas"),
-               ("loader", "reward", "publish")],
+               ("loader", "reward", "publish"), ("remote",)],
     "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),

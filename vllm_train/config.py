@@ -126,6 +126,9 @@ class RLHFConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    # vLLM OpenAI servers to sample from (`vllm-train serve` replicas, any machine; engine/remote.py) instead
+    # of a vLLM engine in this process: each adapter version is published to all of them, then sampled
+    rollout_servers: list[str] | None = None
 
     # Update
     ppo_epochs: int = 1  # passes over each rollout batch
@@ -170,6 +173,9 @@ class RLHFConfig:
         _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature,
                "must be > 0 (RL samples)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
+        _check(self.rollout_servers is None or (isinstance(self.rollout_servers, list) and len(self.rollout_servers) > 0
+               and all(isinstance(u, str) and u.strip() for u in self.rollout_servers)), "rollout_servers",
+               self.rollout_servers, "None or a non-empty list of server URLs")
         _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
         _check(1 <= self.num_minibatches <= self.rollout_batch_size * self.group_size, "num_minibatches",
                self.num_minibatches, "between 1 and rollout_batch_size * group_size")

@@ -44,6 +44,9 @@ FIELD_HELP = {
     "max_new_tokens": "longest completion vLLM samples",
     "temperature": "sampling temperature of the rollouts (the loss uses the same)",
     "top_p": "nucleus sampling of the rollouts (1: off)",
+    "rollout_servers": "URL[,URL...] of running vLLM OpenAI servers (`vllm-train serve`, any machine) to sample "
+                       "the rollouts and the evaluation from, instead of a vLLM engine in this process; API key: "
+                       "$VLLM_TRAIN_API_KEY",
     "ppo_epochs": "passes over each rollout batch",
     "num_minibatches": "optimizer steps per pass over a rollout batch",
     "clip_range": "policy ratio clip (lower side; both sides unless --clip-range-high is set)",

@@ -66,6 +66,10 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     reward_model = getattr(args, "reward_model", None)
     if reward_model and not Path(reward_model).is_dir():
         raise VllmTrainError(f"--reward-model: directory not found: {reward_model}")
+    if config.rollout_servers:
+        from vllm_train.engine.publish import AdapterPublisher
+
+        AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
     records = load_prompt_records(args.prompts, "prompts")
     eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
 

@@ -22,6 +22,14 @@ Prompts (.jsonl/.json/.parquet): {"prompt": "text" or [chat messages], ...any fi
 Reward: a Python function `(prompt, completion, example) -> float` given as module:function or
 path/to/file.py:function; `example` is the prompt's record. The toy world's: vllm_train.toy:correctness_reward.
 
+Rollouts on running servers: --rollout-servers URL[,URL...] samples from vLLM OpenAI servers started
+with `vllm-train serve` (on this or other machines) instead of a vLLM engine in this process. Each
+adapter version is published to every replica (all or none) before it is sampled, and the prompts are
+spread over the replicas; a replica that fails mid-rollout has its prompts retried on the others, and a
+rollout no replica can serve stops the run with an error naming each replica. Servers on other machines
+need $VLLM_TRAIN_STAGE_DIR on a filesystem they share, at the same path; API key: $VLLM_TRAIN_API_KEY.
+--temperature other than 1 needs the servers started with --logprobs-mode processed_logprobs (checked).
+
 Written to --output-dir: the adapter (PEFT format, servable by vLLM), resolved_config.json,
 metrics.jsonl (reward, KL to reference, length, sync time, rollout tok/s, train/serve mismatch),
 tb/, curves.png, checkpoints/step-N/ (resume with --resume-from latest).

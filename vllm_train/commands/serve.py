@@ -55,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", metavar="NAME", help="name of the base model in the API "
                    "(default: the model directory's name)")
     p.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--logprobs-mode", choices=["raw_logprobs", "processed_logprobs"],
+                   help="log-probs the servers return: processed_logprobs = of the distribution sampled from, "
+                        "after temperature and top-p (RL rollouts at --temperature != 1 need it; default: "
+                        "vLLM's raw_logprobs)")
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="CPU only: KV cache per replica (default: 0.25)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="GPU only: memory share per GPU (default: 0.85)")
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(model=args.model, host=args.host, port=args.port, replicas=args.replicas,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
                           max_cpu_loras=args.max_cpu_loras, served_model_name=args.served_model_name,
-                          max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                          max_model_len=args.max_model_len, logprobs_mode=args.logprobs_mode,
+                          kv_cache_gib=args.kv_cache_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization, log_dir=args.log_dir,
                           startup_timeout=args.startup_timeout, api_key=args.api_key or os.environ.get(API_KEY_ENV))
     if config.api_key is None:

@@ -51,6 +51,7 @@ class ServerConfig:
     max_cpu_loras: int = 4  # adapters cached per replica (>= keep + 1 of the publisher)
     served_model_name: str | None = None  # default: the model directory's name
     max_model_len: int | None = None
+    logprobs_mode: str | None = None  # vLLM's --logprobs-mode; RL at temperature != 1 needs processed_logprobs
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), CUDA graphs on GPU
     kv_cache_gib: float = 0.25  # CPU only: fixed KV-cache size per replica
@@ -70,6 +71,8 @@ class ServerConfig:
         _check(self.max_lora_rank in VLLM_MAX_LORA_RANKS, "max_lora_rank", self.max_lora_rank,
                f"one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
         _check(self.max_loras >= 1, "max_loras", self.max_loras, "an integer >= 1")
+        _check(self.logprobs_mode in (None, "raw_logprobs", "processed_logprobs"), "logprobs_mode",
+               self.logprobs_mode, "raw_logprobs or processed_logprobs")
         _check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", self.max_cpu_loras, ">= max_loras")
         _check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
@@ -153,6 +156,8 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
         cmd.append("--enforce-eager")
     if c.max_model_len:
         cmd += ["--max-model-len", str(c.max_model_len)]
+    if c.logprobs_mode:
+        cmd += ["--logprobs-mode", c.logprobs_mode]
     if cuda:
         cmd += ["--gpu-memory-utilization", f"{gpu_share:.3f}"]
     else:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vllm_train.config import RLHFConfig, write_resolved_config
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
+from vllm_train.engine.remote import ServerRolloutEngine
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
@@ -270,12 +271,14 @@ class RLHFTrainer:
     # ---- sampling, scoring ---------------------------------------------------------------------
     @property
     def engine(self):
-        """The one vLLM engine (the one passed in, or created on first use)."""
-        if self._engine is None:
+        """The one engine (the one passed in, or made on first use): with ``rollout_servers`` the running
+        vLLM servers (`ServerRolloutEngine`: rollouts and evaluation), else a `VLLMEngine` in this process."""
+        if self._engine is None and self.config.rollout_servers:
+            self._engine = ServerRolloutEngine(self.config.rollout_servers, self.model_name)
+        elif self._engine is None:
             extra = {} if self.config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
-            options = self.engine_options or EngineOptions(
-                max_lora_rank=self.config.lora_config.engine_max_lora_rank, seed=self.config.seed, extra=extra)
-            self._engine = VLLMEngine(self.model_name, options)
+            self._engine = VLLMEngine(self.model_name, self.engine_options or EngineOptions(
+                max_lora_rank=self.config.lora_config.engine_max_lora_rank, seed=self.config.seed, extra=extra))
         return self._engine
 
     def sync_adapter(self):
@@ -357,9 +360,7 @@ class RLHFTrainer:
         return self.saveable.save(path, self.model_name, card=card)
 
     def _reward_label(self) -> str:
-        if self.reward_model is not None:
-            return f"reward model {self.reward_model.name}"
-        return reward_name(self.reward_fn)
+        return f"reward model {self.reward_model.name}" if self.reward_model else reward_name(self.reward_fn)
 
     def _new_value_head(self) -> nn.Linear:
         head = nn.Linear(self.model.config.hidden_size, 1).to(next(self.model.parameters()).device)
