@@ -46,8 +46,7 @@ PRESETS = {
 
 
 SIDE_NAMES = {"trl": "TRL GRPOTrainer, HF generate", "trl_vllm": "TRL GRPOTrainer, vLLM colocate",
-              "ours": "vllm-train, on-policy", "ours_async": "vllm-train, --max-staleness 1",
-              "ours_async_one_stream": "vllm-train, --max-staleness 1, update on the default stream"}
+              "ours": "vllm-train, on-policy", "ours_async": "vllm-train, --max-staleness 1"}
 
 
 def bench_reward(prompt, completion, example) -> float:
@@ -90,8 +89,7 @@ def prompt_records(n: int) -> list[dict]:
     return [{"prompt": r["prompt"]} for r in load_records(data_file("rl_train.jsonl"))[:n]]
 
 
-def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int = 0,
-             update_stream: bool = True) -> dict:
+def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int = 0) -> dict:
     """Our trainer's own loop (`RLHFTrainer.train`); with max_staleness=1 the next rollout is sampled
     while the current step updates. Step time = wall time of a loop step (waiting for the rollout included)."""
     import torch
@@ -114,8 +112,6 @@ def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int 
                            in_process=bool(p.get("in_process", True)))
     trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False, engine_options=engine,
                           tensorboard=False)
-    if not update_stream:
-        trainer.update_stream = None  # the overlapped update on the default stream (for comparison)
     records = prompt_records(p["prompts"])
     trainer.train(records, num_steps=p["steps"])
     kept = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][p["warmup"]:]
@@ -137,10 +133,6 @@ def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int 
 
 def run_ours_async(p: dict, model_dir: str, profile: bool = False) -> dict:
     return run_ours(p, model_dir, profile, max_staleness=1)
-
-
-def run_ours_async_one_stream(p: dict, model_dir: str, profile: bool = False) -> dict:
-    return run_ours(p, model_dir, profile, max_staleness=1, update_stream=False)
 
 
 def _profile_step(trainer, records, seed: int) -> None:
@@ -220,7 +212,7 @@ def main() -> None:
                         "trl_vllm = TRL with vLLM colocate, GPU only; ours_async = ours with --max-staleness 1)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
     parser.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
-    parser.add_argument("--side", choices=["ours", "ours_async", "ours_async_one_stream", "trl", "trl_vllm"],
+    parser.add_argument("--side", choices=["ours", "ours_async", "trl", "trl_vllm"],
                         help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,16 +224,15 @@ def main() -> None:
         p["steps"] = args.steps
 
     if args.side:  # child: run one side, print its JSON on the last line
-        result = {"ours": run_ours, "ours_async": run_ours_async, "ours_async_one_stream": run_ours_async_one_stream,
-                  "trl": run_trl, "trl_vllm": run_trl_vllm}[args.side](p, args.model_dir, args.profile)
+        result = {"ours": run_ours, "ours_async": run_ours_async, "trl": run_trl,
+                  "trl_vllm": run_trl_vllm}[args.side](p, args.model_dir, args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sides = [side for side in ("trl", "trl_vllm", "ours", "ours_async", "ours_async_one_stream")
-             if side in args.sides.split(",")]
+    sides = [side for side in ("trl", "trl_vllm", "ours", "ours_async") if side in args.sides.split(",")]
     with tempfile.TemporaryDirectory(prefix="grpo-bench-model-") as model_dir:
         n_params = build_model(p, Path(model_dir))
         results = {}

@@ -31,7 +31,7 @@ def make_trainer(tiny_model, tmp_path, **kw) -> tuple[RLHFTrainer, FakeEngine]:
                           tensorboard=False)
     with torch.no_grad():  # a non-zero adapter: LoRA A and B both get gradients
         for p in trainer.injector.get_trainable_params():
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
     trainer._version += 1
     return trainer, engine.attach(trainer)
 

@@ -122,7 +122,9 @@ def load_checkpoint(path: Path, injector: LoRAInjector, optimizer, scheduler) ->
     tensors = load_file(str(path / "optimizer.safetensors"))
     for i, p in enumerate(params):
         if f"{i}.exp_avg" in tensors:
-            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer"]["steps"][str(i)])),
+            # the fused (CUDA) AdamW keeps its step count on the parameters' device, the plain one on the CPU
+            step_device = p.device if optimizer.defaults.get("fused") else None
+            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer"]["steps"][str(i)]), device=step_device),
                                   "exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
                                   "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device)}
     scheduler.last_epoch = meta["scheduler_last_epoch"]

@@ -15,7 +15,6 @@ One loop for all of them. `train` runs steps; `ppo_step` reads top to bottom:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -87,8 +86,6 @@ class RLHFTrainer:
         self.optimizer = common.make_optimizer(self.params, c.lora_config)
         self.scheduler = None  # made by `train` (needs the number of steps)
         self.global_step = 0
-        # overlapped rollouts on CUDA: the update gets a stream of its own (None: the current stream)
-        self.update_stream = torch.cuda.Stream() if c.max_staleness and self.policy.device.type == "cuda" else None
         self._version = 0  # bumped whenever the weights change
         self._served = None  # (version, AdapterRef) last synced to vLLM
 
@@ -152,26 +149,11 @@ class RLHFTrainer:
                 following = step_records(records, step + 1, c.rollout_batch_size, c.seed)
                 version, next_seed = self._version, step_seed(c.seed, step + 1)
                 prefetcher.start(step + 1, lambda: self._sample(following, next_seed, adapter, version, sync_ms))
-        with self._on_update_stream():
-            stats = self.ppo_step(batch, seed, refill_source(records, step, c.seed), rollout)
+        stats = self.ppo_step(batch, seed, refill_source(records, step, c.seed), rollout)
         if prefetcher is not None:
             stats["rollout_wait_seconds"] = waited
         stats["step_seconds"] = time.perf_counter() - t0
         return stats
-
-    @contextlib.contextmanager
-    def _on_update_stream(self):
-        """Run the update on its own CUDA stream while a rollout is in flight, so its kernels and vLLM's
-        can run side by side instead of queueing behind each other on the default stream; the default
-        stream then waits for it, so the next adapter sync reads the updated weights."""
-        stream = self.update_stream
-        if stream is None:
-            yield
-            return
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream().wait_stream(stream)
 
     def _resume(self, num_steps: int) -> int:
         """Make the LR schedule; restore a checkpoint if asked. Returns the step to continue from."""
