@@ -194,6 +194,7 @@ def main() -> None:
         return
 
     results: dict = {}
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "learning_parity_cpu.json"
     with tempfile.TemporaryDirectory(prefix="learning-parity-") as tmp:
         for name in args.cases.split(","):
             case = CASES[name]
@@ -213,12 +214,17 @@ def main() -> None:
             if "ours" in row and "trl" in row:
                 row["gain_ratio"] = row["ours"]["gain"] / row["trl"]["gain"] if row["trl"]["gain"] else None
             results[name] = row
+            _write(results, out)  # after every case: a long run that stops early keeps what it measured
     _print_table(results)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "learning_parity_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cases": results, "judge": {"prompts": JUDGE_PROMPTS, "samples": JUDGE_SAMPLES},
-                               "versions": _versions()}, indent=2) + "\n")
     print(f"  -> {out}")
+
+
+def _write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"cases": results, "judge": {"prompts": JUDGE_PROMPTS, "samples": JUDGE_SAMPLES},
+                               "versions": _versions()}, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def _print_table(results: dict) -> None:

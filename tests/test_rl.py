@@ -142,7 +142,9 @@ def test_trainer_logprobs_equal_a_plain_hf_forward(tmp_path, tiny_model, shipped
             logits = trainer.model(input_ids=ids).logits[0, len(p_ids) - 1:-1].cpu()
             expected = torch.log_softmax(logits.float() / temperature, -1)
             expected = expected.gather(-1, torch.tensor(c_ids)[:, None])[:, 0]
-            torch.testing.assert_close(logps_BT[i, :len(c_ids)], expected.detach(), rtol=0, atol=1e-5)
+            # fp32 both sides; CUDA's reduction order (chunked vs full logits) gave up to 2e-5 on the H200
+            atol = 1e-4 if torch.cuda.is_available() else 1e-5
+            torch.testing.assert_close(logps_BT[i, :len(c_ids)], expected.detach(), rtol=0, atol=atol)
             assert (logps_BT[i, len(c_ids):] == 0).all()  # padding
 
 
