@@ -1,5 +1,6 @@
 """The CLI on bad input: one line on stderr naming the problem, exit status 2, no output dir left."""
 
+import json
 import subprocess
 import sys
 
@@ -188,3 +189,24 @@ def test_rl_refuses_max_length_instead_of_ignoring_it(tiny_model, tmp_path, caps
     code, err = run_cli(argv, capsys)
     assert code == 2 and len(err) == 1 and "--max-length" in err[0] and "not supported by RL" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.vllm
+def test_vllm_logs_only_with_verbose(tiny_model):
+    """`vllm-train generate` prints its answer and no vLLM info/warning lines (nor Python or torch
+    warnings); with --verbose vLLM's log is back. Own processes: vLLM reads its log level at import."""
+    import os
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "PYTHONWARNINGS")}
+    argv = [sys.executable, "-m", "vllm_train.cli", "generate", "--model", tiny_model, "--prompt", "1 + 1 =",
+            "--max-tokens", "2", "--json"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    loud = subprocess.run([*argv, "--verbose"], capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    vllm_log = re.compile(r"\b(INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d")  # vLLM's format: "INFO 11-29 19:23:52 [...]"
+    quiet_lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert not [line for line in quiet_lines if vllm_log.search(line) or re.search(r"(?i)warning", line)], quiet_lines
+    assert [line for line in (loud.stdout + loud.stderr).splitlines() if vllm_log.search(line) and "INFO" in line]
+    answer = json.loads(quiet.stdout.strip().splitlines()[-1])
+    assert answer == json.loads(loud.stdout.strip().splitlines()[-1]) and answer["prompt"] == "1 + 1 ="

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.config import DPOConfig
 
 DESCRIPTION = """\
 Train a LoRA adapter on preference pairs with Direct Preference Optimization and write it in PEFT
@@ -50,8 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: reward accuracy/margin after each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. SFT); it becomes the reference")
     add_output_args(p)
-    from vllm_train.trainers.dpo import DPOConfig
-
     add_config_args(p, DPOConfig)
     p.set_defaults(run=run)
 
@@ -59,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.models import check_model_path, load_tokenizer
-    from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
+    from vllm_train.trainers.dpo import DPOTrainer
 
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
     check_model_path(args.model)

@@ -15,44 +15,21 @@ On resume the reference is recomputed the same way *before* the checkpoint's wei
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from vllm_train import models
-from vllm_train.config import LoRATrainConfig, _check
+from vllm_train.config import DPOConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.peft_io import adapter_card
-from vllm_train.losses.dpo import LOSS_TYPES, preference_loss, preference_metrics, rpo_chosen_nll
+from vllm_train.losses.dpo import preference_loss, preference_metrics, rpo_chosen_nll
 from vllm_train.metrics import plot_curves
 from vllm_train.models import batch_logps, pair_logps
 from vllm_train.trainers import common, loop
-
-
-@dataclass
-class DPOConfig(LoRATrainConfig):
-    """LoRATrainConfig plus the preference-loss settings (all validated)."""
-
-    beta: float = 0.1  # strength of the pull towards the reference (IPO: tau)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
-    precompute_ref_logps: bool = True  # reference log-probs once, before training (required with --adapter)
-    rpo_alpha: float = 0.0  # weight of the NLL of the chosen completions added to the loss (RPO); 0 = off
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
-        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, "one of " + ", ".join(LOSS_TYPES))
-        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
-               "0 <= label_smoothing < 0.5")
-        _check(self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha), "rpo_alpha", self.rpo_alpha, "must be >= 0")
-        _check(self.label_smoothing == 0.0 or self.loss_type == "sigmoid", "label_smoothing",
-               self.label_smoothing, "only with loss_type sigmoid")
 
 
 class DPOTrainer:

@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_train import models
-from vllm_train.config import LoRATrainConfig, _check
+from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
@@ -44,24 +43,6 @@ from vllm_train.trainers.common import Checkpointable, make_optimizer
 HEAD = "score"
 
 
-@dataclass
-class RewardModelConfig(LoRATrainConfig):
-    """LoRATrainConfig plus the head's learning rate. The head starts near zero (std 0.02), so the
-    LoRA layers get almost no gradient until it has grown: a higher head rate gets training going."""
-
-    head_learning_rate: float | None = None  # None: 10 x learning_rate
-    # > 0: add this weight times a distillation loss of the base LM's preference (see `base_preference_loss`)
-    base_preference_coef: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
-               self.head_learning_rate, "None or > 0")
-        _check(self.base_preference_coef >= 0, "base_preference_coef", self.base_preference_coef, "must be >= 0")
-
-    @property
-    def head_lr(self) -> float:
-        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
 HEAD_KEY = f"{PEFT_PREFIX}{HEAD}.weight"
 
 
