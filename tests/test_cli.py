@@ -1,5 +1,6 @@
 """The CLI on bad input: one line on stderr naming the problem, exit status 2, no output dir left."""
 
+import json
 import subprocess
 import sys
 
@@ -103,3 +104,109 @@ def test_sft_then_eval_then_generate_end_to_end(tiny_model, tmp_path):
     assert results["perplexity/adapter"]["perplexity"] < results["perplexity/base"]["perplexity"]
     text = cli("generate", "--model", tiny_model, "--adapter", str(out), "--chat", "What is 47 + 38?", "--json")
     assert json.loads(text.strip().splitlines()[-1])["completion"].strip() != ""
+
+
+# ---- flags <-> config fields (commands/_common.py: one table-driven mapping) ------------------------
+def _parser_flags(command: str) -> tuple[set[str], str]:
+    """(option strings, --help text) of one command."""
+    import argparse
+
+    from vllm_train.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return {o for a in parser._actions for o in a.option_strings}, parser.format_help()
+
+
+@pytest.mark.parametrize("command,config_path,skipped", [
+    ("sft", "vllm_train.config:LoRATrainConfig", set()),
+    ("dpo", "vllm_train.trainers.dpo:DPOConfig", set()),
+    ("rm", "vllm_train.trainers.rm:RewardModelConfig", set()),
+    ("grpo", "vllm_train.config:RLHFConfig", {"lora_config." + n for n in (
+        "num_epochs", "max_steps", "gradient_accumulation_steps", "seed", "logging_steps", "save_steps")}),
+    ("ppo", "vllm_train.config:RLHFConfig", {"algorithm"} | {"lora_config." + n for n in (
+        "num_epochs", "max_steps", "gradient_accumulation_steps", "seed", "logging_steps", "save_steps")}),
+])
+def test_every_config_field_has_a_documented_flag(command, config_path, skipped):
+    """Each field of the command's config (nested lora_config included) is one flag, shown in --help with
+    its default; the only renamed flag is --loss (loss_type); output_dir comes from --output-dir."""
+    import dataclasses
+    import importlib
+
+    module, name = config_path.split(":")
+    config_cls = getattr(importlib.import_module(module), name)
+    paths = []
+    for f in dataclasses.fields(config_cls):
+        if f.name == "lora_config":
+            paths += [f"lora_config.{g.name}" for g in dataclasses.fields(f.default_factory())]
+        else:
+            paths.append(f.name)
+    wanted = {p for p in paths if p not in skipped and not p.endswith("output_dir")}
+    flags, help_text = _parser_flags(command)
+    for path in wanted:
+        leaf = path.rsplit(".", 1)[-1]
+        flag = "--loss" if leaf == "loss_type" else "--" + leaf.replace("_", "-")
+        assert flag in flags, (command, path)
+        assert flag in help_text, (command, flag)
+    help_flat = " ".join(help_text.split())
+    assert help_flat.count("(default:") >= len(wanted), help_flat
+    assert "--output-dir" in flags and "--config" in flags
+
+
+def test_flags_override_the_config_file_which_is_read_once(tmp_path, monkeypatch):
+    """RL: the file's nested lora_config merges with the LoRA flags; flags win; the file is read once."""
+    from vllm_train import config as config_module
+    from vllm_train.cli import build_parser
+    from vllm_train.commands import _common
+    from vllm_train.commands._rl import rl_config_from_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("group_size: 4\nkl_coef: 0.1\nlora_config:\n  rank: 4\n  alpha: 8\n  learning_rate: 0.001\n")
+    reads = []
+    real = config_module.load_config_file
+    monkeypatch.setattr(_common, "load_config_file", lambda path: reads.append(path) or real(path))
+    args = build_parser().parse_args(["grpo", "--model", "m", "--prompts", "p.jsonl", "--reward", "m:f", "--config",
+                                      str(cfg), "--output-dir", str(tmp_path / "out"), "--rank", "16",
+                                      "--kl-coef", "0.5", "--temperature", "0.7"])
+    config = rl_config_from_args(args, algorithm=None)
+    assert len(reads) == 1
+    assert (config.group_size, config.kl_coef, config.temperature) == (4, 0.5, 0.7)
+    lora = config.lora_config
+    assert (lora.rank, lora.alpha, lora.learning_rate, lora.output_dir) == (16, 8.0, 0.001, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_rl_refuses_max_length_instead_of_ignoring_it(tiny_model, tmp_path, capsys, how):
+    from vllm_train.assets import data_file
+
+    argv = ["grpo", "--model", tiny_model, "--prompts", str(data_file("rl_train.jsonl")), "--reward",
+            "vllm_train.toy:correctness_reward", "--output-dir", str(tmp_path / "out")]
+    if how == "flag":
+        argv += ["--max-length", "64"]
+    else:
+        (tmp_path / "rl.yaml").write_text("lora_config:\n  max_length: 64\n")
+        argv += ["--config", str(tmp_path / "rl.yaml")]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and "--max-length" in err[0] and "not supported by RL" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.vllm
+def test_vllm_logs_only_with_verbose(tiny_model):
+    """`vllm-train generate` prints its answer and no vLLM info/warning lines (nor Python or torch
+    warnings); with --verbose vLLM's log is back. Own processes: vLLM reads its log level at import."""
+    import os
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "PYTHONWARNINGS")}
+    argv = [sys.executable, "-m", "vllm_train.cli", "generate", "--model", tiny_model, "--prompt", "1 + 1 =",
+            "--max-tokens", "2", "--json"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    loud = subprocess.run([*argv, "--verbose"], capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    vllm_log = re.compile(r"\b(INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d")  # vLLM's format: "INFO 11-29 19:23:52 [...]"
+    quiet_lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert not [line for line in quiet_lines if vllm_log.search(line) or re.search(r"(?i)warning", line)], quiet_lines
+    assert [line for line in (loud.stdout + loud.stderr).splitlines() if vllm_log.search(line) and "INFO" in line]
+    answer = json.loads(quiet.stdout.strip().splitlines()[-1])
+    assert answer == json.loads(loud.stdout.strip().splitlines()[-1]) and answer["prompt"] == "1 + 1 ="

@@ -187,7 +187,7 @@ def test_modules_stay_small():
 @pytest.mark.parametrize("source,expected", [
     # the checker itself: an upward, a sideways and a downward import, and vLLM outside the engine
     ("from vllm_train.trainers import common\n", "upward"),
-    ("from vllm_train.losses.dpo import LOSS_TYPES\n", "sideways"),
+    ("from vllm_train.losses.dpo import preference_loss\n", "sideways"),
     ("from vllm_train.losses.ppo import kl_per_token\n", None),
 ])
 def test_checker_flags_upward_and_sideways_imports(tmp_path, source, expected):

@@ -7,8 +7,10 @@ input print one line (`error: ...`) on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from vllm_train.errors import VllmTrainError
 
@@ -43,16 +45,42 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet in this checkout
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        try:
+            command.add_argument("--verbose", action="store_true",
+                                 help="show vLLM's info and warning logs (default: errors only)")
+        except argparse.ArgumentError:  # the command has its own --verbose (push: timings); it means this too
+            pass
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Quiet third-party chatter for command-line use; library users keep their own settings.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# Commands whose vLLM processes log to files, not to the terminal: their logs keep vLLM's own level.
+LOGS_TO_FILES = ("serve",)
+
+
+def quiet_libraries(command: str | None, verbose: bool) -> None:
+    """Command-line use: vLLM, torch and Python warnings are folded to errors (vLLM's start-up info and
+    warnings are not actionable for a user of these commands) unless --verbose; our progress bars and
+    summaries stay. Runs before torch or vLLM is imported (parsing the command line imports neither):
+    both read these settings once, and vLLM's engine processes inherit them. A level the user exported
+    wins."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
+    if command in LOGS_TO_FILES:
+        return
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    logging.getLogger("vllm").setLevel(level.upper())  # also covers messages sent before vLLM configures logging
+    if not verbose:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args.command, getattr(args, "verbose", False))  # library users keep their own settings
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

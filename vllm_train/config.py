@@ -104,6 +104,50 @@ class LoRATrainConfig:
         return engine_max_lora_rank(self.rank)
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(LoRATrainConfig):
+    """LoRATrainConfig plus the preference-loss settings (all validated)."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (IPO: tau)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    precompute_ref_logps: bool = True  # reference log-probs once, before training (required with --adapter)
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen completions added to the loss (RPO); 0 = off
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
+        _check(self.loss_type in DPO_LOSS_TYPES, "loss_type", self.loss_type, "one of " + ", ".join(DPO_LOSS_TYPES))
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
+               "0 <= label_smoothing < 0.5")
+        _check(self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha), "rpo_alpha", self.rpo_alpha, "must be >= 0")
+        _check(self.label_smoothing == 0.0 or self.loss_type == "sigmoid", "label_smoothing",
+               self.label_smoothing, "only with loss_type sigmoid")
+
+
+@dataclass
+class RewardModelConfig(LoRATrainConfig):
+    """LoRATrainConfig plus the head's learning rate. The head starts near zero (std 0.02), so the
+    LoRA layers get almost no gradient until it has grown: a higher head rate gets training going."""
+
+    head_learning_rate: float | None = None  # None: 10 x learning_rate
+    # > 0: add this weight times a distillation loss of the base LM's preference (see `base_preference_loss`)
+    base_preference_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
+               self.head_learning_rate, "None or > 0")
+        _check(self.base_preference_coef >= 0, "base_preference_coef", self.base_preference_coef, "must be >= 0")
+
+    @property
+    def head_lr(self) -> float:
+        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
+
+
 RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "ppo")
 
 

@@ -1,15 +1,28 @@
-"""Argument plumbing shared by the training commands: config file + flags -> a validated config."""
+"""Argument plumbing shared by the training commands: config file + flags -> a validated config.
+
+One mechanism maps flags onto config fields. The flags are generated from the config dataclass: field
+``learning_rate`` -> ``--learning-rate``, and the fields of a nested config (``RLHFConfig.lora_config``)
+the same way, without a prefix. `FLAG_NAMES` renames the few flags whose name differs from their field,
+`FIELD_HELP` explains each field. Values are merged as defaults < the ``--config`` file (read once) <
+flags < what the command fixes (e.g. ``output_dir`` from ``--output-dir``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file
 from vllm_train.errors import VllmTrainError
 
+DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field's dotted path
+
+FLAG_NAMES = {"loss_type": "loss"}  # field -> flag name, where they differ
+
+# Help per field. "<Context>.<field>" keys win over plain field names: the context is the config class
+# that declares the field, or the name of the nested config it is reached through (e.g. lora_config).
 FIELD_HELP = {
     "rank": "LoRA rank r (any r >= 1; vLLM serves it with max_lora_rank rounded up to 1/8/16/32/...)",
     "alpha": "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)",
@@ -33,11 +46,19 @@ FIELD_HELP = {
     "save_steps": "checkpoint every N steps (0: at the end of each epoch)",
     "save_total_limit": "checkpoints to keep",
     "resume_from": "checkpoint dir to resume from, or 'latest' (newest under the output dir)",
-    "output_dir": "where the adapter, metrics, plots and checkpoints go",
+    # DPO (DPOConfig)
+    "beta": "how strongly to stay near the reference; larger = sharper preference",
+    "loss_type": "preference loss: sigmoid (DPO) | ipo | hinge",
+    "label_smoothing": "assumed share of flipped labels, 0 <= e < 0.5 (conservative DPO; sigmoid only)",
+    "precompute_ref_logps": "reference log-probs once before training (true) or every step (false; base "
+                            "reference only)",
+    "rpo_alpha": "add V x the per-token NLL of the chosen answers (RPO): keeps their likelihood from falling "
+                 "while the margin grows (0 = plain preference loss)",
     # reward models (RewardModelConfig)
+    "head_learning_rate": "learning rate of the scalar head, which starts near zero (default: 10 x --learning-rate)",
     "base_preference_coef": "weight of a training-only loss that also asks the reward's last-token state to "
                             "predict the base LM's own chosen-vs-rejected log-prob preference (0: off)",
-    # RL (RLHFConfig)
+    # RL (RLHFConfig, and the LoRATrainConfig it holds as lora_config)
     "algorithm": "grpo | dr_grpo | dapo | rloo | ppo",
     "rollout_batch_size": "prompts per RL step",
     "group_size": "completions sampled per prompt (>= 2 for the group-relative algorithms)",
@@ -68,33 +89,104 @@ FIELD_HELP = {
     "max_staleness": "1: sample the next step's rollout while this step updates (it lags one update; "
                      "corrected by importance weights, --tis-cap 2 if unset); 0: on-policy, one after the other",
     "eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
+    "RLHFConfig.save_steps": "checkpoint every N RL steps (0: only the final adapter)",
+    "RLHFConfig.seed": "random seed (prompt order, LoRA init, sampling)",
+    "lora_config.batch_size": "sequences per micro-batch",
+    "lora_config.max_length": "rejected: RL does not truncate yet (completions are capped by --max-new-tokens, "
+                              "prompts are used whole; default: not applied)",
 }
 
+# The flag groups of `--help`, by the config class that declares the fields (or the nested config's name).
+GROUP_TITLES = {"DPOConfig": "DPO options", "RewardModelConfig": "reward-model options", "RLHFConfig": "RL options",
+                "LoRATrainConfig": "training options", "lora_config": "LoRA and optimizer options"}
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls=LoRATrainConfig, skip=("output_dir",),
-                    title: str = "training options (override --config)") -> None:
-    """--config FILE plus one --kebab-case flag per config field (default: unset, so the file wins)."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it")
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(config_cls):
-        if f.name in skip or dataclasses.is_dataclass(f.type) or f.name.endswith("_config"):
+
+@dataclasses.dataclass
+class ConfigFlag:
+    path: str  # dotted field path, e.g. "beta" or "lora_config.rank"
+    flag: str  # e.g. "--beta"
+    metavar: str  # BOOL for true/false fields, else V
+    help: str
+    group: str  # its `--help` section
+
+
+def config_flags(config_cls: type, skip: tuple[str, ...] = ()) -> list[ConfigFlag]:
+    """One flag per settable field of `config_cls` (nested config dataclasses expanded); `skip` lists the
+    dotted paths a command does not offer. ``output_dir`` never is a config flag: --output-dir sets it."""
+    out = []
+    for f, hint, context, path in _leaf_fields(config_cls):
+        if path in skip or f.name == "output_dir":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, list) else default
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar="V",
-                           help=f"{FIELD_HELP.get(f.name, f.name)} (default: {shown})")
+        text = FIELD_HELP.get(f"{context}.{f.name}", FIELD_HELP.get(f.name, f.name))
+        if "default:" not in text:
+            text = f"{text} (default: {shown})"
+        where = f"--config's {path.rpartition('.')[0]}" if "." in path else "--config"
+        group = f"{GROUP_TITLES.get(context, context)} (override {where})"
+        flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        out.append(ConfigFlag(path, flag, "BOOL" if hint is bool else "V", text, group))
+    return out
 
 
-def config_from_args(args: argparse.Namespace, config_cls=LoRATrainConfig, **fixed: Any):
-    """defaults < --config file < flags < `fixed` (e.g. output_dir from --output-dir)."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
-    for key, value in vars(args).items():
-        if key.startswith("cfg_") and value is not None:
-            values[key[4:]] = value
-    values.update({k: v for k, v in fixed.items() if v is not None})
-    return config_from_dict(config_cls, values, source=args.config or "flags")
+def _leaf_fields(config_cls: type, prefix: str = ""):
+    """(field, type, context, dotted path) of every non-config field: the class's own fields first, then the
+    inherited ones, then those of nested configs (context: the class that declares a field, or the
+    nested config's name)."""
+    hints = get_type_hints(config_cls)
+    own = config_cls.__dict__.get("__annotations__", {})
+    fields = dataclasses.fields(config_cls)
+    nested = [f for f in fields if dataclasses.is_dataclass(hints[f.name])]
+    leaves = sorted((f for f in fields if f not in nested), key=lambda f: f.name not in own)  # stable sort
+    for f in leaves:
+        declared_by = next(c.__name__ for c in config_cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))
+        yield f, hints[f.name], prefix[:-1] or declared_by, prefix + f.name
+    for f in nested:
+        yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type = LoRATrainConfig,
+                    skip: tuple[str, ...] = ()) -> None:
+    """--config FILE plus the flags of `config_flags` (default: unset, so the file's value wins)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it")
+    groups: dict[str, Any] = {}
+    for flag in config_flags(config_cls, skip):
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        groups[flag.group].add_argument(flag.flag, dest=DEST_PREFIX + flag.path, default=None,
+                                        metavar=flag.metavar, help=flag.help)
+
+
+def config_values(args: argparse.Namespace) -> dict:
+    """The config fields the user gave, as a nested dict: the --config file (read here, once) overlaid
+    with the config flags."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for dest, value in vars(args).items():
+        if dest.startswith(DEST_PREFIX) and value is not None:
+            set_path(values, dest[len(DEST_PREFIX):], value)
+    return values
+
+
+def set_path(values: dict, path: str, value: Any) -> None:
+    """values["a"]["b"] = value for path "a.b" (a nested config given in a file must be a mapping)."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        inner = values.setdefault(name, {})
+        if not isinstance(inner, dict):
+            raise VllmTrainError(f"config field '{name}': {inner!r} is invalid (a mapping of its fields)")
+        values = inner
+    values[leaf] = value
+
+
+def config_from_args(args: argparse.Namespace, config_cls: type = LoRATrainConfig, fixed: dict | None = None,
+                     values: dict | None = None):
+    """The validated config: defaults < --config file < flags < `fixed` (dotted paths; None = not fixed).
+    Pass `values` from `config_values` when the command has already looked at them."""
+    values = config_values(args) if values is None else values
+    for path, value in (fixed or {}).items():
+        if value is not None:
+            set_path(values, path, value)
+    return config_from_dict(config_cls, values, source=getattr(args, "config", None) or "flags")
 
 
 def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool) -> None:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.commands._common import (
+    add_config_args,
+    add_output_args,
+    check_output_dir,
+    config_from_args,
+    config_values,
+)
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
-_UNUSED_LORA_FIELDS = ("output_dir", "num_epochs", "max_steps", "gradient_accumulation_steps", "seed",
-                       "logging_steps", "save_steps")
+RL_UNUSED_LORA_FIELDS = tuple(f"lora_config.{name}" for name in (
+    "num_epochs", "max_steps", "gradient_accumulation_steps", "seed", "logging_steps", "save_steps"))
 
 
 def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
-    from vllm_train.config import LoRATrainConfig, RLHFConfig
+    from vllm_train.config import RLHFConfig
 
     p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
     p.add_argument("--prompts", required=True, metavar="FILE", help="prompt records (.jsonl/.json/.parquet)")
@@ -22,28 +27,21 @@ def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     p.add_argument("--num-steps", type=int, default=100, help="RL steps (default: 100)")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)")
     add_output_args(p)
-    add_config_args(p, RLHFConfig, skip=("lora_config", *skip), title="RL options (override --config)")
-    group = p.add_argument_group("LoRA and optimizer options (override --config's lora_config)")
-    for f in dataclasses.fields(LoRATrainConfig):
-        if f.name in _UNUSED_LORA_FIELDS:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(default) if isinstance(default, list) else default
-        from vllm_train.commands._common import FIELD_HELP
-
-        help_text = FIELD_HELP.get(f.name, f.name) if f.name != "batch_size" else "sequences per micro-batch"
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"lora_{f.name}", default=None, metavar="V",
-                           help=f"{help_text} (default: {shown})")
+    add_config_args(p, RLHFConfig, skip=RL_UNUSED_LORA_FIELDS + skip)
 
 
 def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
-    from vllm_train.config import RLHFConfig, load_config_file
+    """RLHFConfig from --config and the flags; `algorithm` fixed by the command (None: --algorithm)."""
+    from vllm_train.config import RLHFConfig
+    from vllm_train.errors import VllmTrainError
 
-    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    lora = dict(file_values.get("lora_config") or {})
-    lora.update({k[5:]: v for k, v in vars(args).items() if k.startswith("lora_") and v is not None})
-    lora["output_dir"] = args.output_dir
-    return config_from_args(args, RLHFConfig, lora_config=lora, algorithm=algorithm)
+    values = config_values(args)
+    if "max_length" in (values.get("lora_config") or {}):
+        # RLHFTrainer does not truncate yet: a max_length would be silently ignored, so it is refused.
+        raise VllmTrainError("--max-length (lora_config.max_length) is not supported by RL yet: completions are "
+                             "capped by --max-new-tokens and prompts are used whole")
+    return config_from_args(args, RLHFConfig, {"lora_config.output_dir": args.output_dir, "algorithm": algorithm},
+                            values=values)
 
 
 def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:

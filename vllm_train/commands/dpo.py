@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.config import DPOConfig
 
 DESCRIPTION = """\
 Train a LoRA adapter on preference pairs with Direct Preference Optimization and write it in PEFT
@@ -42,9 +43,6 @@ example (the shipped toy world: the model forgets the carry; the pairs prefer th
       --data vllm_train/assets/data/rl_eval.jsonl
 """
 
-DPO_FIELDS = ("beta", "loss_type", "label_smoothing", "precompute_ref_logps", "rpo_alpha")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dpo", help="preference optimization (DPO/IPO/hinge) of a LoRA adapter",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,32 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: reward accuracy/margin after each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. SFT); it becomes the reference")
     add_output_args(p)
-    group = p.add_argument_group("DPO options (override --config)")
-    group.add_argument("--beta", dest="cfg_beta", metavar="V",
-                       help="how strongly to stay near the reference; larger = sharper preference (default: 0.1)")
-    group.add_argument("--loss", dest="cfg_loss_type", choices=["sigmoid", "ipo", "hinge"],
-                       help="preference loss (default: sigmoid = DPO)")
-    group.add_argument("--label-smoothing", dest="cfg_label_smoothing", metavar="V",
-                       help="assumed share of flipped labels, 0 <= e < 0.5 (conservative DPO; sigmoid only; "
-                            "default: 0)")
-    group.add_argument("--precompute-ref-logps", dest="cfg_precompute_ref_logps", metavar="BOOL",
-                       help="reference log-probs once before training (true) or every step (false; base "
-                            "reference only) (default: true)")
-    group.add_argument("--rpo-alpha", dest="cfg_rpo_alpha", metavar="V",
-                       help="add V x the per-token NLL of the chosen answers (RPO): keeps their likelihood "
-                            "from falling while the margin grows (default: 0 = plain preference loss)")
-    from vllm_train.trainers.dpo import DPOConfig
-
-    add_config_args(p, DPOConfig, skip=("output_dir",) + DPO_FIELDS)
+    add_config_args(p, DPOConfig)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.models import check_model_path, load_tokenizer
-    from vllm_train.trainers.dpo import DPOConfig, DPOTrainer
+    from vllm_train.trainers.dpo import DPOTrainer
 
-    config = config_from_args(args, DPOConfig, output_dir=args.output_dir)
+    config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
     check_model_path(args.model)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(args.model)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.config import RewardModelConfig
 
 DESCRIPTION = """\
 Train a reward model on preference pairs: the base model as a 1-label sequence classifier (a linear
@@ -54,12 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-with-vllm", action="store_true",
                    help="after training, score --eval-data with the saved model in vLLM and compare with HF")
     add_output_args(p)
-    group = p.add_argument_group("reward-model options (override --config)")
-    group.add_argument("--head-learning-rate", dest="cfg_head_learning_rate", metavar="V",
-                       help="learning rate of the scalar head, which starts near zero (default: 10 x --learning-rate)")
-    from vllm_train.trainers.rm import RewardModelConfig
-
-    add_config_args(p, RewardModelConfig, skip=("output_dir", "head_learning_rate"))
+    add_config_args(p, RewardModelConfig)
     p.set_defaults(run=run)
 
 
@@ -67,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.errors import VllmTrainError
     from vllm_train.models import check_model_path, load_tokenizer
-    from vllm_train.trainers.rm import RewardModelConfig, RewardModelTrainer
+    from vllm_train.trainers.rm import RewardModelTrainer
 
-    config = config_from_args(args, RewardModelConfig, output_dir=args.output_dir)
+    config = config_from_args(args, RewardModelConfig, {"output_dir": args.output_dir})
     if args.score_with_vllm and not args.eval_data:
         raise VllmTrainError("--score-with-vllm needs --eval-data (the pairs to score)")
     check_model_path(args.model)

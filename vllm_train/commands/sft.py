@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.models import check_model_path, load_tokenizer
     from vllm_train.trainers.sft import LoRATrainer
 
-    config = config_from_args(args, output_dir=args.output_dir)
+    config = config_from_args(args, fixed={"output_dir": args.output_dir})
     check_model_path(args.model)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(args.model)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from vllm_train.config import DPO_LOSS_TYPES
 
 
 def _implicit_rewards(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta):
@@ -80,7 +80,7 @@ def preference_loss(loss_type: str, policy_chosen_B, policy_rejected_B, ref_chos
         return ipo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta)
     if loss_type == "hinge":
         return hinge_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta)
-    raise ValueError(f"unknown preference loss {loss_type!r} (one of {', '.join(LOSS_TYPES)})")
+    raise ValueError(f"unknown preference loss {loss_type!r} (one of {', '.join(DPO_LOSS_TYPES)})")
 
 
 def bradley_terry_loss(chosen_scores_B: torch.Tensor, rejected_scores_B: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -140,8 +140,8 @@ class DPOLoss(nn.Module):
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown preference loss {loss_type!r} (one of {', '.join(LOSS_TYPES)})")
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown preference loss {loss_type!r} (one of {', '.join(DPO_LOSS_TYPES)})")
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing

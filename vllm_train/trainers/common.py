@@ -13,13 +13,32 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
-from vllm_train.lora.injector import LoRAInjector
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """The trainable state a checkpoint saves and a resume restores. `LoRAInjector` is one; a trainer
+    with more state (a reward head, a value head) wraps the injector in its own."""
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates, always in the same order (optimizer state is saved by index)."""
+        ...
+
+    def save(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write the state as a PEFT-format adapter directory `path` (plus any extra files)."""
+        ...
+
+    def load(self, path: str | Path) -> None:
+        """Load what `save` wrote into the live parameters."""
+        ...
 
 
 def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
@@ -69,7 +88,7 @@ def make_schedule(optimizer, total_steps: int, config: LoRATrainConfig):
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
-def save_checkpoint(run_dir: Path, step: int, injector: LoRAInjector, optimizer, scheduler, state: dict,
+def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimizer, scheduler, state: dict,
                     base_model: str, keep: int) -> Path:
     """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
@@ -114,7 +133,7 @@ def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, injector: LoRAInjector, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, injector: Checkpointable, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer moments, schedule position and RNG; returns the saved state dict."""
     meta = json.loads((path / "trainer_state.json").read_text())
     injector.load(path / "adapter")

@@ -21,17 +21,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from vllm_train import models
-from vllm_train.config import LoRATrainConfig, _check, write_resolved_config
+from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
@@ -39,37 +36,20 @@ from vllm_train.lora.layers import merged_state_dict
 from vllm_train.lora.peft_io import PEFT_PREFIX, read_adapter_dir, write_adapter_dir
 from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.dpo import base_preference_loss, bradley_terry_loss
-from vllm_train.metrics import MetricsLogger, plot_curves
+from vllm_train.metrics import plot_curves
 from vllm_train.models import pair_logps, pooled_hidden
-from vllm_train.trainers import common
+from vllm_train.trainers import loop
+from vllm_train.trainers.common import Checkpointable, make_optimizer
 
 HEAD = "score"
 
 
-@dataclass
-class RewardModelConfig(LoRATrainConfig):
-    """LoRATrainConfig plus the head's learning rate. The head starts near zero (std 0.02), so the
-    LoRA layers get almost no gradient until it has grown: a higher head rate gets training going."""
-
-    head_learning_rate: float | None = None  # None: 10 x learning_rate
-    # > 0: add this weight times a distillation loss of the base LM's preference (see `base_preference_loss`)
-    base_preference_coef: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
-               self.head_learning_rate, "None or > 0")
-        _check(self.base_preference_coef >= 0, "base_preference_coef", self.base_preference_coef, "must be >= 0")
-
-    @property
-    def head_lr(self) -> float:
-        return self.head_learning_rate if self.head_learning_rate is not None else 10 * self.learning_rate
 HEAD_KEY = f"{PEFT_PREFIX}{HEAD}.weight"
 
 
-class RewardModelParams:
-    """The trainable state of a reward model (LoRA layers + head), with the `save`/`load`/
-    `get_trainable_params` trio that `common.save_checkpoint` / `load_checkpoint` use."""
+class RewardModelParams(Checkpointable):
+    """The trainable state of a reward model: LoRA layers + head, saved as one PEFT adapter (the head in
+    ``modules_to_save``)."""
 
     def __init__(self, injector: LoRAInjector, head: torch.nn.Linear):
         self.injector = injector
@@ -183,9 +163,6 @@ class RewardModelTrainer:
         c = self.config
         dataset = self._as_dataset(dataset)
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
-        run_dir = Path(c.output_dir)
-        total_steps = common.total_optimizer_steps(len(dataset), c)
-        params = self.params.get_trainable_params()
         head_lr = c.head_lr if isinstance(c, RewardModelConfig) else c.learning_rate
         heads = [self.params.head.weight]
         self.base_margins = self.aux_head = None
@@ -193,64 +170,18 @@ class RewardModelTrainer:
             self.aux_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False).to(self.device)
             torch.nn.init.zeros_(self.aux_head.weight)
             heads.append(self.aux_head.weight)
-            params = params + [self.aux_head.weight]
             self.base_margins = base_preference_margins(self.model_name, dataset, self.tokenizer.pad_token_id,
                                                         self.device, next(self.model.parameters()).dtype)
-        optimizer = common.make_optimizer([{"params": self.params.injector.get_trainable_params()},
-                                           {"params": heads, "lr": head_lr}], c)
-        scheduler = common.make_schedule(optimizer, total_steps, c)
-
-        start_epoch, start_group, step = 0, 0, 0
-        resume = common.resolve_resume(c.resume_from, run_dir)
-        if resume is not None:
-            meta = common.load_checkpoint(resume, self.params, optimizer, scheduler)
-            start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
-        write_resolved_config(c, run_dir, model=self.model_name, kind="reward_model", total_steps=total_steps,
-                              train_pairs=len(dataset))
-        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step if resume is not None else None)
-        bar = tqdm(total=total_steps, initial=step, desc="rm", disable=not self.progress, dynamic_ncols=True)
-        self.model.train()
-        last: dict = {}
-        window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        epoch = start_epoch
-        while step < total_steps:
-            groups = common.epoch_groups(len(dataset), c, epoch)
-            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
-                stats = self._accumulate(dataset, groups[g])
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_steps += 1
-                for k, v in stats.items():
-                    window[k] = window.get(k, 0.0) + v
-                bar.update(1)
-                if step % c.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last = {k: v / window_steps for k, v in window.items()}
-                    last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                                steps_per_sec=window_steps / max(elapsed, 1e-9), epoch=epoch + (g + 1) / len(groups))
-                    logger.log(step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
-                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
-                    self._checkpoint(run_dir, step, optimizer, scheduler, epoch, g + 1)
-                if step >= total_steps:
-                    break
-            epoch += 1
-            if eval_dataset is not None:
-                ev = self.evaluate(eval_dataset)
-                logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
-                last.update({f"eval_{k}": v for k, v in ev.items()})
-                self.model.train()
-            if not c.save_steps and step < total_steps:
-                self._checkpoint(run_dir, step, optimizer, scheduler, epoch, 0)
-        bar.close()
-        self.global_step = step
-        self.model.eval()
-        logger.close()
+        optimizer = make_optimizer([{"params": self.params.injector.get_trainable_params()},
+                                    {"params": heads, "lr": head_lr}], c)
+        last, self.global_step = loop.run_epochs(
+            lambda group: self._accumulate(dataset, group), model=self.model, trainable=self.params,
+            optimizer=optimizer, config=c, num_examples=len(dataset), model_name=self.model_name,
+            kind="reward_model", desc="rm",
+            postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.2f}"},
+            evaluate=(lambda: self.evaluate(eval_dataset)) if eval_dataset is not None else None,
+            resolved={"train_pairs": len(dataset)}, tensorboard=self.tensorboard, progress=self.progress)
+        run_dir = Path(c.output_dir)
         self.save_reward_model(run_dir)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", ["loss", "accuracy", "eval_accuracy", "lr"],
                     title=f"Reward model on {Path(self.model_name).name}")
@@ -276,11 +207,6 @@ class RewardModelTrainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * len(idx) / n_pairs
         return totals
-
-    def _checkpoint(self, run_dir, step, optimizer, scheduler, epoch, next_group):
-        return common.save_checkpoint(run_dir, step, self.params, optimizer, scheduler,
-                                      {"epoch": epoch, "next_group": next_group}, self.model_name,
-                                      self.config.save_total_limit)
 
     def evaluate(self, dataset: Any) -> dict:
         """Pairwise accuracy (chosen scored strictly higher) and mean margin on `dataset`."""

@@ -7,21 +7,25 @@ published to that engine as a new version whenever it changed (never a stale one
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from vllm_train import models
-from vllm_train.config import LoRATrainConfig, write_resolved_config
+from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
 from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
 from vllm_train.losses.causal_lm import shifted_token_logprobs
-from vllm_train.metrics import MetricsLogger, plot_curves
-from vllm_train.trainers import common
+from vllm_train.metrics import plot_curves
+from vllm_train.trainers import common, loop
+
+
+def _per_token(sums: dict[str, float], steps: int, seconds: float) -> dict[str, float]:
+    """SFT logs the NLL per completion token over the logging window (not a mean of per-step means)."""
+    tokens = sums["num_tokens"]
+    return {"loss": sums["loss"] / max(1, tokens), "tokens_per_sec": tokens / max(seconds, 1e-9)}
 
 
 class LoRATrainer:
@@ -68,65 +72,23 @@ class LoRATrainer:
         """
         if self.model is None:
             self.setup_training()
-        c = self.config
         dataset = self._as_dataset(dataset)
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
-        run_dir = Path(c.output_dir)
-        total_steps = common.total_optimizer_steps(len(dataset), c)
-        params = self.injector.get_trainable_params()
-        optimizer = common.make_optimizer(params, c)
-        scheduler = common.make_schedule(optimizer, total_steps, c)
+        optimizer = common.make_optimizer(self.injector.get_trainable_params(), self.config)
 
-        start_epoch, start_group, step = 0, 0, 0
-        resume = common.resolve_resume(c.resume_from, run_dir)
-        if resume is not None:
-            meta = common.load_checkpoint(resume, self.injector, optimizer, scheduler)
-            start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
-        write_resolved_config(c, run_dir, model=self.model_name, kind="sft", total_steps=total_steps,
-                              train_examples=len(dataset))
-        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step if resume is not None else None)
-        bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not self.progress, dynamic_ncols=True)
-        self.model.train()
-        last: dict = {}
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        epoch = start_epoch
-        while step < total_steps:
-            groups = common.epoch_groups(len(dataset), c, epoch)
-            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
-                loss_sum, n_tokens = self._accumulate(dataset, groups[g])
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self._adapter_version += 1
-                step += 1
-                window_loss += loss_sum
-                window_tokens += n_tokens
-                bar.update(1)
-                if step % c.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last = {"loss": window_loss / max(1, window_tokens), "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm), "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
-                            "epoch": epoch + (g + 1) / len(groups)}
-                    logger.log(step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
-                    self._checkpoint(run_dir, step, optimizer, scheduler, epoch, g + 1)
-                if step >= total_steps:
-                    break
-            epoch += 1
-            if eval_dataset is not None:
-                ev = self.evaluate(eval_dataset)
-                logger.log(step, {f"eval_{k}": v for k, v in ev.items()})
-                last.update({f"eval_{k}": v for k, v in ev.items()})
-                self.model.train()
-            if not c.save_steps and step < total_steps:
-                self._checkpoint(run_dir, step, optimizer, scheduler, epoch, 0)
-        bar.close()
-        self.global_step = step
-        self.model.eval()
-        logger.close()
+        def step(group: list[list[int]]) -> dict[str, float]:
+            self._adapter_version += 1  # this step changes the weights the engine must serve
+            loss_sum, n_tokens = self._accumulate(dataset, group)
+            return {"loss": loss_sum, "num_tokens": n_tokens}
+
+        last, self.global_step = loop.run_epochs(
+            step, model=self.model, trainable=self.injector, optimizer=optimizer, config=self.config,
+            num_examples=len(dataset), model_name=self.model_name, kind="sft", desc="sft", summarize=_per_token,
+            postfix=lambda m: {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"},
+            evaluate=(lambda: self.evaluate(eval_dataset)) if eval_dataset is not None else None,
+            on_checkpoint=(lambda path: self.on_save(path / "adapter")) if self.on_save else None,
+            resolved={"train_examples": len(dataset)}, tensorboard=self.tensorboard, progress=self.progress)
+        run_dir = Path(self.config.output_dir)
         self.save_lora(run_dir)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", ["loss", "eval_loss", "lr", "grad_norm"],
                     title=f"SFT of {Path(self.model_name).name}")
@@ -146,14 +108,6 @@ class LoRATrainer:
             loss.backward()
             loss_sum += -logps.sum().item()
         return loss_sum, n_tokens
-
-    def _checkpoint(self, run_dir, step, optimizer, scheduler, epoch, next_group):
-        path = common.save_checkpoint(run_dir, step, self.injector, optimizer, scheduler,
-                                      {"epoch": epoch, "next_group": next_group}, self.model_name,
-                                      self.config.save_total_limit)
-        if self.on_save:
-            self.on_save(path / "adapter")
-        return path
 
     @torch.no_grad()
     def evaluate(self, dataset: Any, batch_size: int | None = None) -> dict:

@@ -1,0 +1,138 @@
+"""The training loop SFT, DPO and reward models share.
+
+Epochs of shuffled accumulation groups (the order depends only on seed and epoch, so a resumed run
+sees the batches the interrupted one would have), one optimizer step per group, resume from a
+checkpoint, logging every `logging_steps` (metrics.jsonl, TensorBoard, progress bar), atomic
+checkpoints every `save_steps` (or at each epoch end), evaluation after each epoch, and a stop when
+the loss or the gradient norm stops being finite -- before the optimizer step would spread it into
+the weights.
+
+What differs between trainers is passed in: `step_fn(group) -> stats` runs forward/backward over one
+accumulation group (micro-batches of example indices) and returns floats including "loss";
+`summarize` turns a logging window's summed stats into the logged metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_train.config import LoRATrainConfig, write_resolved_config
+from vllm_train.errors import VllmTrainError
+from vllm_train.metrics import MetricsLogger
+from vllm_train.trainers import common
+from vllm_train.trainers.common import Checkpointable
+
+StepFn = Callable[[list[list[int]]], dict[str, float]]
+Summarize = Callable[[dict[str, float], int, float], dict[str, float]]
+
+
+def mean_per_step(sums: dict[str, float], steps: int, seconds: float) -> dict[str, float]:
+    """Each stat's mean over the window's optimizer steps, and steps per second."""
+    return {**{k: v / steps for k, v in sums.items()}, "steps_per_sec": steps / max(seconds, 1e-9)}
+
+
+def stop_if_not_finite(step: int, loss: float, grad_norm: float | torch.Tensor, run_dir: str | Path) -> None:
+    """Raise `VllmTrainError` naming the step when the loss or gradient norm is NaN or infinite."""
+    for name, value in (("loss", float(loss)), ("grad_norm", float(grad_norm))):
+        if not math.isfinite(value):
+            kept = common.list_checkpoints(run_dir)
+            where = f"The last good checkpoint is kept: {kept[-1]}" if kept else "No checkpoint was written yet."
+            raise VllmTrainError(f"step {step}: {name} is {value}; stopping. {where}")
+
+
+class _Window:
+    """Stats summed over the optimizer steps since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpointable, optimizer: torch.optim.Optimizer,
+               config: LoRATrainConfig, num_examples: int, model_name: str, kind: str, desc: str,
+               summarize: Summarize = mean_per_step, postfix: Callable[[dict], dict] = lambda m: {},
+               evaluate: Callable[[], dict] | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+               resolved: dict | None = None, tensorboard: bool = True, progress: bool = True) -> tuple[dict, int]:
+    """Train until ``config.max_steps`` (or ``num_epochs``) optimizer steps; returns (last logged metrics
+    with ``eval_*`` of the last evaluation, steps done). The caller saves the final adapter.
+
+    `trainable` is what checkpoints hold; every parameter in `optimizer` is clipped to ``max_grad_norm``
+    together. `kind` and `resolved` go into resolved_config.json; `desc` and `postfix(metrics)` label
+    the progress bar; `on_checkpoint(path)` runs after each checkpoint is written.
+    """
+    c, run_dir = config, Path(config.output_dir)
+    total_steps = common.total_optimizer_steps(num_examples, c)
+    scheduler = common.make_schedule(optimizer, total_steps, c)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    start_epoch, start_group, step = 0, 0, 0
+    resume = common.resolve_resume(c.resume_from, run_dir)
+    if resume is not None:
+        meta = common.load_checkpoint(resume, trainable, optimizer, scheduler)
+        start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
+    write_resolved_config(c, run_dir, model=model_name, kind=kind, total_steps=total_steps, **(resolved or {}))
+
+    def checkpoint(epoch: int, next_group: int) -> None:
+        path = common.save_checkpoint(run_dir, step, trainable, optimizer, scheduler,
+                                      {"epoch": epoch, "next_group": next_group}, model_name, c.save_total_limit)
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+
+    logger = MetricsLogger(run_dir, tensorboard, resume_step=step if resume is not None else None)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    model.train()
+    last: dict = {}
+    window = _Window()
+    epoch = start_epoch
+    try:
+        while step < total_steps:
+            groups = common.epoch_groups(num_examples, c, epoch)
+            for g in range(start_group if epoch == start_epoch else 0, len(groups)):
+                stats = step_fn(groups[g])
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    stop_if_not_finite(step + 1, stats["loss"], grad_norm, run_dir)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.add(stats)
+                bar.update(1)
+                if step % c.logging_steps == 0 or step == total_steps:
+                    last = {**summarize(window.sums, window.steps, window.seconds()), "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm), "epoch": epoch + (g + 1) / len(groups)}
+                    logger.log(step, last)
+                    bar.set_postfix(postfix(last))
+                    window = _Window()
+                if c.save_steps and step % c.save_steps == 0 and step < total_steps:
+                    checkpoint(epoch, g + 1)
+                if step >= total_steps:
+                    break
+            epoch += 1
+            if evaluate is not None:
+                ev = {f"eval_{k}": v for k, v in evaluate().items()}
+                logger.log(step, ev)
+                last.update(ev)
+                model.train()
+            if not c.save_steps and step < total_steps:
+                checkpoint(epoch, 0)
+    finally:
+        bar.close()
+        logger.close()
+    model.eval()
+    return last, step
