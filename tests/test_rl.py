@@ -201,20 +201,23 @@ def test_ppo_whitened_rewards_make_the_update_invariant_to_the_reward_scale(tmp_
 # ---- learning on the toy world -------------------------------------------------------------------
 def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped, rl_trainer):
     """On-policy GRPO gains >= 15 points of held-out accuracy in 20 steps; with max_staleness=1 (each
-    rollout sampled during the previous update, one update old) it ends within 3 points of that run."""
+    rollout sampled during the previous update, one update old) it does too, and over three seeds its mean
+    accuracy is within 3 points of the on-policy runs' (measured on CPU: on-policy 0.723 / 0.737 / 0.713,
+    stale 0.667 / 0.703 / 0.727, a mean gap of 2.6 points; one seed alone varies by +-5)."""
     eval_file = shipped("rl_eval.jsonl")
-    accuracy = {}
-    for staleness in (0, 1):
-        run_dir = tmp_path / f"staleness-{staleness}"
-        trainer = rl_trainer(_config(run_dir, "grpo", save_steps=10, max_staleness=staleness))
+    accuracy: dict[int, list[float]] = {0: [], 1: []}
+    for seed, staleness in itertools.product((0, 1, 2), (0, 1)):
+        run_dir = tmp_path / f"seed-{seed}-staleness-{staleness}"
+        trainer = rl_trainer(_config(run_dir, "grpo", save_steps=10, max_staleness=staleness, seed=seed))
         before = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
         t0 = time.perf_counter()
         last = trainer.train(shipped("rl_train.jsonl"), num_steps=20)
         seconds = time.perf_counter() - t0
-        accuracy[staleness] = after = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
+        after = toy_accuracy(engine, eval_file, trainer.sync_adapter()[0])["accuracy"]
+        accuracy[staleness].append(after)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        print(f"\nGRPO (max_staleness {staleness}) held-out accuracy {before:.3f} -> {after:.3f} in 20 steps, "
-              f"{seconds:.0f}s; sync {sum(r['sync_ms'] for r in records) / len(records):.1f} ms/step; "
+        print(f"\nGRPO (seed {seed}, max_staleness {staleness}) held-out accuracy {before:.3f} -> {after:.3f} in "
+              f"20 steps, {seconds:.0f}s; sync {sum(r['sync_ms'] for r in records) / len(records):.1f} ms/step; "
               f"mismatch |dlogp| {max(r['mismatch_abs_logp'] for r in records):.1e}")
         assert after - before >= 0.15
         assert [r["staleness"] for r in records] == [0] + [staleness] * 19
@@ -224,7 +227,7 @@ def test_grpo_raises_heldout_accuracy(tmp_path, tiny_model, engine, shipped, rl_
         assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "curves.png").is_file()
         assert (run_dir / "checkpoints" / "step-10" / "trainer_state.json").is_file()
         assert json.loads((run_dir / "resolved_config.json").read_text())["algorithm"] == "grpo"
-    assert abs(accuracy[1] - accuracy[0]) <= 0.03
+    assert abs(sum(accuracy[1]) - sum(accuracy[0])) / 3 <= 0.03
 
 
 def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped, rl_trainer):
