@@ -12,6 +12,7 @@ import torch
 from fakes import FakeEngine
 
 from vllm_train.config import LoRATrainConfig, RLHFConfig
+from vllm_train.errors import VllmTrainError
 from vllm_train.trainers.rl import RLHFTrainer, _importance_weights, load_prompt_records
 from vllm_train.trainers.rl_rollouts import Rollout
 
@@ -88,10 +89,33 @@ def test_on_policy_loop_syncs_the_newest_weights_before_every_rollout(tiny_model
 
 
 def test_staleness_with_dynamic_sampling_is_refused():
-    from vllm_train.errors import VllmTrainError
-
     with pytest.raises(VllmTrainError, match="max_staleness"):
         RLHFConfig(max_staleness=1, dynamic_sampling=True)
     with pytest.raises(VllmTrainError, match="max_staleness"):
         RLHFConfig(max_staleness=2)
     assert math.isclose(RLHFConfig(max_staleness=1, tis_cap=3.0).importance_cap, 3.0)
+
+
+def test_non_finite_loss_stops_the_step_before_the_optimizer(tiny_model, tmp_path, shipped):
+    """A NaN in the policy stops the step with its number, before the optimizer spreads it; a reward model
+    that scores NaN stops the step too (reward functions are checked in test_rl.py)."""
+    trainer, _ = make_trainer(tiny_model, tmp_path)
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:4]
+    rollout = trainer.generate_rollouts(records, seed=0)
+    params = trainer.injector.get_trainable_params()
+    with torch.no_grad():
+        params[0][0, 0] = float("nan")
+    others = [p.detach().clone() for p in params[1:]]
+    with pytest.raises(VllmTrainError, match=r"step 1: (loss|grad_norm) is nan; stopping\. No checkpoint"):
+        trainer.ppo_step(records, rollout=rollout)
+    assert all(torch.equal(a, p) for a, p in zip(others, params[1:]))  # no optimizer step was taken
+
+    class NanScorer:
+        name = "nan-rm"
+
+        def __call__(self, prompts, completions, examples):
+            return [0.5] * (len(prompts) - 1) + [float("nan")]
+
+    trainer.reward_model = NanScorer()
+    with pytest.raises(VllmTrainError, match="reward model nan-rm scored nan .* scores must be finite"):
+        trainer.compute_rewards(["p", "q"], ["1", "2"])

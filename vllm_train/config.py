@@ -72,7 +72,7 @@ class LoRATrainConfig:
         self.target_modules = list(self.target_modules)
         _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
         engine_max_lora_rank(self.rank)  # > 512 cannot be served by vLLM
-        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _check(self.alpha > 0 and math.isfinite(self.alpha), "alpha", self.alpha, "a finite number > 0")
         _check(len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
                "target_modules", self.target_modules, "a non-empty list of module names")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0 <= dropout < 1")
@@ -83,8 +83,10 @@ class LoRATrainConfig:
                self.gradient_accumulation_steps, "an integer >= 1")
         _check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "0 <= warmup_ratio < 1")
-        _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm), "max_grad_norm", self.max_grad_norm,
+               "a finite number > 0")
+        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay", self.weight_decay,
+               "a finite number >= 0")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", self.lr_scheduler,
                "one of cosine, linear, constant")
         _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")

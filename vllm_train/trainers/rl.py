@@ -35,6 +35,7 @@ from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import load_policy
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common
+from vllm_train.trainers.loop import stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead
 from vllm_train.trainers.rl_rollouts import (
@@ -228,6 +229,7 @@ class RLHFTrainer:
             order = torch.randperm(S) if (c.ppo_epochs > 1 or c.num_minibatches > 1) else torch.arange(S)
             for minibatch in order.chunk(c.num_minibatches):
                 size = grpo.BatchSize.of(mask_BT[minibatch], c.max_new_tokens)
+                minibatch_loss = 0.0
                 for rows in minibatch.split(c.lora_config.batch_size):
                     logps_BT, values_BT = self.policy.forward(batch, rows)
                     if fused_old:
@@ -238,8 +240,10 @@ class RLHFTrainer:
                                                         is_weights)
                     loss.backward()
                     losses.append(loss.item())
+                    minibatch_loss += losses[-1]
                     step_metrics.append(metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.lora_config.max_grad_norm)
+                stop_if_not_finite(self.global_step + 1, minibatch_loss, grad_norm, c.output_dir)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self._version += 1
@@ -297,6 +301,10 @@ class RLHFTrainer:
         examples = examples if examples is not None else [{"prompt": p} for p in prompts]
         if self.reward_model is not None:
             values = self.reward_model(prompts, responses, examples)
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise VllmTrainError(f"reward model {self.reward_model.name} scored {values[bad]} for prompt "
+                                     f"{str(prompts[bad])[:80]!r}: scores must be finite")
         else:
             values = score_with_function(self.reward_fn, prompts, responses, examples)
         return torch.tensor(values, dtype=torch.float32)
