@@ -3,6 +3,7 @@ failures and an optional API key, URL parsing, and what a replica serves (``GET 
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import urllib.error
@@ -44,7 +45,7 @@ def request(method: str, url: str, payload: dict | None = None, timeout: float =
         if exc.code == 401:
             message += " (pass --api-key or set $VLLM_TRAIN_API_KEY)"
         raise HTTPFailure(url, f"HTTP {exc.code}: {message}", exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
         reason = getattr(exc, "reason", exc)
         raise HTTPFailure(url, f"not reachable ({reason})") from None
     try:

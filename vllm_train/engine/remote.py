@@ -15,15 +15,11 @@ replica can serve a prompt, `generate` raises `VllmTrainError` naming every repl
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vllm_train.engine.http_client import HTTPFailure, parse_urls
+from vllm_train.engine.http_client import HTTPFailure, parse_urls, request
 from vllm_train.engine.llm import AdapterRef, Prompt, Sample, request_seeds
 from vllm_train.engine.publish import AdapterPublisher
 from vllm_train.errors import VllmTrainError
@@ -51,30 +47,9 @@ class _BadAnswer(Exception):
 
 
 def _post_json(url: str, body: dict | None, timeout: float, api_key: str | None) -> Any:
-    """POST `body` (GET without one); the decoded JSON answer (the text if it is not JSON), or
-    `HTTPFailure` with a one-line reason."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"} if data else {})
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            text = resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
-        try:
-            error = json.loads(text)["error"]
-            message = error["message"] if isinstance(error, dict) else str(error)
-        except Exception:
-            message = text.strip()[:300] or exc.reason
-        raise HTTPFailure(url, f"HTTP {exc.code}: {message}", exc.code) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
-        raise HTTPFailure(url, f"failed ({getattr(exc, 'reason', exc)})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # e.g. the unload route's "Success: ..."
+    """POST `body` (GET without one): the decoded answer, or `HTTPFailure` with a one-line reason
+    (refused, reset, timed out, cut short, or the server's own error)."""
+    return request("POST" if body is not None else "GET", url, body, timeout=timeout, api_key=api_key)
 
 
 class ServerRolloutEngine:
