@@ -77,7 +77,7 @@ def records(case: dict, split: str) -> list[dict]:
 
 
 # ---- the two trainers, each in its own process -------------------------------------------------------
-def train_ours(case: dict, model_dir: str, out_dir: str) -> list[float]:
+def train_ours(case: dict, model_dir: str, out_dir: str, seed: int) -> list[float]:
     from vllm_train.config import LoRATrainConfig, RLHFConfig
     from vllm_train.trainers.rl import RLHFTrainer
 
@@ -86,7 +86,7 @@ def train_ours(case: dict, model_dir: str, out_dir: str) -> list[float]:
                            batch_size=case["prompts"] * case["generations"], output_dir=out_dir)
     config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=case["prompts"],
                         group_size=case["generations"], max_new_tokens=case["new_tokens"], log_ref_kl=False,
-                        seed=0)
+                        seed=seed)
     trainer = RLHFTrainer(model_dir, config=config, reward_fn=REWARDS[case["reward"]], progress=False,
                           tensorboard=False)
     trainer.train(records(case, "train"), num_steps=case["steps"])
@@ -95,7 +95,7 @@ def train_ours(case: dict, model_dir: str, out_dir: str) -> list[float]:
             if "reward_mean" in json.loads(line)]
 
 
-def train_trl(case: dict, model_dir: str, out_dir: str) -> list[float]:
+def train_trl(case: dict, model_dir: str, out_dir: str, seed: int) -> list[float]:
     from datasets import Dataset
     from datasets.table import InMemoryTable
     from peft import LoraConfig
@@ -117,7 +117,7 @@ def train_trl(case: dict, model_dir: str, out_dir: str) -> list[float]:
         num_generations=case["generations"], max_completion_length=case["new_tokens"], temperature=1.0,
         learning_rate=case["lr"], lr_scheduler_type="linear", warmup_steps=0, beta=0.0, num_iterations=1,
         loss_type="grpo", scale_rewards="group", max_steps=case["steps"], logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        report_to="none", use_cpu=True, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
     steps_needed = case["steps"] * case["prompts"]
     data = Dataset(InMemoryTable.from_pylist((rows * (steps_needed // len(rows) + 1))[:steps_needed + batch]),
                    fingerprint=f"parity-{case['reward']}")
@@ -160,10 +160,10 @@ def judge(case: dict, model_dir: str, adapter_dir: str | None) -> float:
     return total / count
 
 
-def run_side(side: str, case_name: str, model_dir: str, out_dir: str) -> dict:
+def run_side(side: str, case_name: str, model_dir: str, out_dir: str, seed: int) -> dict:
     case = CASES[case_name]
     t0 = time.perf_counter()
-    curve = (train_ours if side == "ours" else train_trl)(case, model_dir, out_dir)
+    curve = (train_ours if side == "ours" else train_trl)(case, model_dir, out_dir, seed)
     return {"train_reward": curve, "seconds": time.perf_counter() - t0, "judged": judge(case, model_dir, out_dir)}
 
 
@@ -184,13 +184,15 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--sides", default="trl,ours", help="trl, ours or both (default)")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/learning_parity_cpu.json)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both sides (the judge's is fixed)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, args.case, args.model_dir, args.out_dir)), flush=True)
+        print("RESULT " + json.dumps(run_side(args.side, args.case, args.model_dir, args.out_dir, args.seed)),
+              flush=True)
         return
 
     results: dict = {}
@@ -199,11 +201,11 @@ def main() -> None:
         for name in args.cases.split(","):
             case = CASES[name]
             model_dir = case_model(case, Path(tmp))
-            row = {"settings": case, "base": judge(case, model_dir, None)}
+            row = {"settings": case, "seed": args.seed, "base": judge(case, model_dir, None)}
             for side in [s for s in ("trl", "ours") if s in args.sides.split(",")]:
                 out_dir = Path(tmp) / f"{name}-{side}"
                 cmd = [sys.executable, __file__, "--side", side, "--case", name, "--model-dir", model_dir,
-                       "--out-dir", str(out_dir)]
+                       "--out-dir", str(out_dir), "--seed", str(args.seed)]
                 proc = subprocess.run(cmd, capture_output=True, text=True,
                                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
