@@ -111,7 +111,7 @@ def run_ours(args, model_dir: str, pairs: list[dict], precompute: bool) -> dict:
         idx = list(range((step * args.batch_size) % len(data), (step * args.batch_size) % len(data) + args.batch_size))
         _sync(trainer.device)
         t0 = time.perf_counter()
-        trainer._accumulate(data, [idx], ref)  # the loop's own forward/backward
+        trainer._accumulate(data, [idx], len(idx), ref)  # the loop's own forward/backward
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

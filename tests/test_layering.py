@@ -26,6 +26,7 @@ PACKAGE = "vllm_train"
 # Lowest first. Names are top-level modules or subpackages of vllm_train.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("config",),
     ("toy", "assets", "metrics"),
     ("data",),
@@ -37,7 +38,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),  # the only layer that imports vLLM
     ("trainers",),
     ("commands",),
-    ("cli", "__main__", "__init__"),  # the command line and the package facade
+    ("cli", "__init__"),  # the command line and the package facade
+    ("__main__",),  # `python -m vllm_train` / torchrun -m vllm_train: runs the command line
 ]
 
 # Tiers of modules inside each subpackage, lowest first (Rule 2).

@@ -13,7 +13,8 @@ from fakes import FakeEngine
 
 from vllm_train.config import LoRATrainConfig, RLHFConfig
 from vllm_train.errors import VllmTrainError
-from vllm_train.trainers.rl import RLHFTrainer, _importance_weights, load_prompt_records
+from vllm_train.losses.ppo import truncated_importance_weights
+from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 from vllm_train.trainers.rl_rollouts import Rollout
 
 
@@ -41,10 +42,10 @@ def test_importance_weights_are_truncated_ratios():
     old_BT = torch.log(torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.9, 0.3]]))
     sampler_BT = torch.log(torch.tensor([[0.25, 0.5, 0.4], [0.2, 0.3, 0.3]], dtype=torch.float64))
     mask_BT = torch.tensor([[True, True, True], [True, True, False]])
-    weights = _importance_weights(old_BT, sampler_BT, mask_BT, cap=1.5)
+    weights = truncated_importance_weights(old_BT, sampler_BT, mask_BT, cap=1.5)
     expected = torch.tensor([[1.5, 1.0, 0.25], [1.0, 1.5, 0.0]])  # 0.5/0.25 = 2 and 0.9/0.3 = 3 capped
     torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
-    assert _importance_weights(old_BT, sampler_BT, mask_BT, cap=None) is None
+    assert truncated_importance_weights(old_BT, sampler_BT, mask_BT, cap=None) is None
 
 
 @pytest.mark.parametrize("shift, cap, ratio", [(0.0, 2.0, 1.0), (-1.0, 2.0, 2.0), (-1.0, None, 1.0)])

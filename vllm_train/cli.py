@@ -15,6 +15,8 @@ import warnings
 from vllm_train.errors import VllmTrainError
 
 COMMANDS = ["demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push"]
+# Commands that run data-parallel under `torchrun --nproc-per-node N -m vllm_train <command>`.
+DISTRIBUTED_COMMANDS = ("sft", "dpo", "rm", "grpo", "ppo")
 
 EPILOG = """\
 quick start (offline, on the shipped tiny model):
@@ -77,6 +79,15 @@ def quiet_libraries(command: str | None, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def silence_rank() -> None:
+    """Under torchrun, ranks other than 0 print nothing but their errors: rank 0 reports for the run."""
+    sys.stdout = open(os.devnull, "w")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,14 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from vllm_train import distributed
+
+    rank = os.environ.get("RANK", "0")
+    where = f"[rank {rank}] " if distributed.requested() else ""  # which rank failed, under torchrun
+    if distributed.requested() and rank != "0":
+        silence_rank()
     try:
+        if distributed.requested() and args.command not in DISTRIBUTED_COMMANDS:
+            raise VllmTrainError(f"{args.command} runs in one process; under torchrun only "
+                                 f"{', '.join(DISTRIBUTED_COMMANDS)} do (WORLD_SIZE={os.environ['WORLD_SIZE']})")
+        distributed.init()  # a no-op in a single process
         return int(args.run(args) or 0)
     except VllmTrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{where}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
 
+from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
@@ -337,8 +338,12 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:
-    """Write the config as it was actually used (defaults filled in) next to a run's outputs."""
+    """Write the config as it was actually used (defaults filled in) next to a run's outputs (rank 0
+    alone in a data-parallel run, with the world size recorded)."""
     out = Path(out_dir)
+    if not distributed.is_main():
+        return out / name
+    extra.setdefault("world_size", distributed.world_size())
     out.mkdir(parents=True, exist_ok=True)
     payload = {**dataclasses.asdict(config), **extra}
     target = out / name

@@ -7,15 +7,22 @@ import math
 import os
 from pathlib import Path
 
+from vllm_train import distributed
+
 
 class MetricsLogger:
     """Append-only ``metrics.jsonl`` + TensorBoard (``tb/``) under a run directory.
 
     On resume the JSONL is cut back to the resumed step, so the file always describes one consistent run.
+    In a data-parallel run only rank 0 writes (the logged values are already reduced over ranks); on
+    the other ranks the logger does nothing.
     """
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
+        self._file = self._tb = None
+        if not distributed.is_main():
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
@@ -34,6 +41,8 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, step: int, metrics: dict) -> None:
+        if self._file is None:
+            return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -43,7 +52,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -68,7 +78,10 @@ def _write_lines_atomically(path: Path, records: list[dict]) -> None:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:
-    """One subplot per metric key found in the JSONL, against step. Returns the PNG path, or None."""
+    """One subplot per metric key found in the JSONL, against step. Returns the PNG path, or None
+    (also on every rank but 0 of a data-parallel run)."""
+    if not distributed.is_main():
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -67,6 +68,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     tokenizer = load_tokenizer(model_name)
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
+    distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
     device, dtype = pick_device_and_dtype(config.precision)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
     model.config.use_cache = False

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file
 from vllm_train.errors import VllmTrainError
 
@@ -197,6 +198,7 @@ def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool)
     if path.is_dir() and any(path.iterdir()) and not resume_from and not overwrite:
         raise VllmTrainError(f"--output-dir {path} is not empty (pass --overwrite, or --resume-from latest "
                              f"to continue that run)")
+    distributed.barrier()  # under torchrun: every rank has looked before rank 0 writes the first file
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_train import distributed
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.errors import VllmTrainError
     from vllm_train.models import check_model_path, load_tokenizer
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, RewardModelConfig, {"output_dir": args.output_dir})
     if args.score_with_vllm and not args.eval_data:
         raise VllmTrainError("--score-with-vllm needs --eval-data (the pairs to score)")
+    if args.score_with_vllm and distributed.requested():
+        raise VllmTrainError("--score-with-vllm is not available under torchrun (a vLLM engine there joins all "
+                             "ranks); train under torchrun, then score in one process")
     check_model_path(args.model)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(args.model)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -38,6 +39,7 @@ class EngineOptions:
     in_process: bool = True  # needed for the fast adapter sync and `apply_model`
     fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
     cpu_lora_fast_ops: bool = True  # CPU: one matmul per LoRA op when a batch uses one adapter (fast_sync.py)
+    tensor_parallel_size: int = 1  # GPUs (ranks) one engine spans
     extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -147,6 +149,13 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
+        if distributed.world_size() > 1:
+            # Under torchrun vLLM runs inside the ranks and joins their process group (no processes of
+            # its own): each group of `tensor_parallel_size` ranks is one engine, and every rank outside
+            # a TP group drives an engine of its own (vLLM's "external data parallel").
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=o.tensor_parallel_size)
+        elif o.tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = o.tensor_parallel_size
         if cuda:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
         else:

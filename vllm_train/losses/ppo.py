@@ -119,3 +119,12 @@ def ppo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor, advantages_BT: 
     v_loss, v_metrics = clipped_value_loss(values_BT, old_values_BT, returns_BT, mask_BT, value_clip, n)
     loss = pg_loss + value_coef * v_loss
     return loss, {"policy_loss": pg_loss.item(), **pg_metrics, **v_metrics}
+
+
+def truncated_importance_weights(old_logps_BT: torch.Tensor, sampler_logps_BT: torch.Tensor, mask_BT: torch.Tensor,
+                                 cap: float | None) -> torch.Tensor | None:
+    """Truncated importance sampling: min(pi_trainer / pi_sampler, cap) per token (samples came from vLLM,
+    maybe from weights one update older). None when not weighted."""
+    if cap is None:
+        return None
+    return (torch.exp(old_logps_BT.double() - sampler_logps_BT).clamp(max=cap) * mask_BT).to(old_logps_BT.dtype)

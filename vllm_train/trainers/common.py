@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 
@@ -66,16 +67,24 @@ def lr_multiplier(step: int, total_steps: int, config: LoRATrainConfig) -> float
 
 def total_optimizer_steps(num_examples: int, config: LoRATrainConfig) -> int:
     """Optimizer steps of a run: max_steps if set, else num_epochs x accumulation groups per epoch."""
-    groups_per_epoch = math.ceil(math.ceil(num_examples / config.batch_size) / config.gradient_accumulation_steps)
+    world = distributed.world_size()
+    usable = num_examples - num_examples % world
+    groups_per_epoch = math.ceil(math.ceil(usable / (config.batch_size * world)) / config.gradient_accumulation_steps)
     return config.max_steps if config.max_steps > 0 else groups_per_epoch * config.num_epochs
 
 
 def epoch_groups(num_examples: int, config: LoRATrainConfig, epoch: int) -> list[list[list[int]]]:
-    """This epoch's shuffled example indices as accumulation groups of micro-batches. The order depends
-    only on (seed, epoch), so a resumed run sees exactly the batches the interrupted one would have."""
+    """This epoch's shuffled example indices as accumulation groups of *global* micro-batches
+    (``batch_size`` x world size examples; each rank trains on its share, `distributed.local_share`).
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the interrupted
+    one would have. With several ranks the epoch drops its last ``num_examples % world_size``
+    examples (a different few each epoch), so every rank has examples in every micro-batch."""
     generator = torch.Generator().manual_seed(config.seed + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
-    micro = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    world = distributed.world_size()
+    order = order[:len(order) - len(order) % world]
+    size = config.batch_size * world
+    micro = [order[i:i + size] for i in range(0, len(order), size)]
     accum = config.gradient_accumulation_steps
     return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
@@ -90,8 +99,11 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimizer, scheduler, state: dict,
                     base_model: str, keep: int) -> Path:
-    """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`."""
+    """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`.
+    In a data-parallel run every rank holds the same state and rank 0 alone writes."""
     root = Path(run_dir) / "checkpoints"
+    if not distributed.is_main():
+        return root / f"step-{step}"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import models
+from vllm_train import distributed, models
 from vllm_train.config import DPOConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
@@ -82,9 +82,9 @@ class DPOTrainer:
         eval_ref = self.reference_logps(eval_dataset) if eval_dataset is not None else None
         optimizer = common.make_optimizer(self.injector.get_trainable_params(), c)
         last, self.global_step = loop.run_epochs(
-            lambda group: self._accumulate(dataset, group, ref), model=self.model, trainable=self.injector,
-            optimizer=optimizer, config=c, num_examples=len(dataset), model_name=self.model_name, kind="dpo",
-            desc=f"dpo/{c.loss_type}",
+            lambda group, n_pairs: self._accumulate(dataset, group, n_pairs, ref), model=self.model,
+            trainable=self.injector, optimizer=optimizer, config=c, num_examples=len(dataset),
+            model_name=self.model_name, kind="dpo", desc=f"dpo/{c.loss_type}",
             postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['rewards/accuracy']:.2f}"},
             evaluate=(lambda: self.evaluate(eval_dataset, eval_ref)) if eval_dataset is not None else None,
             resolved={"train_pairs": len(dataset), "start_adapter": self.start_adapter,
@@ -97,9 +97,9 @@ class DPOTrainer:
                     title=f"DPO ({c.loss_type}) of {Path(self.model_name).name}")
         return last
 
-    def _accumulate(self, dataset, group: list[list[int]], ref) -> dict[str, float]:
-        """Forward/backward over one accumulation group; the loss is the mean over all its pairs."""
-        n_pairs = sum(len(idx) for idx in group)
+    def _accumulate(self, dataset, group: list[list[int]], n_pairs: int, ref) -> dict[str, float]:
+        """Forward/backward over this rank's share of one accumulation group; the loss is the mean over
+        the group's `n_pairs` pairs (all ranks), so the ranks' summed gradients are the group's."""
         totals: dict[str, float] = {}
         for idx in group:
             batch = collate_preference([dataset[i] for i in idx], self.tokenizer.pad_token_id)
@@ -139,6 +139,9 @@ class DPOTrainer:
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_lora(self, path: str | Path) -> Path:
-        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card (rank 0 alone
+        writes in a data-parallel run)."""
+        if not distributed.is_main():
+            return Path(path)
         card = adapter_card(self.model_name, f"dpo-{self.config.loss_type}", self.config, self.global_step)
         return self.injector.save(path, self.model_name, card=card)

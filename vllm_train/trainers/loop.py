@@ -7,9 +7,15 @@ checkpoints every `save_steps` (or at each epoch end), evaluation after each epo
 the loss or the gradient norm stops being finite -- before the optimizer step would spread it into
 the weights.
 
-What differs between trainers is passed in: `step_fn(group) -> stats` runs forward/backward over one
-accumulation group (micro-batches of example indices) and returns floats including "loss";
-`summarize` turns a logging window's summed stats into the logged metrics.
+What differs between trainers is passed in: `step_fn(group, group_examples) -> stats` runs
+forward/backward over this rank's share of one accumulation group (micro-batches of example indices;
+`group_examples` counts the whole group's examples over all ranks, the normaliser of a mean loss) and
+returns floats including "loss"; `summarize` turns a logging window's summed stats into the logged
+metrics.
+
+Data parallel (under torchrun, `vllm_train.distributed`): each rank takes its share of every global
+micro-batch; after the group, one all-reduce sums the LoRA gradients and the step's stats over ranks,
+so every rank takes the same optimizer step and sees the same loss. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, write_resolved_config
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import MetricsLogger
 from vllm_train.trainers import common
 from vllm_train.trainers.common import Checkpointable
 
-StepFn = Callable[[list[list[int]]], dict[str, float]]
+StepFn = Callable[[list[list[int]], int], dict[str, float]]
 Summarize = Callable[[dict[str, float], int, float], dict[str, float]]
 
 
@@ -93,7 +100,8 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
             on_checkpoint(path)
 
     logger = MetricsLogger(run_dir, tensorboard, resume_step=step if resume is not None else None)
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not (progress and distributed.is_main()),
+               dynamic_ncols=True)
     model.train()
     last: dict = {}
     window = _Window()
@@ -102,7 +110,9 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
         while step < total_steps:
             groups = common.epoch_groups(num_examples, c, epoch)
             for g in range(start_group if epoch == start_epoch else 0, len(groups)):
-                stats = step_fn(groups[g])
+                stats = step_fn([distributed.local_share(micro) for micro in groups[g]],
+                                sum(len(micro) for micro in groups[g]))
+                stats = dict(zip(stats, distributed.all_reduce_grads(params, *stats.values())))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,10 @@ One loop for all of them. `train` runs steps; `ppo_step` reads top to bottom:
 * The algorithm (`rl_algorithms.make_algorithm`) and the policy's forward (`rl_policy.Policy`) are
   chosen once at setup; the step does not branch on the algorithm's name.
 * ``max_staleness=1`` overlaps the next rollout with the update (`rl_rollouts.RolloutPrefetcher`).
+* Data parallel under torchrun (`vllm_train.distributed`): each rank drives its own vLLM engine and rolls
+  out its share of the step's ``rollout_batch_size`` prompts with its own seeds (groups never span
+  ranks); the loss is normalised by the step's global sequence and token counts and one all-reduce sums
+  the LoRA gradients, so every rank takes the same update. Logged stats are means over ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vllm_train import distributed
 from vllm_train.config import RLHFConfig, write_resolved_config
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
@@ -41,9 +46,11 @@ from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValu
 from vllm_train.trainers.rl_rollouts import (
     Rollout,
     RolloutPrefetcher,
+    check_rank_shares,
     load_prompt_records,
+    rank_step_records,
     refill_source,
-    step_records,
+    rollout_stats,
     step_seed,
 )
 
@@ -98,6 +105,7 @@ class RLHFTrainer:
         c, lc = self.config, self.config.lora_config
         if num_steps < 1:
             raise VllmTrainError(f"num_steps: {num_steps} is invalid (an integer >= 1)")
+        check_rank_shares(c.rollout_batch_size, c.dynamic_sampling)
         records = load_prompt_records(prompt_dataset, "prompt dataset")
         eval_records = load_prompt_records(eval_dataset, "eval dataset") if eval_dataset is not None else None
         run_dir, step = Path(c.output_dir), self._resume(num_steps)
@@ -108,7 +116,8 @@ class RLHFTrainer:
         if eval_records is not None and step == 0:
             logger.log(step, last := {f"eval_{k}": v for k, v in self.evaluate(eval_records).items()})
         prefetcher = RolloutPrefetcher() if c.max_staleness else None
-        bar = tqdm(total=num_steps, initial=step, desc=c.algorithm, disable=not self.progress, dynamic_ncols=True)
+        show = self.progress and distributed.is_main()
+        bar = tqdm(total=num_steps, initial=step, desc=c.algorithm, disable=not show, dynamic_ncols=True)
         try:
             while step < num_steps:
                 stats = self._train_step(records, step, num_steps, prefetcher)
@@ -140,21 +149,22 @@ class RLHFTrainer:
         """`ppo_step` on the step's prompts. With a prefetcher, the step trains on the rollout sampled
         during the previous update, and the next step's rollout is sampled during this one."""
         c, t0 = self.config, time.perf_counter()
-        batch, seed = step_records(records, step, c.rollout_batch_size, c.seed), step_seed(c.seed, step)
+        batch = rank_step_records(records, step, c.rollout_batch_size, c.seed)
+        seed = step_seed(c.seed, step, distributed.rank())
         rollout = None
         if prefetcher is not None:
             rollout = prefetcher.take(step) or self.generate_rollouts(batch, seed)
             waited = time.perf_counter() - t0  # the part of the rollout the previous update did not hide
             if step + 1 < num_steps:
                 adapter, sync_ms = self.sync_adapter()  # here, between updates: the job never syncs
-                following = step_records(records, step + 1, c.rollout_batch_size, c.seed)
-                version, next_seed = self._version, step_seed(c.seed, step + 1)
+                following = rank_step_records(records, step + 1, c.rollout_batch_size, c.seed)
+                version, next_seed = self._version, step_seed(c.seed, step + 1, distributed.rank())
                 prefetcher.start(step + 1, lambda: self._sample(following, next_seed, adapter, version, sync_ms))
         stats = self.ppo_step(batch, seed, refill_source(records, step, c.seed), rollout)
         if prefetcher is not None:
             stats["rollout_wait_seconds"] = waited
         stats["step_seconds"] = time.perf_counter() - t0
-        return stats
+        return distributed.all_reduce_mean(stats)
 
     def _resume(self, num_steps: int) -> int:
         """Make the LR schedule; restore a checkpoint if asked. Returns the step to continue from."""
@@ -185,7 +195,7 @@ class RLHFTrainer:
             if more_records is not None:
                 rollout, rewards_GN, keep_G, refill_rounds = self._refill(rollout, rewards_GN, keep_G, len(records),
                                                                           more_records, seed)
-        stats = _rollout_stats(rollout, rewards_GN.flatten(), self._version)
+        stats = rollout_stats(rollout, rewards_GN.flatten(), self._version)
         stats.update(groups_kept=int(keep_G.sum()), **({"refill_rounds": refill_rounds} if c.dynamic_sampling else {}))
         keep = keep_G.repeat_interleave(c.group_size).nonzero()[:, 0].tolist()
         if keep:
@@ -227,21 +237,23 @@ class RLHFTrainer:
         losses, step_metrics = [], []
         for _ in range(c.ppo_epochs):
             order = torch.randperm(S) if (c.ppo_epochs > 1 or c.num_minibatches > 1) else torch.arange(S)
-            for minibatch in order.chunk(c.num_minibatches):
-                size = grpo.BatchSize.of(mask_BT[minibatch], c.max_new_tokens)
+            for minibatch in order.tensor_split(c.num_minibatches):
+                size = _global_size(mask_BT[minibatch], c.max_new_tokens)
                 minibatch_loss = 0.0
                 for rows in minibatch.split(c.lora_config.batch_size):
                     logps_BT, values_BT = self.policy.forward(batch, rows)
                     if fused_old:
                         targets.old_logps_BT[rows] = logps_BT.detach()
-                    is_weights = _importance_weights(targets.old_logps_BT[rows], batch.vllm_logps_BT[rows],
+                    is_weights = ppo.truncated_importance_weights(targets.old_logps_BT[rows], batch.vllm_logps_BT[rows],
                                                      mask_BT[rows], c.importance_cap)
                     loss, metrics = self.algorithm.loss(logps_BT, values_BT, targets, rows, mask_BT[rows], size,
                                                         is_weights)
                     loss.backward()
-                    losses.append(loss.item())
-                    minibatch_loss += losses[-1]
+                    minibatch_loss += loss.item()
                     step_metrics.append(metrics)
+                # Data parallel: the ranks' gradients (and losses) are partial sums of the minibatch's.
+                minibatch_loss, = distributed.all_reduce_grads(self.params, minibatch_loss)
+                losses.append(minibatch_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.lora_config.max_grad_norm)
                 stop_if_not_finite(self.global_step + 1, minibatch_loss, grad_norm, c.output_dir)
                 self.optimizer.step()
@@ -334,16 +346,21 @@ class RLHFTrainer:
         """Greedy completions of the current policy (from vLLM): mean reward and share with reward > 0
         (= accuracy for a 0/1 reward such as the toy world's)."""
         records = load_prompt_records(records, "eval dataset")
+        share = records[distributed.rank()::distributed.world_size()]  # data parallel: each rank a share
         adapter, _ = self.sync_adapter()
-        ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in records]
-        outs = self.engine.generate(ids, adapter, temperature=0.0, max_tokens=self.config.max_new_tokens)
-        rewards = self.compute_rewards([r["prompt"] for r in records], [o[0].text for o in outs], records)
-        return {"reward": rewards.mean().item(), "accuracy": (rewards > 0).float().mean().item()}
+        ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in share]
+        outs = self.engine.generate(ids, adapter, temperature=0.0, max_tokens=self.config.max_new_tokens) if ids else []
+        rewards = self.compute_rewards([r["prompt"] for r in share], [o[0].text for o in outs], share)
+        total = distributed.all_reduce_sum({"reward": rewards.sum().item(), "correct": (rewards > 0).sum().item()})
+        return {"reward": total["reward"] / len(records), "accuracy": total["correct"] / len(records)}
 
     # ---- saving ----------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the adapter (PEFT format, servable by vLLM as is) -- plus the value head for PPO -- to `path`."""
+        """Write the adapter (PEFT format, servable by vLLM as is) -- plus the value head for PPO -- to `path`
+        (rank 0 alone in a data-parallel run: every rank holds the same weights)."""
         c = self.config
+        if not distributed.is_main():
+            return Path(path)
         card = (f"---\nlibrary_name: peft\nbase_model: {self.model_name}\ntags: [lora, vllm-train, {c.algorithm}]\n"
                 f"---\n# LoRA adapter ({c.algorithm})\n\nRL-trained with vllm-train ({self.global_step} steps, "
                 f"reward: {self._reward_label()}).\n")
@@ -368,20 +385,10 @@ class RLHFTrainer:
         self._engine, self._served = None, None
 
 
-def _rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:
-    return {"sync_ms": rollout.sync_ms, "rollout_seconds": rollout.seconds,
-            "rollout_tok_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
-            "staleness": version - rollout.adapter_version,  # updates between sampling and this step
-            "reward_mean": rewards_S.mean().item(), "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
-            "accuracy": (rewards_S > 0).float().mean().item(), "response_len": rollout.num_tokens / len(rewards_S)}
-
-
-def _importance_weights(old_logps_BT, sampler_logps_BT, mask_BT, cap: float | None):
-    """Truncated importance sampling: min(pi_trainer / pi_sampler, cap) per token (samples came from vLLM,
-    maybe from weights one update older). None when not weighted."""
-    if cap is None:
-        return None
-    return (torch.exp(old_logps_BT.double() - sampler_logps_BT).clamp(max=cap) * mask_BT).to(old_logps_BT.dtype)
+def _global_size(mask_BT: torch.Tensor, max_new_tokens: int) -> grpo.BatchSize:
+    """The minibatch's sequence and token counts over all ranks: the loss's normaliser."""
+    counts = distributed.all_reduce_sum({"sequences": mask_BT.size(0), "tokens": int(mask_BT.sum())})
+    return grpo.BatchSize(int(counts["sequences"]), int(counts["tokens"]), max_new_tokens)
 
 
 def _load_reward_model(path: str):

@@ -8,6 +8,7 @@ by one update, and the loss reweights it with vLLM's sampled-token log-probs.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
+from vllm_train import distributed
 from vllm_train.data.io import check_text_field, load_records
+from vllm_train.errors import VllmTrainError
 
 
 @dataclass
@@ -43,6 +46,15 @@ class Rollout:
                        min(self.adapter_version, more.adapter_version))
 
 
+def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:
+    """A step's rollout metrics: sync and sampling time, staleness, reward, accuracy, length."""
+    return {"sync_ms": rollout.sync_ms, "rollout_seconds": rollout.seconds,
+            "rollout_tok_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
+            "staleness": version - rollout.adapter_version,  # updates between sampling and this step
+            "reward_mean": rewards_S.mean().item(), "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
+            "accuracy": (rewards_S > 0).float().mean().item(), "response_len": rollout.num_tokens / len(rewards_S)}
+
+
 def load_prompt_records(source: Any, what: str = "prompt dataset") -> list[dict]:
     """Prompt records ``{"prompt": text or chat messages, ...any fields the reward reads}``."""
     return load_records(source, lambda r: check_text_field(r, "prompt", allow_messages=True), what=what)
@@ -58,9 +70,31 @@ def step_records(records: list[dict], step: int, batch_size: int, seed: int) -> 
     return out
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step (each prompt then gets its own, see `VLLMEngine.generate`)."""
-    return seed * 1_000_003 + step
+def rank_step_records(records: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """This data-parallel rank's share of the step's `batch_size` prompts (all of them in one process)."""
+    return distributed.local_share(step_records(records, step, batch_size, seed), "rollout_batch_size")
+
+
+def check_rank_shares(rollout_batch_size: int, dynamic_sampling: bool) -> None:
+    """Refuse, before any rollout, what data-parallel rollouts cannot do."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if rollout_batch_size % world:
+        raise VllmTrainError(f"rollout_batch_size: {rollout_batch_size} prompts do not split evenly over "
+                             f"{world} ranks")
+    if dynamic_sampling:
+        raise VllmTrainError("dynamic_sampling: not supported with several ranks yet (a rank's refill would "
+                             "change the number of updates the ranks take together)")
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The sampling seed of a step on one data-parallel rank (each prompt then gets its own, see
+    `VLLMEngine.generate`). Ranks other than 0 hash in their rank: their prompts are other prompts,
+    and equal seeds would give them the same sampling noise."""
+    if rank == 0:
+        return seed * 1_000_003 + step
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest(), "little") >> 2
 
 
 def refill_source(records: list[dict], step: int, seed: int) -> Callable[[int], list[dict]]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vllm_train import models
+from vllm_train import distributed, models
 from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -80,6 +80,7 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     tokenizer = models.load_tokenizer(model_name)
     if adapter:
         validate_adapter(adapter, model_name)
+    distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
     device, dtype = models.pick_device_and_dtype(config.precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
@@ -175,8 +176,8 @@ class RewardModelTrainer:
         optimizer = make_optimizer([{"params": self.params.injector.get_trainable_params()},
                                     {"params": heads, "lr": head_lr}], c)
         last, self.global_step = loop.run_epochs(
-            lambda group: self._accumulate(dataset, group), model=self.model, trainable=self.params,
-            optimizer=optimizer, config=c, num_examples=len(dataset), model_name=self.model_name,
+            lambda group, n_pairs: self._accumulate(dataset, group, n_pairs), model=self.model,
+            trainable=self.params, optimizer=optimizer, config=c, num_examples=len(dataset), model_name=self.model_name,
             kind="reward_model", desc="rm",
             postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.2f}"},
             evaluate=(lambda: self.evaluate(eval_dataset)) if eval_dataset is not None else None,
@@ -187,8 +188,9 @@ class RewardModelTrainer:
                     title=f"Reward model on {Path(self.model_name).name}")
         return last
 
-    def _accumulate(self, dataset, group: list[list[int]]) -> dict[str, float]:
-        n_pairs = sum(len(idx) for idx in group)
+    def _accumulate(self, dataset, group: list[list[int]], n_pairs: int) -> dict[str, float]:
+        """Forward/backward over this rank's share of one accumulation group; the loss is the mean over
+        the group's `n_pairs` pairs (all ranks)."""
         totals: dict[str, float] = {}
         for idx in group:
             batch = collate_preference([dataset[i] for i in idx], self.tokenizer.pad_token_id)
@@ -224,8 +226,11 @@ class RewardModelTrainer:
 
     def save_reward_model(self, path: str | Path) -> Path:
         """Write the merged sequence-classification model into `path` and the PEFT adapter into
-        `path/adapter` (each file written to a temp name first, then renamed into place)."""
+        `path/adapter` (each file written to a temp name first, then renamed into place). Rank 0 alone
+        writes in a data-parallel run."""
         path = Path(path)
+        if not distributed.is_main():
+            return path
         path.mkdir(parents=True, exist_ok=True)
         self.params.save(path / "adapter", self.model_name, card=RM_CARD.format(base=self.model_name))
         tmp = Path(tempfile.mkdtemp(prefix=".merged.tmp-", dir=path))

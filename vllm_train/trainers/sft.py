@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import models
+from vllm_train import distributed, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
 from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
@@ -68,7 +68,8 @@ class LoRATrainer:
         """Fine-tune on `dataset` (a CausalLMDataset, records, a file path or an HF dataset).
 
         Gradient accumulation normalises by the number of completion tokens in the whole accumulated
-        batch, so the loss is the same whatever the micro-batch split. Returns the final metrics.
+        batch (over all ranks of a data-parallel run), so the loss is the same whatever the micro-batch
+        split and the number of ranks. Returns the final metrics.
         """
         if self.model is None:
             self.setup_training()
@@ -76,7 +77,7 @@ class LoRATrainer:
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
         optimizer = common.make_optimizer(self.injector.get_trainable_params(), self.config)
 
-        def step(group: list[list[int]]) -> dict[str, float]:
+        def step(group: list[list[int]], group_examples: int) -> dict[str, float]:
             self._adapter_version += 1  # this step changes the weights the engine must serve
             loss_sum, n_tokens = self._accumulate(dataset, group)
             return {"loss": loss_sum, "num_tokens": n_tokens}
@@ -95,16 +96,18 @@ class LoRATrainer:
         return last
 
     def _accumulate(self, dataset, group: list[list[int]]) -> tuple[float, int]:
-        """Forward/backward over one accumulation group; returns (summed token NLL, token count)."""
+        """Forward/backward over this rank's share of one accumulation group; returns (summed token NLL,
+        token count) of the share. The loss is divided by the token count of the whole group (all ranks)."""
         batches = [collate_causal_lm([dataset[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        group_tokens = distributed.all_reduce_sum({"tokens": n_tokens})["tokens"]
         loss_sum = 0.0
         for b in batches:
             b = {k: v.to(self.device) for k, v in b.items()}
             with self._autocast():
                 logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             logps, _ = shifted_token_logprobs(logits, b["labels"])
-            loss = -logps.sum() / max(1, n_tokens)
+            loss = -logps.sum() / max(1, group_tokens)
             loss.backward()
             loss_sum += -logps.sum().item()
         return loss_sum, n_tokens
@@ -126,7 +129,10 @@ class LoRATrainer:
 
     # ---- saving ------------------------------------------------------------------------------
     def save_lora(self, path: str | Path) -> Path:
-        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card."""
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card (rank 0 alone
+        writes in a data-parallel run; every rank holds the same weights)."""
+        if not distributed.is_main():
+            return Path(path)
         card = adapter_card(self.model_name, "sft", self.config, self.global_step)
         out = self.injector.save(path, self.model_name, card=card)
         if self.on_save:

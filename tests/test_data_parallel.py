@@ -1,0 +1,224 @@
+"""Data parallel under torchrun (CPU, gloo, 2 ranks), against a 1-rank run on the union batch.
+
+Each test launches the real command line with ``python -m torch.distributed.run --nproc-per-node 2 -m
+vllm_train ...`` -- what a user types -- and compares the saved adapter with a plain single-process run
+whose batch is the two ranks' batches together. fp32 on CPU; the only difference between the runs is
+the order in which per-example gradients are summed (a rank's partial sums, then the all-reduce), so
+the adapters agree to float32 rounding: the bound 1e-6 assumes updates of ~lr = 2e-4 per step.
+The fixed-rollout GRPO case runs this file as the torchrun script (see `_grpo_update_on_fixed_rollouts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vllm_train.rewards import TOY_REWARD
+
+MODEL = str(Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "tiny-llama")
+DATA = Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "data"
+ADAPTER = "adapter_model.safetensors"
+
+
+def _torchrun(args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_TRAIN_DIST_TIMEOUT="120")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _single(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "vllm_train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _max_diff(dir_a: Path, dir_b: Path) -> float:
+    a, b = load_file(str(dir_a / ADAPTER)), load_file(str(dir_b / ADAPTER))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+TRAIN_FLAGS = ["--max-steps", "4", "--gradient-accumulation-steps", "2", "--logging-steps", "1",
+               "--warmup-ratio", "0", "--learning-rate", "2e-4", "--no-progress"]
+
+
+def test_sft_two_ranks_equal_one_rank_and_resume_on_one_rank(tmp_path):
+    """SFT: 2 ranks x 4 examples per micro-batch give the adapter and losses of 1 rank x 8; rank 0 alone
+    writes; the 2-rank checkpoint at step 2 resumes on 1 rank (batch 8) with the same next losses."""
+    common = ["sft", "--model", MODEL, "--data", str(DATA / "sft_train.jsonl"), *TRAIN_FLAGS]
+    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    proc = _torchrun(["-m", "vllm_train", *common, "--batch-size", "4", "--save-steps", "2", "--output-dir", str(two)])
+    assert proc.stdout.count("adapter written to") == 1  # rank 0 reports, rank 1 is silent
+    _single([*common, "--batch-size", "8", "--output-dir", str(one)])
+    diff = _max_diff(two, one)
+    print(f"\nSFT, 4 steps: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}")
+    assert diff <= 1e-6
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    assert json.loads((two / "resolved_config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2"]
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    _single([*common, "--batch-size", "8", "--output-dir", str(resumed), "--resume-from", "latest"])
+    after = _losses(resumed)
+    assert sorted(after) == [3, 4]
+    assert after[3] == pytest.approx(_losses(two)[3], rel=1e-5) and after[4] == pytest.approx(_losses(two)[4], rel=1e-5)
+    assert _max_diff(resumed, two) <= 1e-6
+
+
+@pytest.mark.parametrize("command", ["dpo", "rm"])
+def test_preference_training_two_ranks_equal_one_rank(tmp_path, command):
+    """DPO and the reward model: the mean loss over the global group of pairs, whatever the ranks."""
+    common = [command, "--model", MODEL, "--data", str(DATA / "prefs_train.jsonl"), *TRAIN_FLAGS]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(["-m", "vllm_train", *common, "--batch-size", "4", "--output-dir", str(two)])
+    _single([*common, "--batch-size", "8", "--output-dir", str(one)])
+    sub = "adapter" if command == "rm" else ""
+    diff = _max_diff(two / sub, one / sub)
+    print(f"\n{command}, 4 steps: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}")
+    assert diff <= 1e-6
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+
+
+# ---- GRPO: one update on fixed rollouts ------------------------------------------------------------
+def _grpo_update_on_fixed_rollouts(out_dir: str) -> None:
+    """Run as a torchrun script (any world size): one GRPO step on the same 8 prompts x 4 samples,
+    each rank training on its share, then rank 0 saves the adapter."""
+    from vllm_train import distributed
+    from vllm_train.config import LoRATrainConfig, RLHFConfig
+    from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
+
+    lora = LoRATrainConfig(rank=4, alpha=8, learning_rate=2e-4, batch_size=3, warmup_ratio=0.0,
+                           lr_scheduler="constant", output_dir=out_dir)
+    config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=8, group_size=4, max_new_tokens=6,
+                        seed=0)
+    trainer = RLHFTrainer(MODEL, config=config, reward_fn=TOY_REWARD, progress=False)
+    records = load_prompt_records(str(DATA / "rl_train.jsonl"))[:8]
+    generator = torch.Generator().manual_seed(1)
+    tok = trainer.tokenizer
+    digits = [tok.convert_tokens_to_ids(t) for t in tok.tokenize("0123456789")]
+    samples = []  # per prompt 4 completions: the right answer, then random digit strings (fixed by the seed)
+    for r in records:
+        samples.append((r, tok.encode(str(r["answer"]), add_special_tokens=False)))
+        for _ in range(3):
+            n = int(torch.randint(1, 6, (1,), generator=generator))
+            samples.append((r, [digits[i] for i in torch.randint(len(digits), (n,), generator=generator).tolist()]))
+    share = distributed.local_share(samples)
+    from vllm_train.data.tokenize import prompt_ids
+
+    rollout = Rollout(prompts=[r["prompt"] for r, _ in share], examples=[r for r, _ in share],
+                      prompt_ids=[prompt_ids(tok, r["prompt"]) for r, _ in share],
+                      completion_ids=[c for _, c in share], completions=[tok.decode(c) for _, c in share],
+                      vllm_logps=[[] for _ in share], sync_ms=0.0, seconds=1.0)
+    stats = trainer.ppo_step([r for r, _ in share[::4]], rollout=rollout)
+    trainer.save_checkpoint(out_dir)
+    if distributed.is_main():
+        Path(out_dir, "stats.json").write_text(json.dumps({"loss": stats["loss"], "grad_norm": stats["grad_norm"]}))
+    distributed.close()
+
+
+def test_grpo_update_on_fixed_rollouts_two_ranks_equal_one_rank(tmp_path):
+    """Group-relative advantages per rank (groups never span ranks), the loss normalised by the step's
+    global sequence count: 2 ranks x 4 prompts update the adapter exactly as 1 rank x 8 does."""
+    script = str(Path(__file__).resolve())
+    _torchrun([script, "grpo-fixed", str(tmp_path / "two")])
+    _torchrun([script, "grpo-fixed", str(tmp_path / "one")], ranks=1)
+    diff = _max_diff(tmp_path / "two", tmp_path / "one")
+    stats = [json.loads((tmp_path / d / "stats.json").read_text()) for d in ("two", "one")]
+    print(f"\nGRPO, one update on fixed rollouts: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}; {stats}")
+    assert stats[0]["grad_norm"] > 0
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
+    assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-4, abs=1e-7)
+    assert diff <= 1e-6
+
+
+# ---- GRPO with real vLLM engines, one per rank -------------------------------------------------------
+def test_grpo_on_two_ranks_raises_heldout_accuracy(tmp_path):
+    """Each rank drives its own vLLM engine (vLLM's external launcher inside the torchrun ranks) and rolls
+    out 8 of the step's 16 prompts; the held-out accuracy gain matches the 1-rank test's bar (>= 15 points
+    in 20 steps; measured 49.7% -> 72.0%)."""
+    out = tmp_path / "grpo"
+    proc = _torchrun(["-m", "vllm_train", "grpo", "--model", MODEL, "--prompts", str(DATA / "rl_train.jsonl"),
+                      "--eval-prompts", str(DATA / "rl_eval.jsonl"), "--reward", TOY_REWARD, "--output-dir", str(out),
+                      "--num-steps", "20", "--rank", "8", "--learning-rate", "2e-3", "--batch-size", "128",
+                      "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                      "--max-new-tokens", "8", "--rollout-batch-size", "16", "--group-size", "8",
+                      "--warmup-ratio", "0", "--lr-scheduler", "constant", "--no-progress"], timeout=900)
+    line = next(x for x in proc.stdout.splitlines() if "eval greedy reward" in x)
+    print("\n" + line)
+    before, after = (float(v.rstrip("%")) / 100 for v in line.split("share > 0: ")[1].rstrip(")").split(" -> "))
+    assert after - before >= 0.15
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "reward_mean" in r]) == 20
+    assert max(r["mismatch_abs_logp"] for r in records if "mismatch_abs_logp" in r) < 1e-4  # fp32 engines
+
+
+# ---- a rank that dies ----------------------------------------------------------------------------------
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes torchrun started under `parent`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        ranks = [v[len(b"RANK="):] for v in env if v.startswith(b"RANK=")]
+        if ranks and ppid == parent:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+def test_a_killed_rank_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """SIGKILL one rank mid-run: torchrun ends the other rank and exits with an error within a bounded
+    time (no hang on a collective), and the last checkpoint is whole and resumable."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vllm_train",
+               "sft", "--model", MODEL, "--data", str(DATA / "sft_train.jsonl"), "--output-dir", str(out),
+               "--max-steps", "100000", "--batch-size", "4", "--gradient-accumulation-steps", "1",
+               "--save-steps", "20", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", VLLM_TRAIN_DIST_TIMEOUT="60"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints").is_dir() or not any((out / "checkpoints").glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        print(f"\ntorchrun exited {proc.returncode} {time.monotonic() - killed:.1f}s after rank 1 was killed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    checkpoint = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == int(checkpoint.name.split("-")[1])
+    assert load_file(str(checkpoint / "adapter" / ADAPTER)) and load_file(str(checkpoint / "optimizer.safetensors"))
+
+
+if __name__ == "__main__":  # torchrun entry for the fixed-rollout GRPO case
+    if sys.argv[1] == "grpo-fixed":
+        _grpo_update_on_fixed_rollouts(sys.argv[2])

@@ -1,0 +1,120 @@
+"""Data-parallel runs under torchrun: the process group, each rank's share of a batch, gradient and
+metric reductions, and which rank writes.
+
+``torchrun --nproc-per-node N -m vllm_train sft ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; `init` then
+joins the group (nccl on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU). A plain process is a
+world of one, and every function here is then a no-op: single-process runs behave exactly as before.
+
+Data parallelism is an explicit all-reduce of the LoRA gradients after each accumulation group, not
+DDP: the base is frozen, the trainable tensors are a few megabytes, and one flat all-reduce per
+optimizer step (instead of DDP's per-bucket hooks during backward) keeps accumulation, the loss
+normalisation by the *global* token count and the reward-head/value-head parameters in plain code.
+The cost is that the reduction does not overlap the backward: for LoRA it is one small message.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from vllm_train.errors import VllmTrainError
+
+# How long a collective may wait for a rank that stopped answering before the run fails (instead of
+# hanging): torchrun already ends the other ranks when one exits with an error; this bounds the rest.
+TIMEOUT = timedelta(seconds=float(os.environ.get("VLLM_TRAIN_DIST_TIMEOUT", "1800")))
+
+
+def requested() -> bool:
+    """True when this process was launched as one rank of several (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the torchrun process group if this is a multi-rank launch and the group is not up yet."""
+    if not requested() or dist.is_initialized():
+        return
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise VllmTrainError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {var} is not set: "
+                                 f"launch with torchrun (torchrun --nproc-per-node N -m vllm_train ...)")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """The rank that writes metrics, checkpoints, plots and the adapter, and shows progress bars."""
+    return rank() == 0
+
+
+def local_share(items: list, what: str = "batch") -> list:
+    """This rank's contiguous share of a global batch (rank r takes the r-th of `world_size` equal parts)."""
+    n, size = len(items), world_size()
+    if size == 1:
+        return items
+    if n % size:
+        raise VllmTrainError(f"{what} of {n} does not split evenly over {size} ranks")
+    per_rank = n // size
+    return items[rank() * per_rank:(rank() + 1) * per_rank]
+
+
+def _reduce_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], *extras: float) -> list[float]:
+    """Sum the gradients of `params` over ranks (each rank's loss is already divided by the *global*
+    normaliser) in one flat message; `extras` (floats such as the step's loss) travel in the same
+    message and come back summed. A parameter without a gradient counts as zeros on that rank."""
+    if world_size() == 1:
+        return list(extras)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    device = _reduce_device()
+    flat = torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads]
+                     + [torch.tensor(extras, dtype=torch.float32, device=device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.device, g.dtype)
+        offset += n
+    return flat[offset:].tolist()
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over ranks (keys must be the same, in the same order, on every rank)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(flat)
+    return dict(zip(values, flat.tolist()))
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over ranks (for per-rank means over equal shares)."""
+    summed = all_reduce_sum(values)
+    return {k: v / world_size() for k, v in summed.items()}
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def close() -> None:
+    """Leave the process group (at the end of a command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
