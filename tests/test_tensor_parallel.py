@@ -212,3 +212,26 @@ def test_refuses_sizes_that_do_not_split(sizes, tp_size, field):
                                    intermediate_size=intermediate)
     with pytest.raises(VllmTrainError, match=re.escape(f"size {tp_size} does not divide the model's {field}")):
         check_divisible(types.SimpleNamespace(config=config), tp_size)
+
+
+# ---- the spawn harness itself ------------------------------------------------------------------------
+def failing_rank(rank: int, world_size: int, how: str) -> int:
+    import os
+
+    if rank == 1 and how == "raise":
+        raise ValueError("rank one's own failure")
+    if rank == 1 and how == "exit":
+        os._exit(3)
+    return rank
+
+
+@pytest.mark.parametrize("how,expected", [("raise", "ValueError: rank one's own failure"),
+                                          ("exit", "exited with code 3 without reporting")])
+def test_harness_fails_with_the_child_traceback(how, expected):
+    with pytest.raises(RuntimeError, match="rank 1 failed") as failure:
+        run_ranks(failing_rank, 2, how, timeout=120)
+    assert expected in str(failure.value)
+
+
+def test_harness_returns_each_rank_value():
+    assert run_ranks(failing_rank, 2, "succeed", timeout=120) == [0, 1]

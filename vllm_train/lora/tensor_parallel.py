@@ -90,10 +90,8 @@ class _ParallelLoRALinear(LoRAWrappedLinear):
         super().__init__(wrapped.base_layer, wrapped.lora)
         self.mesh = mesh
 
-    def merge(self) -> None:
+    def merge(self) -> None:  # (unmerge stays: a no-op, since nothing was merged)
         raise VllmTrainError("merging a LoRA into a tensor-parallel (sharded) linear is not supported")
-
-    unmerge = merge
 
 
 class ColumnParallelLoRALinear(_ParallelLoRALinear):
