@@ -47,7 +47,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("causal_lm",), ("preference",)],
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
-    "lora": [("layers", "peft_io"), ("injector",), ("validate",)],
+    "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "gateway", "staging"), ("http_client",), ("llm", "replicas"),
                ("loader", "reward", "publish"), ("remote",)],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
@@ -91,10 +92,14 @@ class LoRAInjector:
         """The adapter as PEFT names it: ``base_model.model.<path>.lora_A.weight`` (r, in) and
         ``...lora_B.weight`` (out, r). Default: fp32 contiguous CPU copies (for files). ``live=True``:
         detached views of the parameters themselves, on their device, no copy (for
-        `VLLMEngine.sync_adapter`, which copies them into vLLM's slots)."""
+        `VLLMEngine.sync_adapter`, which copies them into vLLM's slots).
+
+        Tensor parallel (`vllm_train.lora.tensor_parallel`, DTensor parameters): always the full,
+        unsharded tensors -- gathered, so a collective that every rank of the group must call, and
+        with ``live=True`` new tensors on the parameters' device rather than views."""
         state = {}
         for name, lora in self.lora_layers.items():
-            a, b = lora.lora_a.detach(), lora.lora_b.detach()
+            a, b = _full(lora.lora_a.detach()), _full(lora.lora_b.detach())
             if not live:
                 a, b = a.float().contiguous().cpu(), b.float().contiguous().cpu()
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
@@ -124,23 +129,43 @@ class LoRAInjector:
         }
 
     def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
-        """Write a PEFT-format adapter directory (each file to a temp name first, then renamed)."""
-        return write_adapter_dir(path, self.peft_state_dict(), self.peft_config(base_model_name_or_path), card)
+        """Write a PEFT-format adapter directory (each file to a temp name first, then renamed).
+        Tensor parallel: every rank of the group must call it (the gather is a collective); the
+        group's first rank writes the ordinary full adapter, the others write nothing."""
+        state = self.peft_state_dict()
+        mesh = next((p.device_mesh for p in self.get_trainable_params() if isinstance(p, DTensor)), None)
+        if mesh is not None and mesh.get_local_rank() != 0:
+            return Path(path)
+        return write_adapter_dir(path, state, self.peft_config(base_model_name_or_path), card)
 
     @torch.no_grad()
     def load(self, path: str | Path) -> None:
-        """Load a PEFT-format adapter (ours or PEFT's) into the injected layers."""
+        """Load a PEFT-format adapter (ours or PEFT's) into the injected layers; into a tensor-parallel
+        model each rank keeps its own shard of the full tensors (no communication)."""
         config, state = read_adapter_dir(path)
         if int(config.get("r", -1)) != self.config.rank:
             raise VllmTrainError(f"{path}: adapter rank r={config.get('r')} does not match config rank "
                                  f"{self.config.rank}")
-        expected = self.peft_state_dict().keys()
+        expected = [f"{PEFT_PREFIX}{name}.lora_{ab}.weight" for name in self.lora_layers for ab in "AB"]
         missing = sorted(set(expected) - set(state))
         if missing:
             raise VllmTrainError(f"{path}: adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
         for name, lora in self.lora_layers.items():
-            lora.lora_a.copy_(state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-            lora.lora_b.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            _copy_full_into(lora.lora_a, state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+            _copy_full_into(lora.lora_b, state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full (unsharded) value, gathered over its mesh; a plain tensor unchanged."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into `param`; a DTensor parameter takes its own shard of it, cut locally."""
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    param.copy_(full)
 
 
 def fused_output_sizes(module: nn.Module, leaf: str) -> list[int]:
