@@ -73,7 +73,8 @@ def build_model(p: dict, out: Path) -> int:
         (out / "tokenizer.json").write_text(json.dumps(spec))
     config = AutoConfig.for_model(
         p["arch"], hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"], head_dim=64, intermediate_size=p["inter"], vocab_size=vocab,
+        num_key_value_heads=p["kv_heads"], head_dim=p.get("head_dim", 64), intermediate_size=p["inter"],
+        vocab_size=vocab,
         max_position_embeddings=2048, tie_word_embeddings=p["arch"] == "qwen2", bos_token_id=None,
         eos_token_id=1, pad_token_id=0, rms_norm_eps=1e-6)
     torch.manual_seed(0)

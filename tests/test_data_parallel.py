@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from vllm_train.rewards import TOY_REWARD
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_models, also when torchrun runs this file
+
 MODEL = str(Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "tiny-llama")
 DATA = Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "data"
 ADAPTER = "adapter_model.safetensors"
@@ -169,6 +171,65 @@ def test_grpo_on_two_ranks_raises_heldout_accuracy(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "reward_mean" in r]) == 20
     assert max(r["mismatch_abs_logp"] for r in records if "mismatch_abs_logp" in r) < 1e-4  # fp32 engines
+
+
+# ---- tensor parallel ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tp_model(tmp_path_factory):
+    """A tiny Llama whose 2 query / 2 key-value heads and MLP split over 2 ranks (the shipped one has 1 KV head)."""
+    from tiny_models import build_tp_llama
+
+    return str(build_tp_llama(tmp_path_factory.mktemp("tp-llama")))
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sft_tensor_parallel_equals_one_rank_and_resumes_on_one_rank(tmp_path, tp_model, ranks):
+    """--tensor-parallel-size 2 (2 ranks: TP only; 4 ranks: 2 TP groups x 2 data-parallel) trains the adapter
+    1 rank trains on the union batch; the TP checkpoint (moments gathered from the shards) resumes on 1 rank."""
+    common = ["sft", "--model", tp_model, "--data", str(DATA / "sft_train.jsonl"), *TRAIN_FLAGS,
+              "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
+    tp, one, resumed = tmp_path / "tp", tmp_path / "one", tmp_path / "resumed"
+    per_rank = str(8 * 2 // ranks)  # the TP group's ranks share one batch
+    _torchrun(["-m", "vllm_train", *common, "--batch-size", per_rank, "--tensor-parallel-size", "2",
+               "--save-steps", "2", "--output-dir", str(tp)], ranks=ranks)
+    _single([*common, "--batch-size", "8", "--output-dir", str(one)])
+    diff = _max_diff(tp, one)
+    print(f"\nSFT, {ranks} ranks with TP 2: max |adapter(TP) - adapter(1 rank)| = {diff:.2e}")
+    assert diff <= 1e-6
+    assert _losses(tp) == pytest.approx(_losses(one), rel=1e-5)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tp / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    _single([*common, "--batch-size", "8", "--output-dir", str(resumed), "--resume-from", "latest"])
+    assert _losses(resumed)[3] == pytest.approx(_losses(tp)[3], rel=1e-5)
+    assert _max_diff(resumed, tp) <= 1e-6
+
+
+def digit_share_reward(prompt, completion, example) -> float:
+    """Share of digit characters: varies between the random model's samples, so the update is not zero."""
+    return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+def test_grpo_tensor_parallel_vllm_serves_what_the_trainer_computes(tmp_path, tp_model):
+    """TP 2 end to end: the trainer's linears sharded over 2 ranks, one vLLM engine spanning both (vLLM's
+    tensor_parallel_size=2 in the torchrun ranks). vLLM's log-probs of the tokens it sampled equal the
+    sharded trainer's at every step (fp32, <= 1e-4), so the synced adapter is the trained one; the saved
+    adapter is the ordinary full-size PEFT file."""
+    out = tmp_path / "grpo"
+    _torchrun(["-m", "vllm_train", "grpo", "--model", tp_model, "--prompts", str(DATA / "rl_train.jsonl"),
+               "--reward", f"{Path(__file__).resolve()}:digit_share_reward", "--output-dir", str(out),
+               "--num-steps", "3", "--rank", "8",
+               "--learning-rate", "2e-2", "--batch-size", "128", "--max-new-tokens", "8",
+               "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+               "--rollout-batch-size", "8", "--group-size", "4", "--tensor-parallel-size", "2", "--no-progress"],
+              timeout=900)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    mismatch = [r["mismatch_abs_logp"] for r in records]
+    print(f"\nGRPO TP 2: vLLM vs trainer |dlogp| per step {mismatch}")
+    assert len(mismatch) == 3 and max(mismatch) <= 1e-4
+    state = load_file(str(out / ADAPTER))
+    key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
+    assert state[key].shape == (128, 8)  # full output rows, not a rank's half
+    assert any(state[k].abs().max() > 0 for k in state if "lora_B" in k)  # trained
 
 
 # ---- a rank that dies ----------------------------------------------------------------------------------

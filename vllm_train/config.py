@@ -59,6 +59,7 @@ class LoRATrainConfig:
     max_steps: int = -1  # optimizer steps; -1 = run num_epochs
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    tensor_parallel_size: int = 1  # under torchrun: shard the model's linears over groups of this many ranks
 
     # Logging and checkpoints
     logging_steps: int = 10
@@ -93,6 +94,8 @@ class LoRATrainConfig:
         _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or >= 1")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+               self.tensor_parallel_size, "an integer >= 1")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "an integer >= 1")

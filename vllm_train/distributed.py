@@ -1,5 +1,5 @@
-"""Data-parallel runs under torchrun: the process group, each rank's share of a batch, gradient and
-metric reductions, and which rank writes.
+"""Runs under torchrun: the process group, the data-parallel and tensor-parallel groups, each rank's
+share of a batch, gradient and metric reductions, and which rank writes.
 
 ``torchrun --nproc-per-node N -m vllm_train sft ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; `init` then
 joins the group (nccl on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU). A plain process is a
@@ -10,6 +10,12 @@ DDP: the base is frozen, the trainable tensors are a few megabytes, and one flat
 optimizer step (instead of DDP's per-bucket hooks during backward) keeps accumulation, the loss
 normalisation by the *global* token count and the reward-head/value-head parameters in plain code.
 The cost is that the reduction does not overlap the backward: for LoRA it is one small message.
+
+Tensor parallel (``tensor_parallel_size`` K > 1): the ranks form a (world/K) x K mesh; each row of K
+consecutive ranks is one tensor-parallel group (its model linears sharded, `lora.tensor_parallel`, and
+one vLLM engine spanning it) and sees the same data. Batch shares, gradient and metric reductions then
+run over the data-parallel group (the ranks with the same position in their TP group), never inside a
+TP group, where every rank holds the same batch.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from vllm_train.errors import VllmTrainError
 
 # How long a collective may wait for a rank that stopped answering before the run fails (instead of
 # hanging): torchrun already ends the other ranks when one exits with an error; this bounds the rest.
 TIMEOUT = timedelta(seconds=float(os.environ.get("VLLM_TRAIN_DIST_TIMEOUT", "1800")))
+
+_data_parallel_group = None  # None: the whole world (no tensor parallelism)
+_tensor_parallel_mesh = None
 
 
 def requested() -> bool:
@@ -47,17 +57,44 @@ def init() -> None:
         dist.init_process_group("gloo", timeout=TIMEOUT)
 
 
-def world_size() -> int:
+def tensor_parallel_mesh(tensor_parallel_size: int):
+    """The 1-D device mesh of this rank's tensor-parallel group (None for K = 1); every rank must call
+    it, with the same K. Also makes the data-parallel group the one the reductions below use."""
+    global _data_parallel_group, _tensor_parallel_mesh
+    if tensor_parallel_size == 1:
+        return None
+    if _tensor_parallel_mesh is not None and _tensor_parallel_mesh.size() == tensor_parallel_size:
+        return _tensor_parallel_mesh
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % tensor_parallel_size:
+        raise VllmTrainError(f"tensor_parallel_size: {tensor_parallel_size} does not divide the {world} rank(s) "
+                             f"(launch with torchrun --nproc-per-node a multiple of it)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu",
+                            (world // tensor_parallel_size, tensor_parallel_size), mesh_dim_names=("dp", "tp"))
+    _data_parallel_group, _tensor_parallel_mesh = mesh.get_group("dp"), mesh["tp"]
+    return _tensor_parallel_mesh
+
+
+def global_world_size() -> int:
+    """All ranks of the launch (data- x tensor-parallel)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def world_size() -> int:
+    """The data-parallel world: ranks that see different data (all ranks without tensor parallelism)."""
+    return dist.get_world_size(_data_parallel_group) if dist.is_initialized() else 1
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This rank's index in the data-parallel world (shared by the ranks of one tensor-parallel group)."""
+    return dist.get_rank(_data_parallel_group) if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
     """The rank that writes metrics, checkpoints, plots and the adapter, and shows progress bars."""
-    return rank() == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def local_share(items: list, what: str = "batch") -> list:
@@ -66,7 +103,7 @@ def local_share(items: list, what: str = "batch") -> list:
     if size == 1:
         return items
     if n % size:
-        raise VllmTrainError(f"{what} of {n} does not split evenly over {size} ranks")
+        raise VllmTrainError(f"{what} of {n} does not split evenly over {size} data-parallel ranks")
     per_rank = n // size
     return items[rank() * per_rank:(rank() + 1) * per_rank]
 
@@ -81,15 +118,19 @@ def all_reduce_grads(params: list[torch.nn.Parameter], *extras: float) -> list[f
     message and come back summed. A parameter without a gradient counts as zeros on that rank."""
     if world_size() == 1:
         return list(extras)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # a tensor-parallel parameter's gradient is a DTensor: reduce this rank's shard of it
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
     device = _reduce_device()
     flat = torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads]
                      + [torch.tensor(extras, dtype=torch.float32, device=device)])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_data_parallel_group)
     offset = 0
-    for p, g in zip(params, grads):
+    for g in grads:
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.device, g.dtype)
+        g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
     return flat[offset:].tolist()
 
@@ -99,7 +140,7 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     if world_size() == 1 or not values:
         return dict(values)
     flat = torch.tensor(list(values.values()), dtype=torch.float64, device=_reduce_device())
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=_data_parallel_group)
     return dict(zip(values, flat.tolist()))
 
 
@@ -110,11 +151,14 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    """Wait for every rank (of the whole world)."""
+    if dist.is_initialized():
         dist.barrier()
 
 
 def close() -> None:
     """Leave the process group (at the end of a command)."""
+    global _data_parallel_group, _tensor_parallel_mesh
     if dist.is_initialized():
         dist.destroy_process_group()
+    _data_parallel_group = _tensor_parallel_mesh = None

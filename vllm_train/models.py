@@ -19,6 +19,7 @@ from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.peft_io import read_adapter_dir
+from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.losses.dpo import sequence_logps
@@ -69,13 +70,19 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
+    mesh = distributed.tensor_parallel_mesh(config.tensor_parallel_size)  # None without tensor parallelism
     device, dtype = pick_device_and_dtype(config.precision)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device)
+    # Tensor parallel: load on the CPU and let the sharding move each rank's shards to its GPU, so no
+    # GPU ever holds the whole model
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device if mesh is None else "cpu")
     model.config.use_cache = False
     injector = LoRAInjector(config)
     injector.inject(model)
     for lora in injector.lora_layers.values():
         lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
+    if mesh is not None:
+        shard_tensor_parallel(model, mesh)
+        model.to(device)  # the replicated rest: embeddings, norms, lm_head
     if adapter:
         injector.load(adapter)
     return model, tokenizer, injector

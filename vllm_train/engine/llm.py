@@ -31,7 +31,7 @@ class EngineOptions:
     enable_lora: bool = True
     max_model_len: int | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    enforce_eager: bool | None = None  # None: eager on CPU (3 s start vs ~20 s), graphs on CUDA
+    enforce_eager: bool | None = None  # None: eager on CPU (3 s start vs ~20 s) and TP > 1, graphs on CUDA
     kv_cache_gib: float = 0.5  # CPU only
     gpu_memory_utilization: float = 0.3  # CUDA only; leaves room for the trainer
     seed: int = 0
@@ -141,7 +141,9 @@ class VLLMEngine:
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             dtype=(o.dtype if o.dtype != "auto" else ("bfloat16" if cuda else "float32")),
-            enforce_eager=(not cuda) if o.enforce_eager is None else o.enforce_eager,
+            # CUDA graphs with LoRA under TP > 1 crashed in vLLM 0.26's Triton lora_shrink (illegal memory
+            # access, DESIGN.md section 2): eager there unless asked otherwise
+            enforce_eager=(not cuda or o.tensor_parallel_size > 1) if o.enforce_eager is None else o.enforce_eager,
             seed=o.seed,
             enable_prefix_caching=o.enable_prefix_caching,
         )
@@ -149,7 +151,7 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
-        if distributed.world_size() > 1:
+        if distributed.global_world_size() > 1:
             # Under torchrun vLLM runs inside the ranks and joins their process group (no processes of
             # its own): each group of `tensor_parallel_size` ranks is one engine, and every rank outside
             # a TP group drives an engine of its own (vLLM's "external data parallel").

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.layers import FusedLoRALinear, LoRAWrappedLinear, TrainableLoRALinear
@@ -130,11 +131,10 @@ class LoRAInjector:
 
     def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
         """Write a PEFT-format adapter directory (each file to a temp name first, then renamed).
-        Tensor parallel: every rank of the group must call it (the gather is a collective); the
-        group's first rank writes the ordinary full adapter, the others write nothing."""
+        Under torchrun every rank must call it (with tensor parallelism the gather is a collective);
+        rank 0 writes the ordinary full adapter, the others write nothing."""
         state = self.peft_state_dict()
-        mesh = next((p.device_mesh for p in self.get_trainable_params() if isinstance(p, DTensor)), None)
-        if mesh is not None and mesh.get_local_rank() != 0:
+        if not distributed.is_main():  # under torchrun every rank holds the same adapter: rank 0 writes
             return Path(path)
         return write_adapter_dir(path, state, self.peft_config(base_model_name_or_path), card)
 

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig
@@ -100,12 +101,15 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimizer, scheduler, state: dict,
                     base_model: str, keep: int) -> Path:
     """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`.
-    In a data-parallel run every rank holds the same state and rank 0 alone writes."""
+    Under torchrun every rank calls it: with tensor parallelism the adapter and the optimizer moments
+    are gathered from the ranks' shards (collectives); rank 0 alone writes."""
     root = Path(run_dir) / "checkpoints"
-    if not distributed.is_main():
-        return root / f"step-{step}"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if not distributed.is_main():
+        injector.save(root / ".not-written", base_model)  # takes part in the gather, writes nothing
+        _optimizer_tensors(optimizer, injector.get_trainable_params())
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
     try:
         injector.save(tmp / "adapter", base_model)
@@ -156,13 +160,25 @@ def load_checkpoint(path: Path, injector: Checkpointable, optimizer, scheduler) 
             # the fused (CUDA) AdamW keeps its step count on the parameters' device, the plain one on the CPU
             step_device = p.device if optimizer.defaults.get("fused") else None
             optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer"]["steps"][str(i)]), device=step_device),
-                                  "exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
-                                  "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device)}
+                                  "exp_avg": _like(p, tensors[f"{i}.exp_avg"]),
+                                  "exp_avg_sq": _like(p, tensors[f"{i}.exp_avg_sq"])}
     scheduler.last_epoch = meta["scheduler_last_epoch"]
     for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * fn(scheduler.last_epoch)
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
     return meta
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel (DTensor) moment's full value, gathered from the ranks; a plain one as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A saved full moment placed like `param`: its device, and its shard of it under tensor parallelism."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
 
 
 def _optimizer_tensors(optimizer, params) -> tuple[dict[str, torch.Tensor], dict]:
@@ -171,8 +187,8 @@ def _optimizer_tensors(optimizer, params) -> tuple[dict[str, torch.Tensor], dict
         st = optimizer.state.get(p)
         if not st:
             continue
-        tensors[f"{i}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
-        tensors[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+        tensors[f"{i}.exp_avg"] = _full(st["exp_avg"]).detach().cpu().contiguous()
+        tensors[f"{i}.exp_avg_sq"] = _full(st["exp_avg_sq"]).detach().cpu().contiguous()
         steps[str(i)] = float(st["step"])
     if not tensors:
         tensors["empty"] = torch.zeros(1)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import distributed, models
+from vllm_train import models
 from vllm_train.config import DPOConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
@@ -139,9 +139,7 @@ class DPOTrainer:
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_lora(self, path: str | Path) -> Path:
-        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card (rank 0 alone
-        writes in a data-parallel run)."""
-        if not distributed.is_main():
-            return Path(path)
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card. Under
+        torchrun every rank calls it and rank 0 alone writes (`LoRAInjector.save`)."""
         card = adapter_card(self.model_name, f"dpo-{self.config.loss_type}", self.config, self.global_step)
         return self.injector.save(path, self.model_name, card=card)

@@ -96,7 +96,7 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
     def checkpoint(epoch: int, next_group: int) -> None:
         path = common.save_checkpoint(run_dir, step, trainable, optimizer, scheduler,
                                       {"epoch": epoch, "next_group": next_group}, model_name, c.save_total_limit)
-        if on_checkpoint is not None:
+        if on_checkpoint is not None and distributed.is_main():
             on_checkpoint(path)
 
     logger = MetricsLogger(run_dir, tensorboard, resume_step=step if resume is not None else None)

@@ -275,8 +275,10 @@ class RLHFTrainer:
             self._engine = ServerRolloutEngine(self.config.rollout_servers, self.model_name)
         elif self._engine is None:
             extra = {} if self.config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
+            lc = self.config.lora_config
             self._engine = VLLMEngine(self.model_name, self.engine_options or EngineOptions(
-                max_lora_rank=self.config.lora_config.engine_max_lora_rank, seed=self.config.seed, extra=extra))
+                max_lora_rank=lc.engine_max_lora_rank, seed=self.config.seed, extra=extra,
+                tensor_parallel_size=lc.tensor_parallel_size))
         return self._engine
 
     def sync_adapter(self):
@@ -356,11 +358,9 @@ class RLHFTrainer:
 
     # ---- saving ----------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the adapter (PEFT format, servable by vLLM as is) -- plus the value head for PPO -- to `path`
-        (rank 0 alone in a data-parallel run: every rank holds the same weights)."""
+        """Write the adapter (PEFT format, servable by vLLM as is) -- plus the value head for PPO -- to `path`.
+        Under torchrun every rank calls it and rank 0 alone writes."""
         c = self.config
-        if not distributed.is_main():
-            return Path(path)
         card = (f"---\nlibrary_name: peft\nbase_model: {self.model_name}\ntags: [lora, vllm-train, {c.algorithm}]\n"
                 f"---\n# LoRA adapter ({c.algorithm})\n\nRL-trained with vllm-train ({self.global_step} steps, "
                 f"reward: {self._reward_label()}).\n")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vllm_train import distributed
 from vllm_train.losses.causal_lm import token_logprobs
 from vllm_train.models import autocast_for
 from vllm_train.trainers.rl_rollouts import Rollout
@@ -137,6 +138,8 @@ class PolicyAndValueHead:
 
     def save(self, path, base_model_name_or_path=None, **kwargs) -> Path:
         out = self.injector.save(path, base_model_name_or_path, **kwargs)
+        if not distributed.is_main():  # the injector wrote nothing either
+            return out
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   str(Path(out) / VALUE_HEAD_FILE))
         return out

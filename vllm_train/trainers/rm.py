@@ -59,6 +59,8 @@ class RewardModelParams(Checkpointable):
         return self.injector.get_trainable_params() + [self.head.weight]
 
     def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
+        if not distributed.is_main():  # every rank holds the same weights (data parallel): rank 0 writes
+            return Path(path)
         state = {**self.injector.peft_state_dict(), HEAD_KEY: self.head.weight.detach().float().contiguous().cpu()}
         config = {**self.injector.peft_config(base_model_name_or_path), "task_type": "SEQ_CLS",
                   "modules_to_save": [HEAD]}
@@ -81,6 +83,9 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     if adapter:
         validate_adapter(adapter, model_name)
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
+    if config.tensor_parallel_size > 1:
+        raise VllmTrainError("tensor_parallel_size: reward models train data parallel only (the merged save "
+                             "needs the whole model on one rank)")
     device, dtype = models.pick_device_and_dtype(config.precision)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token

@@ -129,13 +129,11 @@ class LoRATrainer:
 
     # ---- saving ------------------------------------------------------------------------------
     def save_lora(self, path: str | Path) -> Path:
-        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card (rank 0 alone
-        writes in a data-parallel run; every rank holds the same weights)."""
-        if not distributed.is_main():
-            return Path(path)
+        """Save the adapter in PEFT format (vLLM- and PEFT-loadable) with a short model card. Under
+        torchrun every rank calls it and rank 0 alone writes (`LoRAInjector.save`)."""
         card = adapter_card(self.model_name, "sft", self.config, self.global_step)
         out = self.injector.save(path, self.model_name, card=card)
-        if self.on_save:
+        if self.on_save and distributed.is_main():
             self.on_save(out)
         return out
 
@@ -147,7 +145,8 @@ class LoRATrainer:
             from vllm_train.engine.llm import EngineOptions, VLLMEngine
 
             options = self.engine_options or EngineOptions(max_lora_rank=self.config.engine_max_lora_rank,
-                                                           seed=self.config.seed)
+                                                           seed=self.config.seed,
+                                                           tensor_parallel_size=self.config.tensor_parallel_size)
             self._engine = VLLMEngine(self.model_name, options)
         return self._engine
 
