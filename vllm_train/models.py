@@ -81,11 +81,24 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     for lora in injector.lora_layers.values():
         lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
     if mesh is not None:
-        shard_tensor_parallel(model, mesh)
-        model.to(device)  # the replicated rest: embeddings, norms, lm_head
+        shard_tensor_parallel(model, mesh)  # the shards are on this rank's device now
+        _move_unsharded(model, device)  # the replicated rest: embeddings, norms, lm_head, rotary buffers
     if adapter:
         injector.load(adapter)
     return model, tokenizer, injector
+
+
+def _move_unsharded(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the plain (not tensor-parallel) parameters and buffers of `model` to `device`."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and not isinstance(param, DTensor):
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
 
 
 def adapter_rank(path: str, base_model: str | None = None) -> int:
