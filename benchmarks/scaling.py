@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--modes", default="dp,tp", help="dp (N data-parallel ranks), tp (tensor parallel N)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the 1-GPU run (e.g. it does not fit)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
+    parser.add_argument("--model-cache", metavar="DIR", help="build the random-init model here once and reuse it "
+                        "(a 14B model takes minutes to build)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -123,10 +125,16 @@ def main() -> None:
                                                           ("tp", f"{args.gpus} GPUs, tensor parallel", args.gpus))
            if mode in args.modes.split(",")]
     results = {}
-    with tempfile.TemporaryDirectory(prefix="scaling-model-") as model_dir:
-        n_params = build_model(p, Path(model_dir))
+    with tempfile.TemporaryDirectory(prefix="scaling-model-") as tmp:
+        model_dir = args.model_cache or tmp
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        if (Path(model_dir) / "params.json").exists():
+            n_params = json.loads((Path(model_dir) / "params.json").read_text())["params"]
+        else:
+            n_params = build_model(p, Path(model_dir))
+            (Path(model_dir) / "params.json").write_text(json.dumps({"params": n_params}))
         for label, ranks, tp in runs:
-            results[label] = launch(args, p, model_dir, ranks, tp, Path(model_dir) / f"result-{ranks}-{tp}.json")
+            results[label] = launch(args, p, model_dir, ranks, tp, Path(tmp) / f"result-{ranks}-{tp}.json")
             results[label].update(ranks=ranks, tensor_parallel_size=tp)
     base = results.get("1 GPU", {}).get("step_s")
     print(f"\nGRPO step, {args.preset} ({n_params / 1e6:.0f}M params, global batch {p['prompts']} prompts x "
