@@ -84,10 +84,16 @@ def launch(args, p: dict, model_dir: str, ranks: int, tp: int, out: Path) -> dic
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
            "--worker", "--preset", args.preset, "--model-dir", model_dir, "--tp", str(tp), "--out", str(out),
            "--steps", str(p["steps"]), "--set", *args.set]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0 or not out.exists():
-        print(f"{ranks} rank(s), tp {tp} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-        return {"failed": proc.stderr[-2000:]}
+    log = ROOT / "benchmarks" / "results" / "logs" / f"scaling_{args.preset}_{ranks}x_tp{tp}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"running {ranks} rank(s), tp {tp} (log: {log.relative_to(ROOT)})", flush=True)
+    with open(log, "w") as stream:  # streamed, so a run cut short still shows how far it got
+        code = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    if code != 0 or not out.exists():
+        tail = log.read_text()[-2000:]
+        print(f"{ranks} rank(s), tp {tp} failed (exit {code}):\n{tail}", flush=True)
+        return {"failed": tail}
     return json.loads(out.read_text())
 
 
