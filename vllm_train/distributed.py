@@ -38,12 +38,14 @@ _tensor_parallel_mesh = None
 
 
 def requested() -> bool:
-    """True when this process was launched as one rank of several (torchrun sets WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when this process is a torchrun rank (torchrun sets RANK and WORLD_SIZE), even a world of one:
+    vLLM then has to join our process group instead of making its own -- its own, under torchrun's
+    environment, hung for minutes at start on the H200 machine (``torchrun --nproc-per-node 1``)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init() -> None:
-    """Join the torchrun process group if this is a multi-rank launch and the group is not up yet."""
+    """Join the torchrun process group if this is a torchrun rank and the group is not up yet."""
     if not requested() or dist.is_initialized():
         return
     for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
