@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("config",),
+    ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
     ("toy", "assets", "metrics"),
     ("data",),
     ("losses",),

@@ -1,6 +1,7 @@
 """Models and adapters from disk, and the forward passes every layer above reads.
 
-Loading: a local Hugging Face model directory (no hub downloads at run time), its tokenizer, and the
+Loading: a Hugging Face model directory (a local path, or a hub id resolved by `vllm_train.hub`), its
+tokenizer, and the
 training policy -- the frozen base with our LoRA layers injected, optionally loading a PEFT adapter.
 Forward passes: sequence log-probs of preference pairs (DPO, its evaluation, the reward model's
 base-preference targets) and the last-token hidden state a reward head reads (training and RL scoring).
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_train import distributed
+from vllm_train import distributed, hub
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -43,29 +44,37 @@ def autocast_for(model):
     return contextlib.nullcontext()
 
 
-def check_model_path(model_name: str) -> None:
-    """Models are local directories here (no hub downloads at run time); say so clearly."""
-    path = Path(model_name)
+def resolve_model(model_name: str, revision: str | None = None) -> str:
+    """The local model directory of `model_name` (a local path, or a hub id fetched into the hub cache),
+    checked to be a model directory; one-line errors otherwise."""
+    local = hub.resolve(model_name, revision, what="--model")
+    path = Path(local)
     if not path.is_dir():
         raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
         raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
+    return local
 
 
-def load_tokenizer(model_name: str):
+def check_model_path(model_name: str, revision: str | None = None) -> None:
+    """One-line errors for a model that is neither a model directory nor a hub id we can get."""
+    resolve_model(model_name, revision)
+
+
+def load_tokenizer(model_name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    check_model_path(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name, revision))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None):
+def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None, revision: str | None = None):
     """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded)."""
     from transformers import AutoModelForCausalLM
 
+    model_name = resolve_model(model_name, revision)
     tokenizer = load_tokenizer(model_name)
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast

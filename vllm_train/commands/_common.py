@@ -207,3 +207,28 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="directory for the adapter and run files")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---- models and adapters by hub id (vllm_train/hub.py) -----------------------------------------------
+MODEL_HELP = ("local Hugging Face model directory, or a hub id ORG/NAME (fetched once into the hub cache, "
+              "shared by HF and vLLM; HF_HOME and HF_HUB_OFFLINE=1 are honoured)")
+ADAPTER_HELP = " (a local directory, or a hub id ORG/NAME)"
+
+
+def add_model_args(parser: argparse.ArgumentParser, help_suffix: str = "") -> None:
+    """--model (a directory or a hub id) and --revision (of a hub id)."""
+    parser.add_argument("--model", required=True, metavar="PATH|ORG/NAME", help=MODEL_HELP + help_suffix)
+    parser.add_argument("--revision", metavar="REV", help="hub branch, tag or commit of --model (default: main)")
+
+
+def resolve_hub_args(args: argparse.Namespace) -> str:
+    """Hub ids given as --adapter / --reward-model become their local directories (downloaded once); returns
+    the checked local directory of --model. args.model stays as given: a trained adapter records it as its
+    base (`hub.model_reference`)."""
+    from vllm_train import hub
+    from vllm_train.models import resolve_model
+
+    for name in ("adapter", "reward_model"):
+        if getattr(args, name, None):
+            setattr(args, name, hub.resolve(getattr(args, name), what="--" + name.replace("_", "-")))
+    return resolve_model(args.model, getattr(args, "revision", None))

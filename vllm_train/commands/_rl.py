@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 
 from vllm_train.commands._common import (
+    ADAPTER_HELP,
     add_config_args,
+    add_model_args,
     add_output_args,
     check_output_dir,
     config_from_args,
     config_values,
+    resolve_hub_args,
 )
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
@@ -20,12 +23,12 @@ RL_UNUSED_LORA_FIELDS = tuple(f"lora_config.{name}" for name in (
 def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     from vllm_train.config import RLHFConfig
 
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--prompts", required=True, metavar="FILE", help="prompt records (.jsonl/.json/.parquet)")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts: greedy reward before/after "
                    "(and every --eval-steps)")
     p.add_argument("--num-steps", type=int, default=100, help="RL steps (default: 100)")
-    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)")
+    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)" + ADAPTER_HELP)
     add_output_args(p)
     add_config_args(p, RLHFConfig, skip=RL_UNUSED_LORA_FIELDS + skip)
 
@@ -48,7 +51,6 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from pathlib import Path
 
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import check_model_path
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 
@@ -57,7 +59,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
     if args.num_steps < 1:
         raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
-    check_model_path(args.model)
+    resolve_hub_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
     check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
@@ -72,7 +74,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, revision=args.revision)
     try:
         before = trainer.evaluate(eval_records) if eval_records is not None else None
         final = trainer.train(records, args.num_steps)

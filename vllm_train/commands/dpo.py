@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.commands._common import (
+    ADAPTER_HELP,
+    add_config_args,
+    add_model_args,
+    add_output_args,
+    check_output_dir,
+    config_from_args,
+    resolve_hub_args,
+)
 from vllm_train.config import DPOConfig
 
 DESCRIPTION = """\
@@ -46,10 +54,11 @@ example (the shipped toy world: the model forgets the carry; the pairs prefer th
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dpo", help="preference optimization (DPO/IPO/hinge) of a LoRA adapter",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--data", required=True, metavar="FILE", help="preference pairs (.jsonl/.json/.parquet)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: reward accuracy/margin after each epoch")
-    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. SFT); it becomes the reference")
+    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. SFT); it becomes the "
+                   "reference" + ADAPTER_HELP)
     add_output_args(p)
     add_config_args(p, DPOConfig)
     p.set_defaults(run=run)
@@ -57,16 +66,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.models import check_model_path, load_tokenizer
+    from vllm_train.models import load_tokenizer
     from vllm_train.trainers.dpo import DPOTrainer
 
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
-    check_model_path(args.model)
+    model_dir = resolve_hub_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = PreferenceDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
-    trainer = DPOTrainer(args.model, config, adapter=args.adapter, progress=not args.no_progress)
+    trainer = DPOTrainer(args.model, config, adapter=args.adapter, progress=not args.no_progress,
+                         revision=args.revision)
     trainer.setup_training()
     final = trainer.train(train_set, eval_set)
     print(f"adapter written to {args.output_dir} ({trainer.global_step} steps, loss {final.get('loss', 0):.4f}, "

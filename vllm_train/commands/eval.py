@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_hub_args
+
 DESCRIPTION = """\
 Evaluate the base model and (with --adapter) the adapter on a JSONL file:
   toy accuracy   greedy answers from vLLM checked against the known sums, for records
@@ -21,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="example:\n  vllm-train eval --model vllm_train/assets/tiny-llama --adapter runs/sft "
                        "--data vllm_train/assets/data/sft_eval.jsonl",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter to compare with the base model")
+    add_model_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter to compare with the base model" + ADAPTER_HELP)
     p.add_argument("--data", required=True, metavar="FILE", help="eval data (.jsonl/.json/.parquet)")
     p.add_argument("--metrics", default="auto",
                    help="comma list of toy,perplexity,reward (default: what fits the data)")
@@ -35,9 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.io import load_records
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import check_model_path
 
-    check_model_path(args.model)
+    args.model = resolve_hub_args(args)  # local directories from here on (eval saves nothing)
     records = load_records(args.data, what="eval set")
     wanted = _pick_metrics(args.metrics, records[0])
     results: dict[str, dict] = {}

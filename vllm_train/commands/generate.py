@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_hub_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with vLLM (base model or an adapter)",
@@ -13,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog='example:\n  vllm-train generate --model vllm_train/assets/tiny-llama '
                        '--adapter runs/sft --chat "What is 47 + 38?"',
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory (omit for the base model)")
+    add_model_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter (omit for the base model)" + ADAPTER_HELP)
     p.add_argument("--prompt", nargs="+", default=[], metavar="TEXT", help="raw text prompt(s)")
     p.add_argument("--chat", nargs="+", default=[], metavar="TEXT", help="user message(s), chat template applied")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -30,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.config import engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import adapter_rank, check_model_path
+    from vllm_train.models import adapter_rank
 
     prompts = list(args.prompt) + [[{"role": "user", "content": c}] for c in args.chat]
     if not prompts:
         raise VllmTrainError("give at least one --prompt or --chat")
     if args.max_tokens < 1 or args.n < 1 or args.temperature < 0:
         raise VllmTrainError("--max-tokens and --n must be >= 1 and --temperature >= 0")
-    check_model_path(args.model)
+    args.model = resolve_hub_args(args)  # local directories from here on
     rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))

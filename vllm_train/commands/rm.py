@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.commands._common import (
+    ADAPTER_HELP,
+    add_config_args,
+    add_model_args,
+    add_output_args,
+    check_output_dir,
+    config_from_args,
+    resolve_hub_args,
+)
 from vllm_train.config import RewardModelConfig
 
 DESCRIPTION = """\
@@ -48,10 +56,11 @@ example:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rm", help="train a reward model (LoRA + scalar head), servable by vLLM",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory (the base)")
+    add_model_args(p, " (the base)")
     p.add_argument("--data", required=True, metavar="FILE", help="preference pairs (.jsonl/.json/.parquet)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: accuracy after each epoch")
-    p.add_argument("--adapter", metavar="DIR", help="start from this reward-model adapter (an earlier DIR/adapter)")
+    p.add_argument("--adapter", metavar="DIR", help="start from this reward-model adapter (an earlier "
+                   "DIR/adapter)" + ADAPTER_HELP)
     p.add_argument("--score-with-vllm", action="store_true",
                    help="after training, score --eval-data with the saved model in vLLM and compare with HF")
     add_output_args(p)
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train import distributed
     from vllm_train.data.preference import PreferenceDataset
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import check_model_path, load_tokenizer
+    from vllm_train.models import load_tokenizer
     from vllm_train.trainers.rm import RewardModelTrainer
 
     config = config_from_args(args, RewardModelConfig, {"output_dir": args.output_dir})
@@ -72,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.score_with_vllm and distributed.requested():
         raise VllmTrainError("--score-with-vllm is not available under torchrun (a vLLM engine there joins all "
                              "ranks); train under torchrun, then score in one process")
-    check_model_path(args.model)
+    model_dir = resolve_hub_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = PreferenceDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
-    trainer = RewardModelTrainer(args.model, config, progress=not args.no_progress)
+    trainer = RewardModelTrainer(args.model, config, progress=not args.no_progress, revision=args.revision)
     trainer.setup_training(adapter=args.adapter)
     final = trainer.train(train_set, eval_set)
     print(f"reward model written to {args.output_dir} (adapter: {args.output_dir}/adapter; "

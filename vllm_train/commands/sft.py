@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_train.commands._common import add_config_args, add_output_args, check_output_dir, config_from_args
+from vllm_train.commands._common import (
+    ADAPTER_HELP,
+    add_config_args,
+    add_model_args,
+    add_output_args,
+    check_output_dir,
+    config_from_args,
+    resolve_hub_args,
+)
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on supervised data and write it in PEFT format to --output-dir
@@ -31,10 +39,11 @@ example:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="supervised LoRA fine-tuning", description=DESCRIPTION, epilog=EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl/.json/.parquet)")
     p.add_argument("--eval-data", metavar="FILE", help="held-out data: loss/perplexity logged each epoch")
-    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter instead of a fresh one")
+    p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter instead of a fresh "
+                   "one" + ADAPTER_HELP)
     add_output_args(p)
     p.add_argument("--push-to", metavar="URL[,URL...]", help="publish each saved adapter (checkpoints and final) "
                    "to these running vLLM servers as the next version of --push-name (see `vllm-train push`)")
@@ -46,17 +55,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.causal_lm import CausalLMDataset
-    from vllm_train.models import check_model_path, load_tokenizer
+    from vllm_train.models import load_tokenizer
     from vllm_train.trainers.sft import LoRATrainer
 
     config = config_from_args(args, fixed={"output_dir": args.output_dir})
-    check_model_path(args.model)
+    model_dir = resolve_hub_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(model_dir)
     train_set = CausalLMDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = CausalLMDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
     trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
-                          on_save=_push_hook(args))
+                          on_save=_push_hook(args), revision=args.revision)
     trainer.setup_training(adapter=args.adapter)
     final = trainer.train(train_set, eval_set)
     print(f"adapter written to {args.output_dir} ({trainer.global_step} steps, "

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from vllm_train import hub
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -115,7 +116,7 @@ class VLLMEngine:
     _ids = itertools.count(1)  # adapter ids are unique per process, never reused
 
     def __init__(self, model_path: str | Path, options: EngineOptions | None = None):
-        self.model_path = str(model_path)
+        self.model_path = hub.resolve(str(model_path))  # a hub id: its snapshot in the hub cache
         self.options = options or EngineOptions()
         if not Path(self.model_path).exists():
             raise VllmTrainError(f"model path not found: {self.model_path}")

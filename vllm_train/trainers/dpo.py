@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import models
+from vllm_train import hub, models
 from vllm_train.config import DPOConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
@@ -36,11 +36,12 @@ class DPOTrainer:
     """Preference optimization of a LoRA adapter on a Hugging Face model with our LoRA layers."""
 
     def __init__(self, model_name: str, config: DPOConfig, adapter: str | None = None, *,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, revision: str | None = None):
         if adapter and not config.precompute_ref_logps:
             raise VllmTrainError("precompute_ref_logps=false cannot be used with a starting adapter: the "
                                  "reference is that adapter, computed once before training")
-        self.model_name = str(model_name)
+        self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
+        self.model_path = models.resolve_model(model_name, revision)  # the local directory HF loads
         self.config = config
         self.start_adapter = adapter
         self.tensorboard = tensorboard
@@ -50,7 +51,7 @@ class DPOTrainer:
 
     def setup_training(self) -> None:
         torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, self.config,
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_path, self.config,
                                                                        self.start_adapter)
 
     @property
@@ -135,7 +136,7 @@ class DPOTrainer:
         if isinstance(data, PreferenceDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = models.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_path)
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_lora(self, path: str | Path) -> Path:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vllm_train import distributed
+from vllm_train import distributed, hub
 from vllm_train.config import RLHFConfig, write_resolved_config
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
@@ -37,7 +37,7 @@ from vllm_train.engine.remote import ServerRolloutEngine
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
-from vllm_train.models import load_policy
+from vllm_train.models import load_policy, resolve_model
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common
 from vllm_train.trainers.loop import stop_if_not_finite
@@ -69,18 +69,21 @@ class RLHFTrainer:
 
     def __init__(self, model_name: str, reward_model_name: str | None = None, config: RLHFConfig | None = None,
                  *, reward_fn: RewardFn | str | None = None, engine: RolloutEngine | None = None, engine_options=None,
-                 adapter: str | None = None, progress: bool = True, tensorboard: bool = True):
-        self.model_name = str(model_name)
+                 adapter: str | None = None, progress: bool = True, tensorboard: bool = True,
+                 revision: str | None = None):
+        self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
+        self.model_path = resolve_model(model_name, revision)  # the local directory HF and vLLM load
         self.config = c = config or RLHFConfig()
         if (reward_model_name is None) == (reward_fn is None):
             raise VllmTrainError("give exactly one of a reward model (reward_model_name) or a reward function")
         self.reward_fn = load_reward_function(reward_fn) if isinstance(reward_fn, str) else reward_fn
-        self.reward_model = _load_reward_model(reward_model_name) if reward_model_name else None
+        reward_dir = hub.resolve(reward_model_name, what="reward model") if reward_model_name else None
+        self.reward_model = _load_reward_model(reward_dir) if reward_dir else None
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
         torch.manual_seed(c.seed)
-        self.model, self.tokenizer, self.injector = load_policy(self.model_name, c.lora_config, adapter)
+        self.model, self.tokenizer, self.injector = load_policy(self.model_path, c.lora_config, adapter)
         # The KL reference: started from an adapter (say an SFT run), the policy to stay close to is that
         # adapter, not the base model, so keep a copy of its LoRA weights (megabytes) to swap in.
         reference = [p.detach().clone() for p in self.injector.get_trainable_params()] \
@@ -272,11 +275,11 @@ class RLHFTrainer:
         """The one engine (the one passed in, or made on first use): with ``rollout_servers`` the running
         vLLM servers (`ServerRolloutEngine`: rollouts and evaluation), else a `VLLMEngine` in this process."""
         if self._engine is None and self.config.rollout_servers:
-            self._engine = ServerRolloutEngine(self.config.rollout_servers, self.model_name)
+            self._engine = ServerRolloutEngine(self.config.rollout_servers, self.model_path)
         elif self._engine is None:
             extra = {} if self.config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
             lc = self.config.lora_config
-            self._engine = VLLMEngine(self.model_name, self.engine_options or EngineOptions(
+            self._engine = VLLMEngine(self.model_path, self.engine_options or EngineOptions(
                 max_lora_rank=lc.engine_max_lora_rank, seed=self.config.seed, extra=extra,
                 tensor_parallel_size=lc.tensor_parallel_size))
         return self._engine

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vllm_train import distributed, models
+from vllm_train import distributed, hub, models
 from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -142,8 +142,10 @@ def pair_scores(model, dataset: PreferenceDataset, pad_token_id: int,
 class RewardModelTrainer:
     """Bradley-Terry reward model: LoRA on the body + a scalar head, on preference pairs."""
 
-    def __init__(self, model_name: str, config: RewardModelConfig, *, tensorboard: bool = True, progress: bool = True):
-        self.model_name = str(model_name)
+    def __init__(self, model_name: str, config: RewardModelConfig, *, tensorboard: bool = True, progress: bool = True,
+                 revision: str | None = None):
+        self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
+        self.model_path = models.resolve_model(model_name, revision)  # the local directory HF loads
         self.config = config
         self.tensorboard = tensorboard
         self.progress = progress
@@ -153,7 +155,7 @@ class RewardModelTrainer:
 
     def setup_training(self, adapter: str | None = None) -> None:
         torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer, self.params = load_reward_model(self.model_name, self.config, adapter)
+        self.model, self.tokenizer, self.params = load_reward_model(self.model_path, self.config, adapter)
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +178,7 @@ class RewardModelTrainer:
             self.aux_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False).to(self.device)
             torch.nn.init.zeros_(self.aux_head.weight)
             heads.append(self.aux_head.weight)
-            self.base_margins = base_preference_margins(self.model_name, dataset, self.tokenizer.pad_token_id,
+            self.base_margins = base_preference_margins(self.model_path, dataset, self.tokenizer.pad_token_id,
                                                         self.device, next(self.model.parameters()).dtype)
         optimizer = make_optimizer([{"params": self.params.injector.get_trainable_params()},
                                     {"params": heads, "lr": head_lr}], c)
@@ -226,7 +228,7 @@ class RewardModelTrainer:
         if isinstance(data, PreferenceDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = models.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_path)
         return PreferenceDataset(data, self.tokenizer, self.config.max_length)
 
     def save_reward_model(self, path: str | Path) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import distributed, models
+from vllm_train import distributed, hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
 from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
@@ -32,8 +32,10 @@ class LoRATrainer:
     """Hybrid trainer: Hugging Face model + our LoRA layers for training, vLLM for inference."""
 
     def __init__(self, model_name: str, train_config: LoRATrainConfig, *, engine=None, engine_options=None,
-                 on_save: Callable[[Path], None] | None = None, tensorboard: bool = True, progress: bool = True):
-        self.model_name = str(model_name)
+                 on_save: Callable[[Path], None] | None = None, tensorboard: bool = True, progress: bool = True,
+                 revision: str | None = None):
+        self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
+        self.model_path = models.resolve_model(model_name, revision)  # the local directory HF and vLLM load
         self.config = train_config
         self.engine_options = engine_options  # for the engine this trainer creates on first use
         self._engine = engine  # or share an existing VLLMEngine (one engine per process)
@@ -53,7 +55,7 @@ class LoRATrainer:
     def setup_training(self, adapter: str | None = None) -> None:
         """Load the base model, freeze it, inject LoRA layers (optionally loading `adapter`)."""
         torch.manual_seed(self.config.seed)
-        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, self.config, adapter)
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_path, self.config, adapter)
         self._adapter_version += 1
 
     @property
@@ -124,7 +126,7 @@ class LoRATrainer:
         if isinstance(data, CausalLMDataset):
             return data
         if self.tokenizer is None:
-            self.tokenizer = models.load_tokenizer(self.model_name)
+            self.tokenizer = models.load_tokenizer(self.model_path)
         return CausalLMDataset(data, self.tokenizer, self.config.max_length)
 
     # ---- saving ------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class LoRATrainer:
             options = self.engine_options or EngineOptions(max_lora_rank=self.config.engine_max_lora_rank,
                                                            seed=self.config.seed,
                                                            tensor_parallel_size=self.config.tensor_parallel_size)
-            self._engine = VLLMEngine(self.model_name, options)
+            self._engine = VLLMEngine(self.model_path, options)
         return self._engine
 
     def current_adapter(self):
@@ -173,7 +175,7 @@ class LoRATrainer:
             weights = Path(lora_path) / ADAPTER_WEIGHTS
             key = f"{Path(lora_path).resolve()}@{weights.stat().st_mtime_ns if weights.exists() else 0}"
             if key not in self._path_adapters:
-                models.adapter_rank(lora_path, self.model_name)  # one-line error for a bad adapter dir
+                models.adapter_rank(lora_path, self.model_path)  # one-line error for a bad adapter dir
                 self._path_adapters[key] = self.engine.load_adapter(lora_path, family=f"path{len(self._path_adapters)}")
             adapter = self._path_adapters[key]
         return self.engine.generate_raw(prompts, kwargs, adapter)

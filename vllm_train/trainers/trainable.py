@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import models
+from vllm_train import hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
@@ -36,7 +36,8 @@ class TrainableEngine:
     def __init__(self, model_name: str, train_config: LoRATrainConfig, engine_options: EngineOptions | None = None):
         from vllm_train.engine import loader  # registers load_format="trainable" in this process
 
-        self.model_name = str(model_name)
+        self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
+        self.model_path = models.resolve_model(model_name)  # the local directory HF and vLLM load
         self.config = train_config
         torch.manual_seed(train_config.seed)
         options = engine_options or EngineOptions(max_lora_rank=train_config.engine_max_lora_rank,
@@ -44,9 +45,9 @@ class TrainableEngine:
         # the worker extension imports the loader module inside vLLM's worker (a multiprocess engine)
         options.extra = {"load_format": loader.LOAD_FORMAT, "worker_extension_cls": loader.WORKER_EXTENSION,
                          **options.extra}
-        self.engine = VLLMEngine(self.model_name, options)
-        self.vllm_model = loader.live_model(self.model_name)  # None when the engine runs in another process
-        self.model, self.tokenizer, self.injector = models.load_policy(self.model_name, train_config)
+        self.engine = VLLMEngine(self.model_path, options)
+        self.vllm_model = loader.live_model(self.model_path)  # None when the engine runs in another process
+        self.model, self.tokenizer, self.injector = models.load_policy(self.model_path, train_config)
         self.params = self.injector.get_trainable_params()
         self.optimizer = common.make_optimizer(self.params, train_config)
         self.peft_config = self.injector.peft_config(self.model_name)

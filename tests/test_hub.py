@@ -1,0 +1,96 @@
+"""Hub ids (`--model ORG/NAME`): resolved offline from a hub cache laid out here, the way huggingface_hub
+writes one (models--ORG--NAME/snapshots/<commit>/ + refs/main), holding the shipped tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_train import hub
+from vllm_train.cli import main
+from vllm_train.errors import VllmTrainError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_ID = "test-org/tiny-llama"
+
+
+@pytest.fixture
+def hub_home(tiny_model, tmp_path, monkeypatch):
+    """An offline HF_HOME whose hub cache holds HUB_ID at COMMIT (its main revision)."""
+    home = tmp_path / "hf_home"
+    repo = home / "hub" / "models--test-org--tiny-llama"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for f in Path(tiny_model).iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def test_hub_id_resolves_to_its_snapshot_offline(hub_home):
+    snapshot = hub_home / "hub" / "models--test-org--tiny-llama" / "snapshots" / COMMIT
+    assert Path(hub.resolve(HUB_ID)) == snapshot
+    assert Path(hub.resolve(HUB_ID, revision=COMMIT)) == snapshot
+    assert hub.model_reference(HUB_ID) == HUB_ID
+
+
+def test_local_paths_win_and_are_recorded_absolute(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(tiny_model).parent.parent)
+    relative = os.path.relpath(tiny_model)
+    assert hub.resolve(relative) == relative and not hub.is_hub_id(relative)
+    assert hub.model_reference(relative) == str(Path(tiny_model).resolve())
+
+
+@pytest.mark.parametrize("name,revision", [("test-org/missing", None), (HUB_ID, "no-such-branch")])
+def test_missing_hub_id_offline_is_one_line(hub_home, name, revision):
+    with pytest.raises(VllmTrainError, match="HF_HUB_OFFLINE=1") as err:
+        hub.resolve(name, revision)
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_cli_missing_hub_id_exits_2_with_one_line(hub_home, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1 + 1 = ", "completion": "2"}\n')
+    code = main(["sft", "--model", "test-org/missing", "--data", str(data), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--model test-org/missing" in err[0] and "hub" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _sft(model, data, out, *extra):
+    return main(["sft", "--model", model, "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--gradient-accumulation-steps", "1", "--no-progress", *extra])
+
+
+def test_sft_from_a_hub_id_records_the_id_as_base(hub_home, tmp_path, shipped):
+    out = tmp_path / "out"
+    assert _sft(HUB_ID, shipped("sft_train.jsonl"), out, "--revision", COMMIT) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == HUB_ID
+    assert (out / "adapter_model.safetensors").is_file()
+    # PEFT loads it by that id from the same (offline) cache, in a fresh process with the user's environment
+    code = ("from peft import AutoPeftModelForCausalLM; import sys; "
+            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert done.returncode == 0 and "PeftModelForCausalLM" in done.stdout, done.stderr[-2000:]
+
+
+def test_sft_from_a_relative_path_records_an_absolute_base(tiny_model, tmp_path, shipped, monkeypatch):
+    monkeypatch.chdir(Path(tiny_model).parent)
+    out = tmp_path / "out"
+    assert _sft(Path(tiny_model).name, shipped("sft_train.jsonl"), out) == 0
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(Path(tiny_model).resolve())
+    monkeypatch.chdir(tmp_path)  # AutoPeftModelForCausalLM finds the base from any working directory
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert model.peft_config["default"].r == 8
