@@ -12,22 +12,29 @@ import pytest
 from vllm_train import hub
 from vllm_train.cli import main
 from vllm_train.errors import VllmTrainError
+from vllm_train.lora.validate import validate_adapter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = "test-org/tiny-llama"
+
+
+def put_in_hub_cache(home: Path, repo_id: str, files_dir: Path) -> Path:
+    """Lay `files_dir`'s files out as `repo_id` at COMMIT (its main revision) in the hub cache under `home`."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for f in Path(files_dir).iterdir():
+        (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
 
 
 @pytest.fixture
 def hub_home(tiny_model, tmp_path, monkeypatch):
     """An offline HF_HOME whose hub cache holds HUB_ID at COMMIT (its main revision)."""
     home = tmp_path / "hf_home"
-    repo = home / "hub" / "models--test-org--tiny-llama"
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for f in Path(tiny_model).iterdir():
-        (snapshot / f.name).symlink_to(f)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    put_in_hub_cache(home, HUB_ID, Path(tiny_model))
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -81,6 +88,20 @@ def test_sft_from_a_hub_id_records_the_id_as_base(hub_home, tmp_path, shipped):
     done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert done.returncode == 0 and "PeftModelForCausalLM" in done.stdout, done.stderr[-2000:]
+    # a server that serves the id's snapshot directory accepts it as the adapter's base; another model does not
+    validate_adapter(out, hub.resolve(HUB_ID), check_base_name=True)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for f in Path(hub.resolve(HUB_ID)).iterdir():
+        (other / f.name).symlink_to(f.resolve())
+    with pytest.raises(VllmTrainError, match="trained on base model 'test-org/tiny-llama'"):
+        validate_adapter(out, str(other), check_base_name=True)
+    # the adapter itself by hub id: --adapter ORG/NAME starts the next run from it
+    put_in_hub_cache(hub_home, "test-org/tiny-adapter", out)
+    again = tmp_path / "again"
+    assert _sft(HUB_ID, shipped("sft_train.jsonl"), again, "--adapter", "test-org/tiny-adapter") == 0
+    state = json.loads((again / "resolved_config.json").read_text())
+    assert state["model"] == HUB_ID
 
 
 def test_sft_from_a_relative_path_records_an_absolute_base(tiny_model, tmp_path, shipped, monkeypatch):

@@ -64,3 +64,12 @@ def resolve(name: str, revision: str | None = None, what: str = "--model") -> st
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VllmTrainError(f"{what} {text}: not a local directory, and cannot get {where} from the Hugging Face "
                              f"hub: {reason}") from None
+
+
+def repo_id_of(name: str) -> str:
+    """`name` as the hub id it stands for: a snapshot directory of the hub cache
+    (``.../models--ORG--NAME/snapshots/<commit>``) -> ``ORG/NAME``; anything else unchanged."""
+    parts = Path(str(name).rstrip("/")).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return str(name)

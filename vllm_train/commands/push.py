@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True, metavar="URL[,URL...]",
                    help="base URL of each replica, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory, or a hub id ORG/NAME")
     p.add_argument("--name", required=True, help="adapter name; versions are served as NAME-v1, NAME-v2, ...")
     p.add_argument("--keep", type=int, default=2, metavar="N",
                    help="versions of NAME that stay loaded, the new one included (default: 2)")
@@ -51,11 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_train import hub
     from vllm_train.engine.publish import AdapterPublisher
 
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
                                  stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key)
-    result = publisher.publish_detailed(args.adapter, args.name)
+    result = publisher.publish_detailed(hub.resolve(args.adapter, what="--adapter"), args.name)
     print(result.served_name, flush=True)
     if args.verbose:
         timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())

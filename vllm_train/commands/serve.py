@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from vllm_train.commands._common import add_model_args
+
 DESCRIPTION = """\
 Start vLLM's OpenAI-compatible server (one or more replicas on consecutive ports) with runtime LoRA
 loading enabled, wait until every replica answers /health, print the base URLs, and run until Ctrl-C or
@@ -43,9 +45,10 @@ example:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run vLLM OpenAI server replicas with runtime LoRA loading",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="publish this PEFT adapter as NAME-v1 once the servers are up (repeatable)")
+                   help="publish this PEFT adapter (a directory or a hub id) as NAME-v1 once the servers are up "
+                   "(repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--api-key", metavar="KEY", help="require this key on every route (default: "
                    "$VLLM_TRAIN_API_KEY; prefer the variable, command lines are visible to local users)")
@@ -64,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cpu-loras", type=int, default=4,
                    help="adapters cached per replica; keep >= push --keep + 1 (default: 4)")
     p.add_argument("--served-model-name", metavar="NAME", help="name of the base model in the API "
-                   "(default: the model directory's name)")
+                   "(default: the hub id, or the model directory's name)")
     p.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
     p.add_argument("--logprobs-mode", choices=["raw_logprobs", "processed_logprobs"],
                    help="log-probs the servers return: processed_logprobs = of the distribution sampled from, "
@@ -91,6 +94,7 @@ def _raise_stop(signum, frame):  # SIGTERM -> leave the wait loop and clean up
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_train import hub
     from vllm_train.engine.gateway import API_KEY_ENV
     from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.engine.replicas import ServerConfig, start_servers
@@ -101,12 +105,14 @@ def run(args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise VllmTrainError(f"--adapter {item!r}: expected NAME=DIR")
-        adapters.append((name, path))
-    config = ServerConfig(model=args.model, host=args.host, port=args.port, replicas=args.replicas,
+        adapters.append((name, hub.resolve(path, what="--adapter")))
+    model = hub.resolve(args.model, args.revision)
+    served_name = args.served_model_name or (args.model if hub.is_hub_id(args.model) else None)
+    config = ServerConfig(model=model, host=args.host, port=args.port, replicas=args.replicas,
                           tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                           enforce_eager=args.enforce_eager, extra_args=args.vllm_args,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
-                          max_cpu_loras=args.max_cpu_loras, served_model_name=args.served_model_name,
+                          max_cpu_loras=args.max_cpu_loras, served_model_name=served_name,
                           max_model_len=args.max_model_len, logprobs_mode=args.logprobs_mode,
                           kv_cache_gib=args.kv_cache_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization, log_dir=args.log_dir,

@@ -21,6 +21,7 @@ import torch
 
 from vllm_train.config import VLLM_MAX_LORA_RANKS
 from vllm_train.errors import VllmTrainError
+from vllm_train.hub import repo_id_of
 from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir
 
 LORA_KEY_RE = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -190,6 +191,7 @@ def _pattern_matches(module: str, pattern: str) -> bool:
 
 
 def _same_model(a: str, b: str) -> bool:
+    a, b = repo_id_of(a), repo_id_of(b)  # a hub-cache snapshot directory is its hub id
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
