@@ -210,3 +210,86 @@ def test_vllm_logs_only_with_verbose(tiny_model):
     assert [line for line in (loud.stdout + loud.stderr).splitlines() if vllm_log.search(line) and "INFO" in line]
     answer = json.loads(quiet.stdout.strip().splitlines()[-1])
     assert answer == json.loads(loud.stdout.strip().splitlines()[-1]) and answer["prompt"] == "1 + 1 ="
+
+
+# ---- conventions users bring from TRL / PEFT -------------------------------------------------------------
+def _config_of(argv, config_cls=None, fixed_output=True):
+    """The config `argv` resolves to, through the real parser and the one flag mechanism (config file too)."""
+    from vllm_train.cli import build_parser
+    from vllm_train.commands._common import CONFIG_FILE_VALUES, config_from_args, run_options_from_config
+    from vllm_train.commands._rl import rl_config_from_args
+    from vllm_train.config import DPOConfig, LoRATrainConfig
+
+    parser = build_parser()
+    argv, file_values = run_options_from_config(parser, argv)
+    args = parser.parse_args(argv)
+    if file_values is not None:
+        setattr(args, CONFIG_FILE_VALUES, file_values)
+    if argv[0] in ("grpo", "ppo"):
+        return args, rl_config_from_args(args, "ppo" if argv[0] == "ppo" else None)
+    cls = {"sft": LoRATrainConfig, "dpo": DPOConfig}[argv[0]]
+    return args, config_from_args(args, cls, {"output_dir": args.output_dir})
+
+
+SFT_BASE = ["sft", "--model", "m", "--data", "d.jsonl", "--output-dir", "out"]
+RL_BASE = ["grpo", "--model", "m", "--prompts", "p.jsonl", "--reward", "m:f", "--output-dir", "out"]
+
+
+def test_trl_flag_names_are_our_flags():
+    _, ours = _config_of(SFT_BASE + ["--batch-size", "3", "--rank", "4", "--alpha", "9", "--num-epochs", "2",
+                                     "--dropout", "0.1", "--lr-scheduler", "linear", "--max-length", "64",
+                                     "--use-rslora", "true"])
+    _, trl = _config_of(SFT_BASE + ["--per-device-train-batch-size", "3", "--lora-r", "4", "--lora-alpha", "9",
+                                    "--num-train-epochs", "2", "--lora-dropout", "0.1", "--lr-scheduler-type",
+                                    "linear", "--max-seq-length", "64", "--use-rslora"])
+    assert trl == ours and (trl.batch_size, trl.rank, trl.alpha, trl.use_rslora) == (3, 4, 9.0, True)
+    assert _config_of(SFT_BASE + ["--use-rslora", "false"])[1].use_rslora is False
+    assert _config_of(SFT_BASE + ["--use-rslora", "--rank", "2"])[1].use_rslora is True
+
+
+def test_trl_rl_names():
+    args, c = _config_of(RL_BASE + ["--max-steps", "7", "--num-generations", "4", "--max-completion-length", "12",
+                                    "--beta", "0.05", "--lora-r", "16", "--dynamic-sampling"])
+    assert (args.num_steps, c.group_size, c.max_new_tokens, c.kl_coef) == (7, 4, 12, 0.05)
+    assert c.lora_config.rank == 16 and c.dynamic_sampling is True
+    _, dpo = _config_of(["dpo", "--model", "m", "--data", "d.jsonl", "--output-dir", "out", "--beta", "0.3"])
+    assert dpo.beta == 0.3  # DPO's own beta is not the RL alias
+
+
+def test_config_keys_dashes_aliases_and_flat_rl(tmp_path):
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("group_size: 4\nlora_config:\n  rank: 16\n  learning_rate: 0.001\n  use_rslora: true\n")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("num-generations: 4\nlora_r: 16\nlearning-rate: 0.001\nuse_rslora: true\n")
+    _, a = _config_of(RL_BASE + ["--config", str(nested)])
+    _, b = _config_of(RL_BASE + ["--config", str(flat)])
+    assert a == b and (b.group_size, b.lora_config.rank, b.lora_config.learning_rate) == (4, 16, 0.001)
+    assert b.lora_config.use_rslora is True
+    sft_file = tmp_path / "sft.json"
+    sft_file.write_text(json.dumps({"per-device-train-batch-size": 2, "gradient_accumulation_steps": 1,
+                                    "target-modules": "all-linear"}))
+    _, c = _config_of(SFT_BASE + ["--config", str(sft_file)])
+    assert (c.batch_size, c.gradient_accumulation_steps, c.target_modules) == (2, 1, ["all-linear"])
+
+
+def test_one_yaml_holds_a_whole_run_and_flags_win(tiny_model, tmp_path, shipped, capsys):
+    """`vllm-train sft --config run.yaml` with the model, data, output dir and TRL's names in the file;
+    a flag still overrides the file; all-linear adapts the linears PEFT's "all-linear" picks."""
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {tiny_model}\ndata: {shipped('sft_train.jsonl')}\noutput_dir: {tmp_path / 'out'}\n"
+                   f"no_progress: true\nmax_steps: 1\nper_device_train_batch_size: 2\n"
+                   f"gradient-accumulation-steps: 1\nlora_r: 4\nlora_alpha: 8\ntarget_modules: all-linear\n")
+    code, err = run_cli(["sft", "--config", str(run), "--lora-alpha", "12"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    resolved = json.loads((tmp_path / "out" / "resolved_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], resolved["batch_size"], resolved["max_steps"]) == (4, 12.0, 2, 1)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                LoraConfig(r=4, target_modules="all-linear"))
+    assert sorted(saved["target_modules"]) == sorted(peft_model.peft_config["default"].target_modules)
+    assert "lm_head" not in saved["target_modules"] and resolved["target_modules"] == saved["target_modules"]

@@ -89,8 +89,17 @@ def silence_rank() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vllm_train.commands._common import CONFIG_FILE_VALUES, run_options_from_config
+
     parser = build_parser()
+    try:  # a --config file may name the run's model, data, output dir, ... (flags still win)
+        argv, file_values = run_options_from_config(parser, list(sys.argv[1:] if argv is None else argv))
+    except VllmTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
+    if file_values is not None:
+        setattr(args, CONFIG_FILE_VALUES, file_values)  # the file is read once
     quiet_libraries(args.command, getattr(args, "verbose", False))  # library users keep their own settings
     if not getattr(args, "command", None):
         parser.print_help()

@@ -22,6 +22,8 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# target_modules ["all-linear"]: every linear layer but the output layer, as in PEFT (resolved on the model)
+ALL_LINEAR = "all-linear"
 
 
 def engine_max_lora_rank(rank: int) -> int:

@@ -3,8 +3,13 @@
 One mechanism maps flags onto config fields. The flags are generated from the config dataclass: field
 ``learning_rate`` -> ``--learning-rate``, and the fields of a nested config (``RLHFConfig.lora_config``)
 the same way, without a prefix. `FLAG_NAMES` renames the few flags whose name differs from their field,
-`FIELD_HELP` explains each field. Values are merged as defaults < the ``--config`` file (read once) <
-flags < what the command fixes (e.g. ``output_dir`` from ``--output-dir``).
+`FIELD_HELP` explains each field. `TRL_ALIASES` adds the names TRL / PEFT users bring (``--lora-r`` for
+``--rank``, ...) as second spellings of the same flags and config keys. Values are merged as defaults < the
+``--config`` file (read once; keys with dashes or underscores, TRL's names too, a nested config's fields
+at the top level or under its name) < flags < what the command fixes (e.g. ``output_dir`` from
+``--output-dir``). A ``--config`` file may hold a whole run: its keys that name one of the command's own
+options (``model``, ``data``, ``output_dir``, ...) become those options, and flags still win
+(`run_options_from_config`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,27 @@ DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field
 
 FLAG_NAMES = {"loss_type": "loss"}  # field -> flag name, where they differ
 
+# TRL's / PEFT's names -> ours: second spellings of the same flag and config key (where the command has the
+# field, and the name is not a field of its own there: DPO's --beta stays DPO's beta)
+TRL_ALIASES = {
+    "per_device_train_batch_size": "batch_size", "lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules", "num_train_epochs": "num_epochs", "lr_scheduler_type": "lr_scheduler",
+    "max_seq_length": "max_length", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+    "beta": "kl_coef",
+}
+ALIASES_HELP = ("TRL / PEFT names are accepted too: " + ", ".join(
+    f"--{alias.replace('_', '-')} (= --{FLAG_NAMES.get(field, field).replace('_', '-')})"
+    for alias, field in TRL_ALIASES.items()) + "; --target-modules all-linear = every linear layer but the "
+    "output layer; a bool flag alone means true (--use-rslora); --config keys may use dashes or underscores "
+    "and may hold the run's options too (model, data, output_dir, ...; flags win)")
+
 # Help per field. "<Context>.<field>" keys win over plain field names: the context is the config class
 # that declares the field, or the name of the nested config it is reached through (e.g. lora_config).
 FIELD_HELP = {
     "rank": "LoRA rank r (any r >= 1; vLLM serves it with max_lora_rank rounded up to 1/8/16/32/...)",
     "alpha": "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora)",
-    "target_modules": "comma-separated module names to adapt, e.g. q_proj,k_proj,v_proj,o_proj "
-                      "(add gate_proj,up_proj,down_proj for all linear layers)",
+    "target_modules": "comma-separated module names to adapt, e.g. q_proj,k_proj,v_proj,o_proj, or "
+                      "all-linear (every linear layer but the output layer, as in PEFT)",
     "dropout": "LoRA dropout on the layer input, 0 <= p < 1",
     "use_rslora": "rank-stabilised scaling alpha/sqrt(r)",
     "learning_rate": "peak learning rate (AdamW)",
@@ -111,12 +130,14 @@ class ConfigFlag:
     metavar: str  # BOOL for true/false fields, else V
     help: str
     group: str  # its `--help` section
+    aliases: tuple[str, ...] = ()  # TRL's spellings of the same flag
 
 
 def config_flags(config_cls: type, skip: tuple[str, ...] = ()) -> list[ConfigFlag]:
     """One flag per settable field of `config_cls` (nested config dataclasses expanded); `skip` lists the
     dotted paths a command does not offer. ``output_dir`` never is a config flag: --output-dir sets it."""
     out = []
+    names = {f.name for f, *_ in _leaf_fields(config_cls)}
     for f, hint, context, path in _leaf_fields(config_cls):
         if path in skip or f.name == "output_dir":
             continue
@@ -128,7 +149,9 @@ def config_flags(config_cls: type, skip: tuple[str, ...] = ()) -> list[ConfigFla
         where = f"--config's {path.rpartition('.')[0]}" if "." in path else "--config"
         group = f"{GROUP_TITLES.get(context, context)} (override {where})"
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
-        out.append(ConfigFlag(path, flag, "BOOL" if hint is bool else "V", text, group))
+        aliases = tuple("--" + a.replace("_", "-") for a, field in TRL_ALIASES.items() if field == f.name
+                        and a not in names)
+        out.append(ConfigFlag(path, flag, "BOOL" if hint is bool else "V", text, group, aliases))
     return out
 
 
@@ -151,23 +174,85 @@ def _leaf_fields(config_cls: type, prefix: str = ""):
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type = LoRATrainConfig,
                     skip: tuple[str, ...] = ()) -> None:
     """--config FILE plus the flags of `config_flags` (default: unset, so the file's value wins)."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it")
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields (and of this "
+                        "command's options: model, data, output_dir, ...); flags override it. " + ALIASES_HELP)
     groups: dict[str, Any] = {}
     for flag in config_flags(config_cls, skip):
         if flag.group not in groups:
             groups[flag.group] = parser.add_argument_group(flag.group)
-        groups[flag.group].add_argument(flag.flag, dest=DEST_PREFIX + flag.path, default=None,
-                                        metavar=flag.metavar, help=flag.help)
+        bare = {"nargs": "?", "const": "true"} if flag.metavar == "BOOL" else {}  # --use-rslora alone: true
+        groups[flag.group].add_argument(flag.flag, *flag.aliases, dest=DEST_PREFIX + flag.path, default=None,
+                                        metavar=flag.metavar, help=flag.help, **bare)
 
 
-def config_values(args: argparse.Namespace) -> dict:
-    """The config fields the user gave, as a nested dict: the --config file (read here, once) overlaid
-    with the config flags."""
-    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+def config_values(args: argparse.Namespace, config_cls: type = LoRATrainConfig) -> dict:
+    """The config fields the user gave, as a nested dict: the --config file (read here, once; or its config
+    fields as `run_options_from_config` left them) with keys as `config_cls` names them, overlaid with the
+    config flags."""
+    values = getattr(args, CONFIG_FILE_VALUES, None)
+    if values is None:
+        values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values = canonical_keys(values, config_cls)
     for dest, value in vars(args).items():
         if dest.startswith(DEST_PREFIX) and value is not None:
             set_path(values, dest[len(DEST_PREFIX):], value)
     return values
+
+
+def canonical_keys(values: dict, config_cls: type) -> dict:
+    """Config-file keys as `config_cls` names its fields: dashes read as underscores, TRL's names as ours
+    (`TRL_ALIASES`), and the fields of a nested config (RLHFConfig.lora_config) given at the top level (a flat
+    file, like the flags) moved under it. Unknown keys stay, for `config_from_dict` to name."""
+    hints = get_type_hints(config_cls)
+    own = {f.name for f in dataclasses.fields(config_cls)}
+    nested = {f.name: hints[f.name] for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(hints[f.name])}
+    out: dict = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in own and name in TRL_ALIASES:
+            name = TRL_ALIASES[name]
+        if name in nested and isinstance(value, dict):
+            out.setdefault(name, {}).update(canonical_keys(value, nested[name]))
+            continue
+        home = next((n for n, cls in nested.items() if name not in own and name in
+                     {f.name for f in dataclasses.fields(cls)}), None)
+        if home is not None:
+            out.setdefault(home, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+CONFIG_FILE_VALUES = "config_file_values"  # args attribute: the --config file's config fields, read once
+
+
+def run_options_from_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], dict | None]:
+    """One --config file may hold a whole run. Its keys that name an option of the command (``model``,
+    ``data``, ``eval_data``, ``prompts``, ``output_dir``, ``adapter``, ``reward``, ``num_steps`` /
+    ``max_steps`` of RL, ...; dashes or underscores) become that option, put before the command line's own
+    options so that a flag still wins. Returns (argv, the file's remaining keys: its config fields), or
+    (argv, None) when there is no --config (or --help is asked)."""
+    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if not argv or subparsers is None or argv[0] not in subparsers.choices or {"-h", "--help"} & set(argv):
+        return argv, None
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return argv, None
+    values = load_config_file(path)
+    options = {o[2:].replace("-", "_"): a for a in subparsers.choices[argv[0]]._actions for o in a.option_strings
+               if o.startswith("--") and not a.dest.startswith(DEST_PREFIX) and a.dest not in ("help", "config")}
+    front: list[str] = []
+    for key in [k for k in values if str(k).replace("-", "_") in options]:
+        action, value = options[str(key).replace("-", "_")], values.pop(key)
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true: --overwrite, --no-progress, ...
+            front += [flag] if str(value).lower() in ("true", "1", "yes") else []
+        elif isinstance(value, list):
+            front += [flag, *map(str, value)] if action.nargs in ("+", "*") else [flag, ",".join(map(str, value))]
+        elif value is not None:
+            front += [flag, str(value)]
+    return [argv[0], *front, *argv[1:]], values
 
 
 def set_path(values: dict, path: str, value: Any) -> None:
@@ -185,7 +270,7 @@ def config_from_args(args: argparse.Namespace, config_cls: type = LoRATrainConfi
                      values: dict | None = None):
     """The validated config: defaults < --config file < flags < `fixed` (dotted paths; None = not fixed).
     Pass `values` from `config_values` when the command has already looked at them."""
-    values = config_values(args) if values is None else values
+    values = config_values(args, config_cls) if values is None else values
     for path, value in (fixed or {}).items():
         if value is not None:
             set_path(values, path, value)

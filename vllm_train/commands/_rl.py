@@ -27,7 +27,7 @@ def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     p.add_argument("--prompts", required=True, metavar="FILE", help="prompt records (.jsonl/.json/.parquet)")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts: greedy reward before/after "
                    "(and every --eval-steps)")
-    p.add_argument("--num-steps", type=int, default=100, help="RL steps (default: 100)")
+    p.add_argument("--num-steps", "--max-steps", type=int, default=100, help="RL steps (default: 100)")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)" + ADAPTER_HELP)
     add_output_args(p)
     add_config_args(p, RLHFConfig, skip=RL_UNUSED_LORA_FIELDS + skip)
@@ -38,7 +38,7 @@ def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
     from vllm_train.config import RLHFConfig
     from vllm_train.errors import VllmTrainError
 
-    values = config_values(args)
+    values = config_values(args, RLHFConfig)
     if "max_length" in (values.get("lora_config") or {}):
         # RLHFTrainer does not truncate yet: a max_length would be silently ignored, so it is refused.
         raise VllmTrainError("--max-length (lora_config.max_length) is not supported by RL yet: completions are "

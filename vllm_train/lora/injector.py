@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vllm_train import distributed
-from vllm_train.config import LoRATrainConfig
+from vllm_train.config import ALL_LINEAR, LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.layers import FusedLoRALinear, LoRAWrappedLinear, TrainableLoRALinear
 from vllm_train.lora.peft_io import FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir, write_adapter_dir
@@ -36,7 +36,10 @@ class LoRAInjector:
         return lora.to(device=like.device) if like is not None and like.device.type != "meta" else lora
 
     def inject(self, model: nn.Module) -> nn.Module:
-        """Freeze every parameter of `model`, then wrap each target linear with a trainable LoRA."""
+        """Freeze every parameter of `model`, then wrap each target linear with a trainable LoRA.
+        Target modules ["all-linear"] become the model's linear layer names here (the config records them)."""
+        if self.config.target_modules == [ALL_LINEAR]:
+            self.config.target_modules = all_linear_names(model)
         for p in model.parameters():
             p.requires_grad_(False)
         targets = set(self.config.target_modules)
@@ -184,3 +187,22 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+OUTPUT_HEADS = ("lm_head", "score", "classifier", "v_head")  # never adapted by "all-linear", as in PEFT
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """PEFT's "all-linear": the leaf names of every linear layer but the output layer (the LM head or a
+    classifier / value head); a fused vLLM projection counts as its parts."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if module is output or leaf in OUTPUT_HEADS:
+            continue
+        if isinstance(module, nn.Linear):
+            names.add(leaf)
+        elif leaf in FUSED_PROJECTIONS:
+            names.update(FUSED_PROJECTIONS[leaf])
+    return sorted(names)
