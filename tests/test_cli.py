@@ -293,3 +293,47 @@ def test_one_yaml_holds_a_whole_run_and_flags_win(tiny_model, tmp_path, shipped,
                                 LoraConfig(r=4, target_modules="all-linear"))
     assert sorted(saved["target_modules"]) == sorted(peft_model.peft_config["default"].target_modules)
     assert "lm_head" not in saved["target_modules"] and resolved["target_modules"] == saved["target_modules"]
+
+
+@pytest.fixture
+def untemplated_model(tiny_model, tmp_path):
+    """The tiny model without its chat template (as many base models ship)."""
+    from pathlib import Path
+
+    out = tmp_path / "no-template"
+    out.mkdir()
+    for f in Path(tiny_model).iterdir():
+        if f.name != "chat_template.jinja":
+            (out / f.name).symlink_to(f)
+    return str(out)
+
+
+def test_chat_data_without_a_chat_template_is_one_line_then_chat_template_file(
+        untemplated_model, tiny_model, tmp_path, shipped, capsys):
+    from pathlib import Path
+
+    from vllm_train.data.causal_lm import CausalLMDataset
+    from vllm_train.data.tokenize import use_chat_template
+    from vllm_train.models import load_tokenizer
+
+    argv = ["sft", "--model", untemplated_model, "--data", str(shipped("sft_train.jsonl")), "--output-dir",
+            str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--gradient-accumulation-steps", "1",
+            "--no-progress"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and "no chat template" in err[0] and "--chat-template FILE" in err[0], err
+    assert not (tmp_path / "out").exists()
+    template = Path(tiny_model) / "chat_template.jinja"
+    code, err = run_cli(argv + ["--chat-template", str(template)], capsys)
+    assert code == 0 and (tmp_path / "out" / "adapter_model.safetensors").is_file(), err
+    # the file renders exactly as the model's own template would have
+    records = [json.loads(line) for line in shipped("sft_train.jsonl").read_text().splitlines()[:8]]
+    own = CausalLMDataset(records, load_tokenizer(tiny_model))
+    use_chat_template(template.read_text())
+    try:
+        given = CausalLMDataset(records, load_tokenizer(untemplated_model))
+    finally:
+        use_chat_template(None)
+    assert [e["input_ids"].tolist() for e in given.examples] == [e["input_ids"].tolist() for e in own.examples]
+    assert [e["labels"].tolist() for e in given.examples] == [e["labels"].tolist() for e in own.examples]
+    code, err = run_cli(argv[:-1] + ["--overwrite", "--chat-template", str(tmp_path / "none.jinja")], capsys)
+    assert code == 2 and err == [f"error: --chat-template: file not found: {tmp_path / 'none.jinja'}"]

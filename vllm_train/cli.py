@@ -90,6 +90,7 @@ def silence_rank() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from vllm_train.commands._common import CONFIG_FILE_VALUES, run_options_from_config
+    from vllm_train.data.tokenize import use_chat_template
 
     parser = build_parser()
     try:  # a --config file may name the run's model, data, output dir, ... (flags still win)
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.close()
+        use_chat_template(None)  # --chat-template holds for this command only (main may be called again)
 
 
 if __name__ == "__main__":

@@ -300,19 +300,28 @@ MODEL_HELP = ("local Hugging Face model directory, or a hub id ORG/NAME (fetched
 ADAPTER_HELP = " (a local directory, or a hub id ORG/NAME)"
 
 
-def add_model_args(parser: argparse.ArgumentParser, help_suffix: str = "") -> None:
-    """--model (a directory or a hub id) and --revision (of a hub id)."""
+def add_model_args(parser: argparse.ArgumentParser, help_suffix: str = "", chat_template: bool = True) -> None:
+    """--model (a directory or a hub id), --revision (of a hub id) and, unless told not to, --chat-template."""
     parser.add_argument("--model", required=True, metavar="PATH|ORG/NAME", help=MODEL_HELP + help_suffix)
     parser.add_argument("--revision", metavar="REV", help="hub branch, tag or commit of --model (default: main)")
+    if chat_template:
+        parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to render chat messages with, "
+                            "in place of the model's own (needed for chat data when the model has none)")
 
 
-def resolve_hub_args(args: argparse.Namespace) -> str:
-    """Hub ids given as --adapter / --reward-model become their local directories (downloaded once); returns
-    the checked local directory of --model. args.model stays as given: a trained adapter records it as its
-    base (`hub.model_reference`)."""
+def resolve_model_args(args: argparse.Namespace) -> str:
+    """Hub ids given as --adapter / --reward-model become their local directories (downloaded once), and
+    --chat-template is read and put to use; returns the checked local directory of --model. args.model stays
+    as given: a trained adapter records it as its base (`hub.model_reference`)."""
     from vllm_train import hub
+    from vllm_train.data.tokenize import use_chat_template
     from vllm_train.models import resolve_model
 
+    if getattr(args, "chat_template", None):
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise VllmTrainError(f"--chat-template: file not found: {path}")
+        use_chat_template(path.read_text())
     for name in ("adapter", "reward_model"):
         if getattr(args, name, None):
             setattr(args, name, hub.resolve(getattr(args, name), what="--" + name.replace("_", "-")))

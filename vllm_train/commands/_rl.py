@@ -12,7 +12,7 @@ from vllm_train.commands._common import (
     check_output_dir,
     config_from_args,
     config_values,
-    resolve_hub_args,
+    resolve_model_args,
 )
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
@@ -59,7 +59,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
     if args.num_steps < 1:
         raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
-    resolve_hub_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
+    resolve_model_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
     check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None

@@ -11,7 +11,7 @@ from vllm_train.commands._common import (
     add_output_args,
     check_output_dir,
     config_from_args,
-    resolve_hub_args,
+    resolve_model_args,
 )
 from vllm_train.config import DPOConfig
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.trainers.dpo import DPOTrainer
 
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
-    model_dir = resolve_hub_args(args)
+    model_dir = resolve_model_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first

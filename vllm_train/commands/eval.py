@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_hub_args
+from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_model_args
 
 DESCRIPTION = """\
 Evaluate the base model and (with --adapter) the adapter on a JSONL file:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.data.io import load_records
     from vllm_train.errors import VllmTrainError
 
-    args.model = resolve_hub_args(args)  # local directories from here on (eval saves nothing)
+    args.model = resolve_model_args(args)  # local directories from here on (eval saves nothing)
     records = load_records(args.data, what="eval set")
     wanted = _pick_metrics(args.metrics, records[0])
     results: dict[str, dict] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_hub_args
+from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise VllmTrainError("give at least one --prompt or --chat")
     if args.max_tokens < 1 or args.n < 1 or args.temperature < 0:
         raise VllmTrainError("--max-tokens and --n must be >= 1 and --temperature >= 0")
-    args.model = resolve_hub_args(args)  # local directories from here on
+    args.model = resolve_model_args(args)  # local directories from here on
     rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))

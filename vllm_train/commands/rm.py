@@ -13,7 +13,7 @@ from vllm_train.commands._common import (
     add_output_args,
     check_output_dir,
     config_from_args,
-    resolve_hub_args,
+    resolve_model_args,
 )
 from vllm_train.config import RewardModelConfig
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.score_with_vllm and distributed.requested():
         raise VllmTrainError("--score-with-vllm is not available under torchrun (a vLLM engine there joins all "
                              "ranks); train under torchrun, then score in one process")
-    model_dir = resolve_hub_args(args)
+    model_dir = resolve_model_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first

@@ -45,7 +45,7 @@ example:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run vLLM OpenAI server replicas with runtime LoRA loading",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, chat_template=False)  # vLLM's own: -- --chat-template FILE
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="publish this PEFT adapter (a directory or a hub id) as NAME-v1 once the servers are up "
                    "(repeatable)")

@@ -13,12 +13,35 @@ from vllm_train.errors import VllmTrainError
 
 Messages = list[dict]
 
+# The Jinja chat template every tokenizer of this process renders chat messages with, in place of the model's
+# own: set once by a command's --chat-template FILE (`use_chat_template`); None: each tokenizer's own.
+_TEMPLATE_OVERRIDE: dict[str, str | None] = {"template": None}
+NO_TEMPLATE = ("the model's tokenizer has no chat template, so chat messages cannot be rendered: pass "
+               "--chat-template FILE (a Jinja chat template, e.g. one of a model of the same family), or give "
+               "plain-text prompt/completion records")
+
+
+def use_chat_template(template: str | None) -> None:
+    """Render every chat from now on with `template` (Jinja text), whatever the tokenizer's own (None: undo)."""
+    _TEMPLATE_OVERRIDE["template"] = template
+
+
+def apply_template(tokenizer, messages: Messages, **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)` with the --chat-template override;
+    one clear line when there is no template at all."""
+    override = _TEMPLATE_OVERRIDE["template"]
+    if override:
+        return tokenizer.apply_chat_template(messages, chat_template=override, tokenize=False, **kwargs)
+    if not getattr(tokenizer, "chat_template", None):
+        raise VllmTrainError(NO_TEMPLATE)
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
 
 def render_prompt(tokenizer, prompt: str | Messages) -> str:
     """Prompt text as it goes to the model: chat messages through the tokenizer's chat template."""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return apply_template(tokenizer, prompt, add_generation_prompt=True)
 
 
 def prompt_ids(tokenizer, prompt: str | Messages) -> list[int]:
@@ -38,7 +61,7 @@ def completion_ids(tokenizer, prompt: str | Messages, completion: str | Messages
     if isinstance(prompt, str):
         raise VllmTrainError("a chat-message completion needs a chat-message prompt")
     prompt_text = render_prompt(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    full_text = apply_template(tokenizer, list(prompt) + list(completion))
     if not full_text.startswith(prompt_text):
         raise VllmTrainError("the chat template does not render the prompt as a prefix of prompt + completion")
     return tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
@@ -54,9 +77,8 @@ def encode_messages(tokenizer, messages: Messages) -> tuple[list[int], list[bool
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_text = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False) \
-            if i > 0 else ""
-        full_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt_text = apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
+        full_text = apply_template(tokenizer, messages[: i + 1])
         if not prompt_text.startswith(done_text) or not full_text.startswith(prompt_text):
             raise VllmTrainError("the chat template does not render earlier turns as a prefix of later ones")
         prompt_part = tokenizer(prompt_text[len(done_text):], add_special_tokens=False)["input_ids"]
