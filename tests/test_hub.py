@@ -115,3 +115,22 @@ def test_sft_from_a_relative_path_records_an_absolute_base(tiny_model, tmp_path,
 
     model = AutoPeftModelForCausalLM.from_pretrained(str(out))
     assert model.peft_config["default"].r == 8
+
+
+@pytest.mark.vllm
+def test_generate_serves_a_hub_id_from_the_same_snapshot(hub_home, tiny_model):
+    """vLLM reads the hub id's snapshot offline, from the CLI and from the Python API alike (same answer)."""
+    from vllm_train.engine.llm import VLLMEngine
+
+    env = {**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "vllm_train.cli", "generate", "--model", HUB_ID, "--prompt",
+                           "What is 47 + 38?", "--max-tokens", "4", "--json"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine = VLLMEngine(HUB_ID)  # the Python API resolves the id too (this process's HF_HOME is the test's)
+    try:
+        assert Path(engine.model_path) == hub_home / "hub" / "models--test-org--tiny-llama" / "snapshots" / COMMIT
+        expected = engine.generate(["What is 47 + 38?"], max_tokens=4)[0][0].text
+    finally:
+        engine.close()
+    assert json.loads(done.stdout.strip().splitlines()[-1])["completion"] == expected
