@@ -15,6 +15,10 @@ from pathlib import Path
 from vllm_train.errors import VllmTrainError
 
 # A hub repo id as Hugging Face spells it: NAME or ORG/NAME, no leading '.', '/' or '~', no '..'.
+# Files neither transformers nor vLLM loads: other frameworks' weights, and Meta's original checkpoints
+# (``original/consolidated.*.pth``, as large as the model itself)
+NOT_LOADED = ["*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.tflite", "*.ot", "*.mlmodel", "coreml/*",
+              "openvino/*", "original/*", "*.pth"]
 HUB_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
@@ -54,7 +58,8 @@ def resolve(name: str, revision: str | None = None, what: str = "--model") -> st
 
     offline = hub_offline()
     try:
-        return snapshot_download(text, revision=revision, cache_dir=hub_cache_dir(), local_files_only=offline)
+        return snapshot_download(text, revision=revision, cache_dir=hub_cache_dir(), local_files_only=offline,
+                                 ignore_patterns=NOT_LOADED)
     except Exception as exc:  # RepositoryNotFoundError, LocalEntryNotFoundError, network errors, ...
         where = f"revision {revision}" if revision else "its main revision"
         if offline:
