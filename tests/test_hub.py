@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_train import hub
 from vllm_train.cli import main
@@ -102,6 +103,16 @@ def test_sft_from_a_hub_id_records_the_id_as_base(hub_home, tmp_path, shipped):
     assert _sft(HUB_ID, shipped("sft_train.jsonl"), again, "--adapter", "test-org/tiny-adapter") == 0
     state = json.loads((again / "resolved_config.json").read_text())
     assert state["model"] == HUB_ID
+    # the Python API: a trainer on the hub id, starting from the adapter's hub id, holds the adapter's weights
+    from safetensors.torch import load_file
+
+    from vllm_train import LoRATrainConfig, LoRATrainer
+
+    trainer = LoRATrainer(HUB_ID, LoRATrainConfig(output_dir=str(tmp_path / "api")), revision=COMMIT)
+    trainer.setup_training(adapter="test-org/tiny-adapter")
+    saved, live = load_file(str(out / "adapter_model.safetensors")), trainer.injector.peft_state_dict()
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert trainer.model_name == HUB_ID and Path(trainer.model_path).parent.name == "snapshots"
 
 
 def test_sft_from_a_relative_path_records_an_absolute_base(tiny_model, tmp_path, shipped, monkeypatch):

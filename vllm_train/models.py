@@ -75,6 +75,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     from transformers import AutoModelForCausalLM
 
     model_name = resolve_model(model_name, revision)
+    adapter = hub.resolve(adapter, what="adapter") if adapter else None  # a hub id: its snapshot directory
     tokenizer = load_tokenizer(model_name)
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast

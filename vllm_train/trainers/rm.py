@@ -80,6 +80,7 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = models.load_tokenizer(model_name)
+    adapter = hub.resolve(adapter, what="adapter") if adapter else None  # a hub id: its snapshot directory
     if adapter:
         validate_adapter(adapter, model_name)
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
