@@ -145,3 +145,19 @@ def test_generate_serves_a_hub_id_from_the_same_snapshot(hub_home, tiny_model):
     finally:
         engine.close()
     assert json.loads(done.stdout.strip().splitlines()[-1])["completion"] == expected
+
+
+@pytest.mark.vllm
+def test_grpo_run_from_one_flat_yaml_on_a_hub_id(hub_home, tmp_path):
+    """A whole RL run in one flat YAML with TRL's names (model by hub id, max_steps, num_generations, lora_r);
+    a bare --use-rslora on top."""
+    out = tmp_path / "grpo"
+    run = tmp_path / "rl.yaml"
+    run.write_text(f"model: {HUB_ID}\nprompts: {Path(__file__).parents[1] / 'vllm_train/assets/data/rl_train.jsonl'}\n"
+                   f"reward: vllm_train.toy:correctness_reward\noutput_dir: {out}\nmax_steps: 1\nnum_generations: 2\n"
+                   f"rollout_batch_size: 2\nmax_completion_length: 4\nlora_r: 4\nno_progress: true\n")
+    assert main(["grpo", "--config", str(run), "--use-rslora"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    resolved = json.loads((out / "resolved_config.json").read_text())
+    assert (saved["base_model_name_or_path"], saved["r"], saved["use_rslora"]) == (HUB_ID, 4, True)
+    assert (resolved["num_steps"], resolved["group_size"], resolved["max_new_tokens"]) == (1, 2, 4)
