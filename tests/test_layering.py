@@ -49,7 +49,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "gateway", "staging"), ("http_client",), ("llm", "replicas"),
+    "engine": [("fast_sync", "gateway", "staging"), ("http_client", "server_args"), ("llm", "replicas"),
                ("loader", "reward", "publish"), ("remote",)],
     "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
