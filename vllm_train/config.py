@@ -60,6 +60,7 @@ class LoRATrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     tensor_parallel_size: int = 1  # under torchrun: shard the model's linears over groups of this many ranks
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (non-reentrant)
 
     # Logging and checkpoints
     logging_steps: int = 10

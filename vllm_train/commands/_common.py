@@ -43,6 +43,8 @@ FIELD_HELP = {
     "max_steps": "stop after this many optimizer steps (-1: run all epochs)",
     "seed": "random seed (data order, LoRA init, sampling)",
     "precision": "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16",
+    "gradient_checkpointing": "recompute each layer's activations during backward instead of keeping them "
+                              "(less memory for long sequences or big batches, ~30% more compute)",
     "tensor_parallel_size": "under torchrun: shard the model's attention and MLP linears (and the LoRA) over "
                             "groups of K ranks, each group also one vLLM engine; data parallel across groups",
     "logging_steps": "log metrics every N optimizer steps",
