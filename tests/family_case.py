@@ -125,7 +125,7 @@ def peft_roundtrip(trainer: LoRATrainer, work: Path, targets: list[str]) -> dict
     loaded = logits_of(ours_model.eval(), ids)
     base_logits = logits_of(AutoModelForCausalLM.from_pretrained(trainer.model_name, dtype=torch.float32), ids)
     return {"peft_loads_ours_gap": max_abs(ours, theirs), "we_load_peft_gap": max_abs(loaded, peft_logits),
-            "peft_adapter_effect": max_abs(loaded, base_logits)}
+            "peft_adapter_effect": max_abs(loaded, base_logits), "peft_loaded_effect": max_abs(theirs, base_logits)}
 
 
 def grpo_step(model_dir: Path, work: Path, targets: list[str], engine) -> dict:
