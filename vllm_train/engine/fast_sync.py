@@ -65,7 +65,9 @@ def _slot_views(worker, lora_id: int) -> dict:
         if not isinstance(a_stacked, tuple) or not isinstance(b_stacked, tuple):
             continue  # logits / embedding / MoE layers: not targeted by our adapters
         prefix, _, leaf = module_name.rpartition(".")
-        logical = FUSED_PROJECTIONS.get(leaf, (leaf,))
+        # One slice: a module adapted whole, also when its name is a fused one (Phi-3's qkv_proj is packed
+        # as [qkv_proj] and PEFT names its LoRA so)
+        logical = FUSED_PROJECTIONS.get(leaf, (leaf,)) if len(a_stacked) > 1 else (leaf,)
         if len(logical) != len(a_stacked):
             continue  # an unknown packing; `attach` then finds the adapter's tensors unmapped
         for proj, a_buf, b_buf in zip(logical, a_stacked, b_stacked):

@@ -47,15 +47,17 @@ class LoRAInjector:
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, (LoRAWrappedLinear, FusedLoRALinear)):
                 continue
-            if leaf in targets and isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and (leaf in targets or _hf_fused_targeted(model, leaf, targets)):
                 lora = self._new_lora(module.in_features, module.out_features, module.weight)
                 _set_submodule(model, name, LoRAWrappedLinear(module, lora))
                 self.lora_layers[name] = lora
-            elif leaf in FUSED_PROJECTIONS and any(p in targets for p in FUSED_PROJECTIONS[leaf]):
+            elif leaf in FUSED_PROJECTIONS and any(p in targets for p in FUSED_PROJECTIONS[leaf]) \
+                    and not isinstance(module, nn.Linear):
                 self._inject_fused(model, name, module, leaf)
         if not self.lora_layers:
             raise VllmTrainError(f"target_modules {sorted(targets)} match no linear layer of "
                                  f"{type(model).__name__}")
+        _check_no_expert_targets(model, targets, {name.rsplit(".", 1)[-1] for name in self.lora_layers})
         return model
 
     def _inject_fused(self, model: nn.Module, name: str, module: nn.Module, leaf: str) -> None:
@@ -92,7 +94,7 @@ class LoRAInjector:
             for name, lora in self.lora_layers.items():
                 lora.disabled = before[name]
 
-    def peft_state_dict(self, live: bool = False) -> dict[str, torch.Tensor]:
+    def peft_state_dict(self, live: bool = False, local: bool = False) -> dict[str, torch.Tensor]:
         """The adapter as PEFT names it: ``base_model.model.<path>.lora_A.weight`` (r, in) and
         ``...lora_B.weight`` (out, r). Default: fp32 contiguous CPU copies (for files). ``live=True``:
         detached views of the parameters themselves, on their device, no copy (for
@@ -100,15 +102,26 @@ class LoRAInjector:
 
         Tensor parallel (`vllm_train.lora.tensor_parallel`, DTensor parameters): always the full,
         unsharded tensors -- gathered, so a collective that every rank of the group must call, and
-        with ``live=True`` new tensors on the parameters' device rather than views."""
+        with ``live=True`` new tensors on the parameters' device rather than views. ``local=True`` (with
+        ``live``): this rank's shards instead, views, no communication -- vLLM's tensor-parallel LoRA slots
+        hold the same split, so `VLLMEngine.sync_adapter` writes them into this rank's slot as they are."""
         state = {}
         for name, lora in self.lora_layers.items():
-            a, b = _full(lora.lora_a.detach()), _full(lora.lora_b.detach())
+            a, b = lora.lora_a.detach(), lora.lora_b.detach()
+            a, b = (_local(a), _local(b)) if local and live else (_full(a), _full(b))
             if not live:
                 a, b = a.float().contiguous().cpu(), b.float().contiguous().cpu()
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         return state
+
+    def sync_states(self):
+        """(full, shards) for `VLLMEngine.sync_adapter`: the live tensors and None; under tensor
+        parallelism a function that gathers the full tensors (called only for the public path) and this
+        rank's shards (which the fast path writes into this rank's vLLM slot)."""
+        if not any(isinstance(p, DTensor) for p in self.get_trainable_params()):
+            return self.peft_state_dict(live=True), None
+        return (lambda: self.peft_state_dict(live=True)), self.peft_state_dict(live=True, local=True)
 
     def peft_config(self, base_model_name_or_path: str | None) -> dict:
         c = self.config
@@ -163,12 +176,43 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view); a plain tensor unchanged."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full tensor into `param`; a DTensor parameter takes its own shard of it, cut locally."""
     if isinstance(param, DTensor):
         full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
                                  src_data_rank=None)
     param.copy_(full)
+
+
+def _hf_fused_targeted(model: nn.Module, leaf: str, targets: set[str]) -> bool:
+    """Whether an HF model's own fused linear (Phi-3's ``qkv_proj`` / ``gate_up_proj``, an ``nn.Linear``)
+    is targeted through its parts' names. It gets ONE LoRA under its own name, as PEFT gives it and as
+    vLLM's LoRA for such models expects (packed_modules_mapping ``qkv_proj: [qkv_proj]``); so either all
+    of its parts are targeted or none."""
+    parts = FUSED_PROJECTIONS.get(leaf, ())
+    chosen = [p for p in parts if p in targets]
+    if chosen and len(chosen) < len(parts):
+        raise VllmTrainError(f"{type(model).__name__} fuses {', '.join(parts)} into one linear '{leaf}': "
+                             f"target all of them (or '{leaf}'), not only {', '.join(chosen)}")
+    return bool(chosen)
+
+
+def _check_no_expert_targets(model: nn.Module, targets: set[str], adapted: set[str]) -> None:
+    """A mixture-of-experts model keeps its experts as 3-D tensors (transformers 5: ``experts.gate_up_proj``
+    (E, 2I, H), ``experts.down_proj`` (E, H, I)), not linear layers: MLP targets that adapted nothing
+    would leave the adapter silently attention-only, so say so."""
+    mlp = {"gate_proj", "up_proj", "down_proj", "gate_up_proj"}
+    missed = sorted((targets & mlp) - adapted)
+    experts = any(p.dim() == 3 and n.rsplit(".", 1)[-1] in mlp for n, p in model.named_parameters())
+    if missed and experts:
+        raise VllmTrainError(f"{type(model).__name__}: LoRA on the MoE experts ({', '.join(missed)}) is not "
+                             f"supported (its experts are fused 3-D tensors, not linear layers); target the "
+                             f"attention projections q_proj, k_proj, v_proj, o_proj")
 
 
 def fused_output_sizes(module: nn.Module, leaf: str) -> list[int]:

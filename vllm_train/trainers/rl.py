@@ -77,8 +77,7 @@ class RLHFTrainer:
         if (reward_model_name is None) == (reward_fn is None):
             raise VllmTrainError("give exactly one of a reward model (reward_model_name) or a reward function")
         self.reward_fn = load_reward_function(reward_fn) if isinstance(reward_fn, str) else reward_fn
-        reward_dir = hub.resolve(reward_model_name, what="reward model") if reward_model_name else None
-        self.reward_model = _load_reward_model(reward_dir) if reward_dir else None
+        self.reward_model = _load_reward_model(reward_model_name) if reward_model_name else None
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
@@ -167,6 +166,7 @@ class RLHFTrainer:
         if prefetcher is not None:
             stats["rollout_wait_seconds"] = waited
         stats["step_seconds"] = time.perf_counter() - t0
+        stats["fast_sync"] = float(getattr(self.engine, "last_sync_path", None) == "fast")  # 1: slot write
         return distributed.all_reduce_mean(stats)
 
     def _resume(self, num_steps: int) -> int:
@@ -289,8 +289,8 @@ class RLHFTrainer:
         if self._served is not None and self._served[0] == self._version:
             return self._served[1], 0.0
         t0 = time.perf_counter()
-        ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True),
-                                       self.injector.peft_config(self.model_name), family="rl-policy")
+        full, shards = self.injector.sync_states()
+        ref = self.engine.sync_adapter(full, self.injector.peft_config(self.model_name), "rl-policy", shards)
         self._served = (self._version, ref)
         return ref, (time.perf_counter() - t0) * 1e3
 
@@ -397,4 +397,4 @@ def _global_size(mask_BT: torch.Tensor, max_new_tokens: int) -> grpo.BatchSize:
 def _load_reward_model(path: str):
     from vllm_train.rewards.model import RewardModelScorer
 
-    return RewardModelScorer(path)
+    return RewardModelScorer(hub.resolve(path, what="reward model"))  # a hub id: its snapshot directory

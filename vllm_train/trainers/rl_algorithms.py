@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 
+from vllm_train import distributed
 from vllm_train.config import RLHFConfig
 from vllm_train.losses import grpo, ppo
 
@@ -58,12 +59,12 @@ class PPO:
         kl_BT = ppo.kl_per_token(old_logps_BT, ref_logps_BT, "k1") if ref_logps_BT is not None \
             else torch.zeros_like(old_logps_BT)
         scores_S = rewards_GN[keep_G].flatten()
-        if c.whiten_rewards and len(scores_S) > 1:
-            scores_S = ppo.masked_whiten(scores_S, torch.ones_like(scores_S))
+        if c.whiten_rewards and distributed.all_reduce_sum({"n": len(scores_S)})["n"] > 1:
+            scores_S = whiten_over_ranks(scores_S, torch.ones_like(scores_S))
         token_rewards_BT = ppo.kl_shaped_rewards(scores_S, kl_BT, mask_BT, c.kl_coef)
         advantages_BT, returns_BT = ppo.gae(token_rewards_BT, old_values_BT, mask_BT, c.gamma, c.gae_lambda)
         if c.whiten_advantages:
-            advantages_BT = ppo.masked_whiten(advantages_BT, mask_BT)
+            advantages_BT = whiten_over_ranks(advantages_BT, mask_BT)
         return UpdateTargets(advantages_BT, old_logps_BT, ref_logps_BT, old_values_BT, returns_BT)
 
     def loss(self, logps_BT, values_BT, t: UpdateTargets, rows, mask_BT, size, is_weights_BT):
@@ -71,6 +72,19 @@ class PPO:
         return ppo.ppo_loss(logps_BT, t.old_logps_BT[rows], t.advantages[rows], values_BT, t.old_values_BT[rows],
                             t.returns_BT[rows], mask_BT, clip=c.clip_range, value_clip=c.value_clip_range,
                             value_coef=c.value_loss_coef, num_tokens=size.tokens, is_weights_BT=is_weights_BT)
+
+
+def whiten_over_ranks(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`ppo.masked_whiten` with the mean and variance of the whole step's batch: in a data-parallel run
+    the moments are summed over the ranks' shares (two passes, as the one-process function does)."""
+    if distributed.world_size() == 1:
+        return ppo.masked_whiten(x_BT, mask_BT, eps=eps)
+    m_BT = mask_BT.to(x_BT.dtype)
+    first = distributed.all_reduce_sum({"n": m_BT.sum().item(), "sum": (x_BT * m_BT).sum().item()})
+    n = max(first["n"], 1.0)
+    mean = first["sum"] / n
+    var = distributed.all_reduce_sum({"sq": (((x_BT - mean) ** 2) * m_BT).sum().item()})["sq"] / n
+    return (x_BT - mean) * (var + eps) ** -0.5 * m_BT
 
 
 def make_algorithm(config: RLHFConfig) -> GroupRelative | PPO:

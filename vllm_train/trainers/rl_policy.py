@@ -21,7 +21,7 @@ from torch import nn
 
 from vllm_train import distributed
 from vllm_train.losses.causal_lm import token_logprobs
-from vllm_train.models import autocast_for
+from vllm_train.models import autocast_for, chunkable_head
 from vllm_train.trainers.rl_rollouts import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -63,9 +63,8 @@ class Policy:
         self.model, self.injector, self.value_head = model, injector, value_head
         self.pad, self.temperature, self.micro_batch = pad_token_id, temperature, micro_batch
         self.reference_weights = reference_weights  # None: the reference is the base (adapter disabled)
-        head = model.get_output_embeddings()
-        # chunked over a frozen plain head (the (B, T, V) logits never exist); full logits through a LoRA head
-        self._chunked = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+        # chunked over a frozen plain head (the (B, T, V) logits never exist); else the model's own logits
+        self._chunked = chunkable_head(model) is not None
 
     @property
     def device(self) -> torch.device:

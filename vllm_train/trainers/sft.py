@@ -17,7 +17,6 @@ from vllm_train import distributed, hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX, CausalLMDataset, collate_causal_lm
 from vllm_train.lora.peft_io import ADAPTER_WEIGHTS, adapter_card
-from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.metrics import plot_curves
 from vllm_train.trainers import common, loop
 
@@ -106,9 +105,8 @@ class LoRATrainer:
         loss_sum = 0.0
         for b in batches:
             b = {k: v.to(self.device) for k, v in b.items()}
-            with self._autocast():
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            logps, _ = shifted_token_logprobs(logits, b["labels"])
+            logps, _ = models.label_logprobs(self.model, b["input_ids"], b["attention_mask"], b["labels"],
+                                             self._autocast)
             loss = -logps.sum() / max(1, group_tokens)
             loss.backward()
             loss_sum += -logps.sum().item()
@@ -155,8 +153,8 @@ class LoRATrainer:
     def current_adapter(self):
         """The trainer's current weights as an adapter in the engine (re-published only if changed)."""
         if self._served is None or self._served[0] != self._adapter_version:
-            ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True),
-                                           self.injector.peft_config(self.model_name), family="trainer")
+            full, shards = self.injector.sync_states()
+            ref = self.engine.sync_adapter(full, self.injector.peft_config(self.model_name), "trainer", shards)
             self._served = (self._adapter_version, ref)
         return self._served[1]
 
