@@ -193,17 +193,32 @@ def config_from_args(args: argparse.Namespace, config_cls: type = LoRATrainConfi
 
 
 def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse to mix a new run into a non-empty directory unless resuming or told to overwrite."""
+    """Refuse to mix a new run into a non-empty directory unless resuming or told to overwrite.
+
+    ``--resume-from latest`` continues the run in `path` (a fresh start when `path` is empty); a non-empty
+    `path` without a checkpoint is refused, so resuming never rewrites another run's or a user's files.
+    ``--overwrite`` (not resuming) clears an earlier run's files first (`run_dir.clear_run`; rank 0)."""
+    from vllm_train.trainers import common, run_dir
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VllmTrainError(f"--output-dir {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not resume_from and not overwrite:
+    not_empty = path.is_dir() and any(path.iterdir())
+    if not_empty and not resume_from and not overwrite:
         raise VllmTrainError(f"--output-dir {path} is not empty (pass --overwrite, or --resume-from latest "
                              f"to continue that run)")
-    distributed.barrier()  # under torchrun: every rank has looked before rank 0 writes the first file
+    resumes = resume_from and (resume_from != "latest" or common.list_checkpoints(path))
+    if not_empty and resume_from == "latest" and not resumes and not overwrite:
+        raise VllmTrainError(f"--resume-from latest: --output-dir {path} is not empty but holds no checkpoint "
+                             f"to resume (pass --overwrite to start a new run there)")
+    if not_empty and overwrite and not resumes:
+        run_dir.clear_run(path)
+    distributed.barrier()  # under torchrun: every rank has looked (rank 0 has cleared) before rank 0 writes
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="directory for the adapter and run files")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in a non-empty --output-dir: its checkpoints, metrics, TensorBoard "
+                             "logs, plots and adapter files are deleted first (other files stay)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

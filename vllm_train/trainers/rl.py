@@ -40,6 +40,7 @@ from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import load_policy
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common
+from vllm_train.trainers import run_dir as run_files
 from vllm_train.trainers.loop import stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead
@@ -96,6 +97,7 @@ class RLHFTrainer:
         self.global_step = 0
         self._version = 0  # bumped whenever the weights change
         self._served = None  # (version, AdapterRef) last synced to vLLM
+        self._fingerprint: dict | None = None  # of this run, into each checkpoint (set by `train`)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, prompt_dataset: Any, num_steps: int, eval_dataset: Any = None) -> dict:
@@ -108,7 +110,7 @@ class RLHFTrainer:
         check_rank_shares(c.rollout_batch_size, c.dynamic_sampling)
         records = load_prompt_records(prompt_dataset, "prompt dataset")
         eval_records = load_prompt_records(eval_dataset, "eval dataset") if eval_dataset is not None else None
-        run_dir, step = Path(c.output_dir), self._resume(num_steps)
+        run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
         write_resolved_config(c, run_dir, model=self.model_name, kind=c.algorithm, num_steps=num_steps,
                               prompts=len(records), reward=self._reward_label())
         logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step or None)
@@ -131,8 +133,8 @@ class RLHFTrainer:
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", len=f"{stats['response_len']:.1f}",
                                 sync=f"{stats['sync_ms']:.0f}ms")
                 if c.save_steps and step % c.save_steps == 0 and step < num_steps:
-                    common.save_checkpoint(run_dir, step, self.saveable, self.optimizer, self.scheduler, {},
-                                           self.model_name, lc.save_total_limit)
+                    common.save_checkpoint(run_dir, step, self.saveable, self.optimizer, self.scheduler,
+                                           {"fingerprint": self._fingerprint}, self.model_name, lc.save_total_limit)
         finally:
             if prefetcher is not None:
                 prefetcher.close()
@@ -166,13 +168,17 @@ class RLHFTrainer:
         stats["step_seconds"] = time.perf_counter() - t0
         return distributed.all_reduce_mean(stats)
 
-    def _resume(self, num_steps: int) -> int:
-        """Make the LR schedule; restore a checkpoint if asked. Returns the step to continue from."""
-        lc = self.config.lora_config
+    def _resume(self, num_steps: int, records: list[dict]) -> int:
+        """Make the LR schedule; clean a killed run's leftovers; restore a checkpoint if asked (refused when
+        model, prompts or config differ from the checkpoint's run). Returns the step to continue from."""
+        lc, run_dir = self.config.lora_config, Path(self.config.output_dir)
         self.scheduler = common.make_schedule(self.optimizer, num_steps, lc)
-        resume = common.resolve_resume(lc.resume_from, Path(self.config.output_dir))
+        self._fingerprint = run_files.fingerprint(self.config, self.model_name, records, distributed.world_size())
+        run_files.clean_leftovers(run_dir)
+        resume = common.resolve_resume(lc.resume_from, run_dir)
         if resume is not None:
-            self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler)["step"]
+            self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler,
+                                                      self._fingerprint)["step"]
             self._version += 1
         return self.global_step
 
