@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -214,6 +215,41 @@ def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool)
     if not_empty and overwrite and not resumes:
         run_dir.clear_run(path)
     distributed.barrier()  # under torchrun: every rank has looked (rank 0 has cleared) before rank 0 writes
+
+
+@dataclasses.dataclass
+class NewOutputDir:
+    """The --output-dir a command starts in: removed again when the command fails before its first
+    checkpoint (`remove_failed`), so a failed start never leaves a half-made run behind."""
+
+    path: Path
+    existed: bool  # an empty directory the user made: emptied, not removed
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> NewOutputDir | None:
+        """None when the command has no --output-dir or the directory already holds files (a resume, an
+        --overwrite: that run's files are not this command's to remove)."""
+        value = getattr(args, "output_dir", None)
+        if value is None:
+            return None
+        path = Path(value)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            return None
+        return cls(path, path.exists())
+
+    def remove_failed(self) -> None:
+        from vllm_train.trainers.common import list_checkpoints
+
+        if not distributed.is_main() or not self.path.is_dir() or list_checkpoints(self.path):
+            return
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from pathlib import Path
 
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import check_model_path
+    from vllm_train.models import check_model_path, check_prompt_lengths
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 
@@ -70,6 +70,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
     records = load_prompt_records(args.prompts, "prompts")
     eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
+    for path, recs in ((args.prompts, records), (args.eval_prompts, eval_records or [])):
+        check_prompt_lengths(args.model, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
                           progress=not args.no_progress)
