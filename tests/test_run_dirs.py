@@ -14,7 +14,7 @@ from vllm_train.data.causal_lm import CausalLMDataset
 from vllm_train.engine.staging import SYNC_COPY_PREFIX, remove_dead_sync_copies
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import read_metrics
-from vllm_train.trainers.run_dir import clean_leftovers
+from vllm_train.trainers.run_files import clean_leftovers
 from vllm_train.trainers.sft import LoRATrainer
 
 

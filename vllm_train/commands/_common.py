@@ -198,8 +198,8 @@ def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool)
 
     ``--resume-from latest`` continues the run in `path` (a fresh start when `path` is empty); a non-empty
     `path` without a checkpoint is refused, so resuming never rewrites another run's or a user's files.
-    ``--overwrite`` (not resuming) clears an earlier run's files first (`run_dir.clear_run`; rank 0)."""
-    from vllm_train.trainers import common, run_dir
+    ``--overwrite`` (not resuming) clears an earlier run's files first (`run_files.clear_run`; rank 0)."""
+    from vllm_train.trainers import common, run_files
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -213,7 +213,7 @@ def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool)
         raise VllmTrainError(f"--resume-from latest: --output-dir {path} is not empty but holds no checkpoint "
                              f"to resume (pass --overwrite to start a new run there)")
     if not_empty and overwrite and not resumes:
-        run_dir.clear_run(path)
+        run_files.clear_run(path)
     distributed.barrier()  # under torchrun: every rank has looked (rank 0 has cleared) before rank 0 writes
 
 

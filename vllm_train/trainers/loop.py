@@ -33,8 +33,7 @@ from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, write_resolved_config
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import MetricsLogger
-from vllm_train.trainers import common
-from vllm_train.trainers import run_dir as run_files
+from vllm_train.trainers import common, run_files
 from vllm_train.trainers.common import Checkpointable
 
 StepFn = Callable[[list[list[int]], int], dict[str, float]]
@@ -88,7 +87,6 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
     c, run_dir = config, Path(config.output_dir)
     num_examples = len(data)
     fingerprint = run_files.fingerprint(c, model_name, data, distributed.world_size())
-    run_files.clean_leftovers(run_dir)
     total_steps = common.total_optimizer_steps(num_examples, c)
     scheduler = common.make_schedule(optimizer, total_steps, c)
     params = [p for group in optimizer.param_groups for p in group["params"]]

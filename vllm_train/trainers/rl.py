@@ -39,8 +39,7 @@ from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import load_policy
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
-from vllm_train.trainers import common
-from vllm_train.trainers import run_dir as run_files
+from vllm_train.trainers import common, run_files
 from vllm_train.trainers.loop import stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead
@@ -96,8 +95,7 @@ class RLHFTrainer:
         self.scheduler = None  # made by `train` (needs the number of steps)
         self.global_step = 0
         self._version = 0  # bumped whenever the weights change
-        self._served = None  # (version, AdapterRef) last synced to vLLM
-        self._fingerprint: dict | None = None  # of this run, into each checkpoint (set by `train`)
+        self._served, self._fingerprint = None, None  # (version, AdapterRef) last synced; run_files.fingerprint
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, prompt_dataset: Any, num_steps: int, eval_dataset: Any = None) -> dict:
@@ -169,12 +167,10 @@ class RLHFTrainer:
         return distributed.all_reduce_mean(stats)
 
     def _resume(self, num_steps: int, records: list[dict]) -> int:
-        """Make the LR schedule; clean a killed run's leftovers; restore a checkpoint if asked (refused when
-        model, prompts or config differ from the checkpoint's run). Returns the step to continue from."""
+        """LR schedule; the checkpoint restored if asked (refused if of another run). Returns the step to go on from."""
         lc, run_dir = self.config.lora_config, Path(self.config.output_dir)
         self.scheduler = common.make_schedule(self.optimizer, num_steps, lc)
         self._fingerprint = run_files.fingerprint(self.config, self.model_name, records, distributed.world_size())
-        run_files.clean_leftovers(run_dir)
         resume = common.resolve_resume(lc.resume_from, run_dir)
         if resume is not None:
             self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler,
