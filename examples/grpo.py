@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/example-grpo")
     args = parser.parse_args()
 
-    lora = LoRATrainConfig(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES), learning_rate=1e-2,
+    lora = LoRATrainConfig(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES), learning_rate=2e-3,
                            batch_size=128, warmup_ratio=0.0, lr_scheduler="constant", output_dir=args.output_dir)
     dapo = args.algorithm == "dapo"
     config = RLHFConfig(lora_config=lora, algorithm=args.algorithm, rollout_batch_size=16, group_size=8,

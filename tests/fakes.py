@@ -31,7 +31,8 @@ class FakeEngine:
         self._model, self._tokenizer = trainer.model, trainer.tokenizer
         return self
 
-    def sync_adapter(self, peft_state, peft_config, family: str = "live") -> AdapterRef:
+    def sync_adapter(self, peft_state, peft_config, family: str = "live", shards=None) -> AdapterRef:
+        peft_state = peft_state() if callable(peft_state) else peft_state
         assert not self._busy.locked(), "adapter synced while a generation was in flight"
         self.version += 1
         self._served_model = copy.deepcopy(self._model).eval()

@@ -217,7 +217,8 @@ def test_grpo_tensor_parallel_vllm_serves_what_the_trainer_computes(tmp_path, tp
     """TP 2 end to end: the trainer's linears sharded over 2 ranks, one vLLM engine spanning both (vLLM's
     tensor_parallel_size=2 in the torchrun ranks). vLLM's log-probs of the tokens it sampled equal the
     sharded trainer's at every step (SERVING_TOL: 1e-4 fp32 on CPU, bf16 noise on CUDA), so the synced
-    adapter is the trained one; the saved adapter is the ordinary full-size PEFT file."""
+    adapter is the trained one -- also after the fast sync wrote each rank's shards into its slot; the
+    saved adapter is the ordinary full-size PEFT file."""
     out = tmp_path / "grpo"
     _torchrun(["-m", "vllm_train", "grpo", "--model", tp_model, "--prompts", str(DATA / "rl_train.jsonl"),
                "--reward", f"{Path(__file__).resolve()}:digit_share_reward", "--output-dir", str(out),
@@ -228,8 +229,10 @@ def test_grpo_tensor_parallel_vllm_serves_what_the_trainer_computes(tmp_path, tp
               timeout=900)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     mismatch = [r["mismatch_abs_logp"] for r in records]
-    print(f"\nGRPO TP 2: vLLM vs trainer |dlogp| per step {mismatch}")
+    print(f"\nGRPO TP 2: vLLM vs trainer |dlogp| per step {mismatch}; sync ms {[r['sync_ms'] for r in records]}")
     assert len(mismatch) == 3 and max(mismatch) <= SERVING_TOL
+    # the first version loads from files; later ones write each rank's LoRA shards into its own vLLM slot
+    assert [r["fast_sync"] for r in records] == [0.0, 1.0, 1.0]
     state = load_file(str(out / ADAPTER))
     key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
     assert state[key].shape == (128, 8)  # full output rows, not a rank's half

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("losses",),
     ("lora",),
     ("models",),  # loading a policy / tokenizer / adapter, and the forward passes every layer above reads
+    ("merging",),  # base + adapter -> one plain model directory
     ("rewards",),
     ("evaluation",),
     ("engine",),  # the only layer that imports vLLM
@@ -49,12 +50,12 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "gateway", "staging"), ("http_client",), ("llm", "replicas"),
+    "engine": [("fast_sync", "gateway", "staging"), ("http_client", "server_args"), ("llm", "replicas"),
                ("loader", "reward", "publish"), ("remote",)],
     "trainers": [("run_files",), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),
-                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push")],
+                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 
 MAX_LINES = 400

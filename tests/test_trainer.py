@@ -112,3 +112,18 @@ def test_resume_after_interruption_reproduces_the_loss_curve(tiny_model, sft_dat
     assert [s for s, _ in resumed] == [s for s, _ in full] == list(range(1, 13))
     for (_, a), (_, b) in zip(full, resumed):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_eval_steps_evaluates_every_n_steps_and_at_the_end(tiny_model, sft_data, tokenizer, tmp_path):
+    """--eval-steps 3 over 7 steps: eval_* at steps 3, 6 and 7 (the end); the last equals a fresh evaluation
+    of the final weights."""
+    from vllm_train.assets import data_file
+
+    eval_set = CausalLMDataset(data_file("sft_eval.jsonl"), tokenizer, 64)
+    trainer = LoRATrainer(tiny_model, make_config(tmp_path / "run", max_steps=7, eval_steps=3, logging_steps=1),
+                          progress=False)
+    final = trainer.train(sft_data, eval_set)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 7]
+    assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+    assert final["eval_loss"] == pytest.approx(trainer.evaluate(eval_set)["loss"], rel=1e-6)

@@ -64,6 +64,7 @@ class LoRATrainConfig:
     # Logging and checkpoints
     logging_steps: int = 10
     save_steps: int = 0  # 0 = checkpoint only at the end of each epoch
+    eval_steps: int = 0  # evaluate on the eval set every N optimizer steps (0 = at the end of each epoch)
     save_total_limit: int = 2
     resume_from: str | None = None  # a checkpoint dir, or "latest" for the newest under output_dir
 
@@ -98,6 +99,8 @@ class LoRATrainConfig:
                self.tensor_parallel_size, "an integer >= 1")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
+        _check(isinstance(self.eval_steps, int) and self.eval_steps >= 0, "eval_steps", self.eval_steps,
+               "an integer >= 0")
         _check(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "an integer >= 1")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a path")
 

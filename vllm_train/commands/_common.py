@@ -92,7 +92,8 @@ FIELD_HELP = {
     "tis_cap": "truncated importance sampling: weight tokens by min(p_trainer / p_vllm, cap) (>= 1)",
     "max_staleness": "1: sample the next step's rollout while this step updates (it lags one update; "
                      "corrected by importance weights, --tis-cap 2 if unset); 0: on-policy, one after the other",
-    "eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
+    "eval_steps": "evaluate on --eval-data every N optimizer steps (0: at the end of each epoch)",
+    "RLHFConfig.eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
     "RLHFConfig.save_steps": "checkpoint every N RL steps (0: only the final adapter)",
     "RLHFConfig.seed": "random seed (prompt order, LoRA init, sampling)",
     "lora_config.batch_size": "sequences per micro-batch",

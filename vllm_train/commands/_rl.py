@@ -14,7 +14,7 @@ from vllm_train.commands._common import (
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
 RL_UNUSED_LORA_FIELDS = tuple(f"lora_config.{name}" for name in (
-    "num_epochs", "max_steps", "gradient_accumulation_steps", "seed", "logging_steps", "save_steps"))
+    "num_epochs", "max_steps", "gradient_accumulation_steps", "seed", "logging_steps", "save_steps", "eval_steps"))
 
 
 def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:

@@ -39,7 +39,7 @@ EXAMPLE = """\
 example (toy world, a few minutes on a laptop CPU):
   vllm-train grpo --model vllm_train/assets/tiny-llama --prompts vllm_train/assets/data/rl_train.jsonl \\
       --eval-prompts vllm_train/assets/data/rl_eval.jsonl --reward vllm_train.toy:correctness_reward \\
-      --output-dir runs/grpo --num-steps 40 --rank 8 --learning-rate 1e-2 --batch-size 128 \\
+      --output-dir runs/grpo --num-steps 40 --rank 8 --learning-rate 2e-3 --batch-size 128 \\
       --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --max-new-tokens 8
 """
 

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +21,9 @@ import torch
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+# An adapter's tensors (PEFT names), or a function returning them: a tensor-parallel trainer gathers its
+# shards only when the public path needs the full tensors
+PeftState = dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -62,8 +65,8 @@ class AdapterRef:
 class RolloutEngine(Protocol):
     """What the RL trainer needs of an engine: `VLLMEngine`, or a fake in the loop's unit tests."""
 
-    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
-                     family: str = "live") -> AdapterRef: ...
+    def sync_adapter(self, peft_state: PeftState, peft_config: dict, family: str = "live",
+                     shards: dict[str, torch.Tensor] | None = None) -> AdapterRef: ...
 
     def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
@@ -260,8 +263,8 @@ class VLLMEngine:
             self.remove_adapter(previous)
         return ref
 
-    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
-                     family: str = "live") -> AdapterRef:
+    def sync_adapter(self, peft_state: PeftState, peft_config: dict, family: str = "live",
+                     shards: dict[str, torch.Tensor] | None = None) -> AdapterRef:
         """Make in-memory adapter weights (PEFT names, unscaled B) the ones the engine serves for
         `family`, and return the handle to generate with. This is the one entry point trainers use
         before every rollout, so the engine never serves a stale adapter.
@@ -277,10 +280,17 @@ class VLLMEngine:
         files go to a fresh directory on tmpfs (/dev/shm where it exists) and load as a new version (new
         name and id; the previous version is removed). The first version is then pinned to a slot and
         the fast path attached to it. `last_sync_path` says which path ran.
+
+        Tensor parallel (an engine spanning K torchrun ranks): `peft_state` gives the full tensors (for the
+        files of the public path; a function, called only then, since gathering is a collective that
+        the fast path does not need) and `shards` this rank's shards of them, in vLLM's TP split (column
+        layers: B by output rows; row layers: A by input columns); the fast path writes `shards` into
+        this rank's slot.
         """
         writer = self._slot_writers.get(family)
-        if writer is not None and writer.matches(peft_state, peft_config):
-            writer.write(peft_state)
+        slot_state = shards if shards is not None else peft_state
+        if writer is not None and not callable(slot_state) and writer.matches(slot_state, peft_config):
+            writer.write(slot_state)
             # vLLM's prefix cache keys blocks by adapter name: a new name per version (same id, so the
             # pinned slot serves it) makes blocks cached under the old weights unreachable. That is
             # O(1), where `reset_prefix_cache()` walks every KV block (~13 ms with a 40 GB H200 cache).
@@ -290,8 +300,9 @@ class VLLMEngine:
             self._adapters[family] = ref
             self.last_sync_path = "fast"
             return ref
-        ref = self._sync_public(peft_state, peft_config, family)
-        self._attach_fast_sync(ref, peft_state, peft_config, family)
+        full_state = peft_state() if callable(peft_state) else peft_state
+        ref = self._sync_public(full_state, peft_config, family)
+        self._attach_fast_sync(ref, full_state if shards is None else shards, peft_config, family)
         self.last_sync_path = "public"
         return ref
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from vllm_train.engine.http_client import HTTPFailure, parse_urls, request
-from vllm_train.engine.llm import AdapterRef, Prompt, Sample, request_seeds
+from vllm_train.engine.llm import AdapterRef, PeftState, Prompt, Sample, request_seeds
 from vllm_train.engine.publish import AdapterPublisher
 from vllm_train.errors import VllmTrainError
 
@@ -85,12 +85,14 @@ class ServerRolloutEngine:
         self.failed: dict[str, str] = {}  # replica URL -> its error, from the newest `generate` call
 
     # ---- adapters ------------------------------------------------------------------------------
-    def sync_adapter(self, peft_state: dict[str, torch.Tensor], peft_config: dict,
-                     family: str = "live") -> AdapterRef:
+    def sync_adapter(self, peft_state: PeftState, peft_config: dict, family: str = "live",
+                     shards: dict[str, torch.Tensor] | None = None) -> AdapterRef:
         """Publish in-memory adapter weights (PEFT names, unscaled B) as the next version of the name on
-        every replica; the handle's `name` is the served version (e.g. ``rl-policy-v3``)."""
+        every replica; the handle's `name` is the served version (e.g. ``rl-policy-v3``). `shards` (a
+        tensor-parallel trainer's own) are not needed: servers load the full files."""
         from vllm_train.lora.peft_io import write_adapter_dir
 
+        peft_state = peft_state() if callable(peft_state) else peft_state
         state = {k: v.detach().float().contiguous().cpu() for k, v in peft_state.items()}
         root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         tmp = Path(tempfile.mkdtemp(prefix="vllm-train-remote-", dir=root))

@@ -89,7 +89,7 @@ class LoRAInjector:
             for name, lora in self.lora_layers.items():
                 lora.disabled = before[name]
 
-    def peft_state_dict(self, live: bool = False) -> dict[str, torch.Tensor]:
+    def peft_state_dict(self, live: bool = False, local: bool = False) -> dict[str, torch.Tensor]:
         """The adapter as PEFT names it: ``base_model.model.<path>.lora_A.weight`` (r, in) and
         ``...lora_B.weight`` (out, r). Default: fp32 contiguous CPU copies (for files). ``live=True``:
         detached views of the parameters themselves, on their device, no copy (for
@@ -97,15 +97,26 @@ class LoRAInjector:
 
         Tensor parallel (`vllm_train.lora.tensor_parallel`, DTensor parameters): always the full,
         unsharded tensors -- gathered, so a collective that every rank of the group must call, and
-        with ``live=True`` new tensors on the parameters' device rather than views."""
+        with ``live=True`` new tensors on the parameters' device rather than views. ``local=True`` (with
+        ``live``): this rank's shards instead, views, no communication -- vLLM's tensor-parallel LoRA slots
+        hold the same split, so `VLLMEngine.sync_adapter` writes them into this rank's slot as they are."""
         state = {}
         for name, lora in self.lora_layers.items():
-            a, b = _full(lora.lora_a.detach()), _full(lora.lora_b.detach())
+            a, b = lora.lora_a.detach(), lora.lora_b.detach()
+            a, b = (_local(a), _local(b)) if local and live else (_full(a), _full(b))
             if not live:
                 a, b = a.float().contiguous().cpu(), b.float().contiguous().cpu()
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         return state
+
+    def sync_states(self):
+        """(full, shards) for `VLLMEngine.sync_adapter`: the live tensors and None; under tensor
+        parallelism a function that gathers the full tensors (called only for the public path) and this
+        rank's shards (which the fast path writes into this rank's vLLM slot)."""
+        if not any(isinstance(p, DTensor) for p in self.get_trainable_params()):
+            return self.peft_state_dict(live=True), None
+        return (lambda: self.peft_state_dict(live=True)), self.peft_state_dict(live=True, local=True)
 
     def peft_config(self, base_model_name_or_path: str | None) -> dict:
         c = self.config
@@ -158,6 +169,11 @@ class LoRAInjector:
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's full (unsharded) value, gathered over its mesh; a plain tensor unchanged."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view); a plain tensor unchanged."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -3,9 +3,9 @@
 Epochs of shuffled accumulation groups (the order depends only on seed and epoch, so a resumed run
 sees the batches the interrupted one would have), one optimizer step per group, resume from a
 checkpoint, logging every `logging_steps` (metrics.jsonl, TensorBoard, progress bar), atomic
-checkpoints every `save_steps` (or at each epoch end), evaluation after each epoch, and a stop when
-the loss or the gradient norm stops being finite -- before the optimizer step would spread it into
-the weights.
+checkpoints every `save_steps` (or at each epoch end), evaluation every `eval_steps` (or after each
+epoch), and a stop when the loss or the gradient norm stops being finite -- before the optimizer step
+would spread it into the weights.
 
 What differs between trainers is passed in: `step_fn(group, group_examples) -> stats` runs
 forward/backward over this rank's share of one accumulation group (micro-batches of example indices;
@@ -52,6 +52,14 @@ def stop_if_not_finite(step: int, loss: float, grad_norm: float | torch.Tensor, 
             kept = common.list_checkpoints(run_dir)
             where = f"The last good checkpoint is kept: {kept[-1]}" if kept else "No checkpoint was written yet."
             raise VllmTrainError(f"step {step}: {name} is {value}; stopping. {where}")
+
+
+def run_evaluation(evaluate: Callable[[], dict], logger: MetricsLogger, step: int, model: torch.nn.Module) -> dict:
+    """Evaluate, log the ``eval_*`` metrics at `step`, return them; the model goes back to training mode."""
+    metrics = {f"eval_{k}": v for k, v in evaluate().items()}
+    logger.log(step, metrics)
+    model.train()
+    return metrics
 
 
 class _Window:
@@ -109,6 +117,7 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
                dynamic_ncols=True)
     model.train()
     last: dict = {}
+    evals: dict = {}  # the newest evaluation's eval_* metrics
     window = _Window()
     epoch = start_epoch
     try:
@@ -134,20 +143,19 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
                     logger.log(step, last)
                     bar.set_postfix(postfix(last))
                     window = _Window()
+                if evaluate is not None and c.eval_steps and step % c.eval_steps == 0:
+                    evals = run_evaluation(evaluate, logger, step, model)
                 if c.save_steps and step % c.save_steps == 0 and step < total_steps:
                     checkpoint(epoch, g + 1)
                 if step >= total_steps:
                     break
             epoch += 1
-            if evaluate is not None:
-                ev = {f"eval_{k}": v for k, v in evaluate().items()}
-                logger.log(step, ev)
-                last.update(ev)
-                model.train()
+            if evaluate is not None and not (c.eval_steps and step % c.eval_steps == 0):  # not just done
+                evals = run_evaluation(evaluate, logger, step, model)
             if not c.save_steps and step < total_steps:
                 checkpoint(epoch, 0)
     finally:
         bar.close()
         logger.close()
     model.eval()
-    return last, step
+    return {**last, **evals}, step

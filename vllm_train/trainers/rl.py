@@ -164,6 +164,7 @@ class RLHFTrainer:
         if prefetcher is not None:
             stats["rollout_wait_seconds"] = waited
         stats["step_seconds"] = time.perf_counter() - t0
+        stats["fast_sync"] = float(getattr(self.engine, "last_sync_path", None) == "fast")  # 1: slot write
         return distributed.all_reduce_mean(stats)
 
     def _resume(self, num_steps: int, records: list[dict]) -> int:
@@ -288,8 +289,8 @@ class RLHFTrainer:
         if self._served is not None and self._served[0] == self._version:
             return self._served[1], 0.0
         t0 = time.perf_counter()
-        ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True),
-                                       self.injector.peft_config(self.model_name), family="rl-policy")
+        full, shards = self.injector.sync_states()
+        ref = self.engine.sync_adapter(full, self.injector.peft_config(self.model_name), "rl-policy", shards)
         self._served = (self._version, ref)
         return ref, (time.perf_counter() - t0) * 1e3
 

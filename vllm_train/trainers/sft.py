@@ -153,8 +153,8 @@ class LoRATrainer:
     def current_adapter(self):
         """The trainer's current weights as an adapter in the engine (re-published only if changed)."""
         if self._served is None or self._served[0] != self._adapter_version:
-            ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True),
-                                           self.injector.peft_config(self.model_name), family="trainer")
+            full, shards = self.injector.sync_states()
+            ref = self.engine.sync_adapter(full, self.injector.peft_config(self.model_name), "trainer", shards)
             self._served = (self._adapter_version, ref)
         return self._served[1]
 
