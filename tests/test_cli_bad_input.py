@@ -35,6 +35,7 @@ def bad(tmp_path_factory) -> dict[str, str]:
                       b'{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
         "role_rl.jsonl": b'{"prompt": [{"role": "usr", "content": "What is 1 + 1?"}]}\n',
         "long_rl.jsonl": json.dumps({"prompt": "one two three " * 1000}).encode() + b"\n",
+        "long_sft.jsonl": json.dumps({"prompt": "one two three " * 15, "completion": "4"}).encode() + b"\n",
         "long.txt": ("one two three " * 1000).encode(),
         "long_toy.jsonl": json.dumps({"prompt": "one two three " * 1000, "answer": 3}).encode() + b"\n",
         "rewards.py": b"def boom(*args, **kwargs):\n    raise RuntimeError('reward exploded')\n",
@@ -102,6 +103,12 @@ CASES = [
                                                   "--adapter", b["adapter"]], "adapter_config.json"),
     ("push-broken-adapter-config", lambda b: ["push", "--server", "http://127.0.0.1:9", "--name", "x",
                                               "--adapter", b["adapter"]], "adapter_config.json"),
+    ("merge-model-config-json", lambda b: ["merge", "--model", b["model_config"], "--adapter", b["adapter"]],
+     "config.json:1: malformed JSON"),
+    ("merge-model-weights", lambda b: ["merge", "--model", b["model_weights"], "--adapter", b["adapter"]],
+     "model.safetensors: truncated or corrupt"),
+    ("merge-broken-adapter-config", lambda b: ["merge", "--model", str(TINY_MODEL), "--adapter", b["adapter"]],
+     "adapter_config.json"),
     ("eval-batch-size-0", lambda b: ["eval", "--model", str(TINY_MODEL), "--data", str(SFT), "--batch-size", "0"],
      "--batch-size"),
     ("eval-max-length-0", lambda b: ["eval", "--model", str(TINY_MODEL), "--data", str(SFT), "--max-length", "0"],
@@ -121,6 +128,8 @@ CASES = [
      "role_rl.jsonl:1: field 'prompt'[0]: role 'usr'"),
     ("grpo-prompt-too-long", lambda b: train("grpo", b["long_rl.jsonl"]), "long_rl.jsonl: record 1"),
     ("ppo-prompt-too-long", lambda b: train("ppo", b["long_rl.jsonl"]), "long_rl.jsonl: record 1"),
+    ("sft-sample-longer-than-context", lambda b: train("sft", b["long_sft.jsonl"]),
+     "long_sft.jsonl: 1 of 1 examples are longer than the model's context of 128 tokens"),
     ("sft-malformed-json", lambda b: train("sft", b["malformed.jsonl"]),
      "malformed.jsonl:2: malformed JSON (Unterminated string starting at column 10)"),
 ]
@@ -131,7 +140,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output_dir(case, bad, tmp_path, cap
     _, argv, named = case
     argv = argv(bad)
     out = tmp_path / "out"
-    if argv[0] in TRAINERS:
+    if argv[0] in (*TRAINERS, "merge"):
         argv = [*argv, "--output-dir", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -109,6 +109,20 @@ def check_prompt_lengths(model_name: str, prompts: list, what: str, where: str |
                                  f"{Path(model_name) / 'config.json'})")
 
 
+def check_examples_fit(model_name: str, dataset, source: str) -> None:
+    """Refuse tokenized examples (`dataset.examples`, after truncation to its max_length) that are longer
+    than the model's context: the model has no positions for their ends."""
+    context = context_length(model_name)
+    if context is None:
+        return
+    lengths = [max(len(v) for k, v in ex.items() if k.endswith("input_ids")) for ex in dataset.examples]
+    over = sum(n > context for n in lengths)
+    if over:
+        raise VllmTrainError(f"{source}: {over} of {len(lengths)} examples are longer than the model's context of "
+                             f"{context} tokens even after truncation to max_length={dataset.max_length} "
+                             f"(pass --max-length {context} or less)")
+
+
 def load_tokenizer(model_name: str):
     from transformers import AutoTokenizer
 

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.causal_lm import CausalLMDataset
-    from vllm_train.models import check_model_path, load_tokenizer
+    from vllm_train.models import check_examples_fit, check_model_path, load_tokenizer
     from vllm_train.trainers.sft import LoRATrainer
 
     config = config_from_args(args, fixed={"output_dir": args.output_dir})
@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     train_set = CausalLMDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = CausalLMDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
+    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+        if data is not None:
+            check_examples_fit(args.model, data, path)
     trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
                           on_save=_push_hook(args))
     trainer.setup_training(adapter=args.adapter)
