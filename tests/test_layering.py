@@ -53,7 +53,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "gateway", "staging"), ("http_client", "server_args"), ("llm", "replicas"),
                ("loader", "reward", "publish"), ("remote",)],
-    "trainers": [("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
+    "trainers": [("run_files",), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common",), ("_rl",),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],

@@ -247,8 +247,8 @@ def test_ppo_raises_mean_reward(tmp_path, tiny_model, engine, shipped, rl_traine
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped, rl_trainer):
-    def run(steps, resume=None):
-        config = _config(tmp_path, "rloo", rollout_batch_size=2, group_size=4, save_steps=1)
+    def run(steps, resume=None, **kw):
+        config = _config(tmp_path, "rloo", rollout_batch_size=2, group_size=4, save_steps=1, **kw)
         config.lora_config.resume_from = resume
         trainer = rl_trainer(config)
         trainer.train(shipped("rl_train.jsonl"), num_steps=steps)
@@ -262,6 +262,9 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model, engine, shipped, rl
     assert steps == [1, 2, 3]
     for k, v in resumed.injector.peft_state_dict().items():
         torch.testing.assert_close(v, a_full[k], atol=1e-5, rtol=0)
+    # a checkpoint of another run (here: another clip range) is refused before anything is written
+    with pytest.raises(VllmTrainError, match=r"clip_range \(0.2 -> 0.3\)"):
+        run(3, resume=str(tmp_path / "checkpoints" / "step-2"), clip_range=0.3)
 
 
 def test_truncated_is_weighs_vllms_on_policy_samples_one(tmp_path, shipped, rl_trainer):

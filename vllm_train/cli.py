@@ -79,6 +79,11 @@ def quiet_libraries(command: str | None, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def one_line_warning(message, *args, **kwargs) -> str:
+    """Command-line use: a warning prints as one `warning: ...` line (not file:line + source line)."""
+    return f"warning: {message}\n"
+
+
 def silence_rank() -> None:
     """Under torchrun, ranks other than 0 print nothing but their errors: rank 0 reports for the run."""
     sys.stdout = open(os.devnull, "w")
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from vllm_train import distributed
+    from vllm_train.commands._common import NewOutputDir
+
+    library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint
 
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if distributed.requested() else ""  # which rank failed, under torchrun
@@ -118,12 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()  # a no-op in a single process
         return int(args.run(args) or 0)
     except VllmTrainError as exc:
+        if new_output is not None:
+            new_output.remove_failed()
         print(f"{where}error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        if new_output is not None:
+            new_output.remove_failed()
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = library_format
         distributed.close()
         use_chat_template(None)  # --chat-template holds for this command only (main may be called again)
 

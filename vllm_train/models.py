@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vllm_train import distributed, hub
-from vllm_train.config import LoRATrainConfig
+from vllm_train.config import LoRATrainConfig, json_problem, read_text
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -55,7 +55,77 @@ def resolve_model(model_name: str, revision: str | None = None) -> str:
         raise VllmTrainError(f"model path not found: {model_name} (expected a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
         raise VllmTrainError(f"{model_name}: not a model directory (no config.json)")
+    try:
+        config = json.loads(read_text(path / "config.json"))
+    except json.JSONDecodeError as exc:
+        raise VllmTrainError(f"{path / 'config.json'}:{exc.lineno}: malformed JSON ({json_problem(exc)})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise VllmTrainError(f"{path / 'config.json'}: not a Hugging Face model config (no 'model_type')")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     return local
+
+
+def check_safetensors(path: Path) -> None:
+    """The file's header parses and the file holds every byte the header promises: a truncated or
+    overwritten weights file fails here with one line, not deep inside a loader."""
+    size = path.stat().st_size
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            problem = "no valid header"
+        else:
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+                if 8 + header_len + end > size:
+                    problem = f"{size} bytes, the header describes {8 + header_len + end}"
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                problem = "unreadable header"
+    if problem:
+        raise VllmTrainError(f"{path}: truncated or corrupt safetensors weights ({problem})")
+
+
+def context_length(model_name: str) -> int | None:
+    """The model's context in tokens (config.json's max_position_embeddings), None if it does not say."""
+    config = json.loads(read_text(Path(model_name) / "config.json"))
+    value = config.get("max_position_embeddings") or config.get("max_sequence_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_prompt_lengths(model_name: str, prompts: list, what: str, where: str | None = None,
+                         new_tokens: int = 0, tokenizer=None) -> None:
+    """Refuse a prompt that, with `new_tokens` to generate, does not fit the model's context (vLLM would
+    fail on it mid-run). `what` names a prompt in the message ("prompt" -> "prompt 3"); `where` prefixes it."""
+    from vllm_train.data.tokenize import prompt_ids
+
+    context = context_length(model_name)
+    if context is None:
+        return
+    tokenizer = tokenizer or load_tokenizer(model_name)
+    for i, prompt in enumerate(prompts, start=1):
+        n = len(prompt_ids(tokenizer, prompt))
+        if n + new_tokens > context:
+            plus = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise VllmTrainError(f"{where + ': ' if where else ''}{what} {i} is {n} tokens{plus}, longer than the "
+                                 f"model's context of {context} tokens (max_position_embeddings in "
+                                 f"{Path(model_name) / 'config.json'})")
+
+
+def check_examples_fit(model_name: str, dataset, source: str) -> None:
+    """Refuse tokenized examples (`dataset.examples`, after truncation to its max_length) that are longer
+    than the model's context: the model has no positions for their ends."""
+    context = context_length(model_name)
+    if context is None:
+        return
+    lengths = [max(len(v) for k, v in ex.items() if k.endswith("input_ids")) for ex in dataset.examples]
+    over = sum(n > context for n in lengths)
+    if over:
+        raise VllmTrainError(f"{source}: {over} of {len(lengths)} examples are longer than the model's context of "
+                             f"{context} tokens even after truncation to max_length={dataset.max_length} "
+                             f"(pass --max-length {context} or less)")
 
 
 def check_model_path(model_name: str, revision: str | None = None) -> None:

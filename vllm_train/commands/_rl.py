@@ -51,6 +51,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from pathlib import Path
 
     from vllm_train.errors import VllmTrainError
+    from vllm_train.models import check_prompt_lengths
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 
@@ -59,7 +60,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
     if args.num_steps < 1:
         raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
-    resolve_model_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
+    model_dir = resolve_model_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
     check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
@@ -72,6 +73,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
     records = load_prompt_records(args.prompts, "prompts")
     eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
+    for path, recs in ((args.prompts, records), (args.eval_prompts, eval_records or [])):
+        check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
                           progress=not args.no_progress, revision=args.revision)

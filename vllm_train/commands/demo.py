@@ -28,8 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     from vllm_train.assets import TINY_MODEL, data_file
     from vllm_train.commands._common import check_output_dir
     from vllm_train.config import LoRATrainConfig
@@ -38,9 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.trainers.sft import LoRATrainer
 
     out = Path(args.output_dir)
-    check_output_dir(out, None, args.overwrite)
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
+    check_output_dir(out, None, args.overwrite)  # --overwrite: clears the earlier run's files
     config = LoRATrainConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"],
                              learning_rate=3e-3, batch_size=32, gradient_accumulation_steps=1,

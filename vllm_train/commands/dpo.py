@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.preference import PreferenceDataset
-    from vllm_train.models import load_tokenizer
+    from vllm_train.models import check_examples_fit, load_tokenizer
     from vllm_train.trainers.dpo import DPOTrainer
 
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = PreferenceDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
+    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+        if data is not None:
+            check_examples_fit(model_dir, data, path)
     trainer = DPOTrainer(args.model, config, adapter=args.adapter, progress=not args.no_progress,
                          revision=args.revision)
     trainer.setup_training()

@@ -37,10 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.io import load_records
     from vllm_train.errors import VllmTrainError
+    from vllm_train.lora.validate import validate_adapter
 
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value < 1:
+            raise VllmTrainError(f"{flag}: {value} is invalid (an integer >= 1)")
     args.model = resolve_model_args(args)  # local directories from here on (eval saves nothing)
+    if args.adapter:
+        validate_adapter(args.adapter, args.model)
     records = load_records(args.data, what="eval set")
     wanted = _pick_metrics(args.metrics, records[0])
+    _check_records(args, wanted)
     results: dict[str, dict] = {}
     if "perplexity" in wanted:
         results.update(_perplexity(args))
@@ -57,6 +64,23 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def _check_records(args, wanted: list[str]) -> None:
+    """Every record checked for what the metrics read, before any model loads (one-line errors)."""
+    from vllm_train.data.causal_lm import check_sft_record
+    from vllm_train.data.io import load_records
+    from vllm_train.data.preference import check_preference_record
+    from vllm_train.evaluation import TOY_MAX_TOKENS, toy_problems
+    from vllm_train.models import check_prompt_lengths
+
+    if "perplexity" in wanted:
+        load_records(args.data, check_sft_record, what="eval set")
+    if "reward" in wanted:
+        load_records(args.data, check_preference_record, what="eval set")
+    if "toy" in wanted:
+        prompts = [prompt for prompt, _ in toy_problems(args.data)]
+        check_prompt_lengths(args.model, prompts, "record", args.data, TOY_MAX_TOKENS)
 
 
 def _pick_metrics(spec: str, first: dict) -> list[str]:

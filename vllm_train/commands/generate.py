@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_model_args
 
@@ -32,14 +33,19 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.config import engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import adapter_rank
+    from vllm_train.models import adapter_rank, check_prompt_lengths
 
     prompts = list(args.prompt) + [[{"role": "user", "content": c}] for c in args.chat]
     if not prompts:
         raise VllmTrainError("give at least one --prompt or --chat")
-    if args.max_tokens < 1 or args.n < 1 or args.temperature < 0:
-        raise VllmTrainError("--max-tokens and --n must be >= 1 and --temperature >= 0")
+    if args.max_tokens < 1 or args.n < 1:
+        raise VllmTrainError("--max-tokens and --n must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise VllmTrainError(f"--temperature: {args.temperature} is invalid (a finite number >= 0)")
+    if not 0 < args.top_p <= 1:
+        raise VllmTrainError(f"--top-p: {args.top_p} is invalid (0 < p <= 1)")
     args.model = resolve_model_args(args)  # local directories from here on
+    check_prompt_lengths(args.model, prompts, "prompt")
     rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))

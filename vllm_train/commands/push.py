@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train import hub
     from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.lora.validate import validate_adapter
 
+    validate_adapter(args.adapter)  # the files first (against the served base once the servers answer)
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
                                  stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key)
     result = publisher.publish_detailed(hub.resolve(args.adapter, what="--adapter"), args.name)

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
+    from vllm_train.models import check_model_path
 
+    check_model_path(args.model)  # before any replica starts: a broken model fails here, in one line
     adapters = []
     for item in args.adapter:
         name, sep, path = item.partition("=")

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.causal_lm import CausalLMDataset
-    from vllm_train.models import load_tokenizer
+    from vllm_train.models import check_examples_fit, load_tokenizer
     from vllm_train.trainers.sft import LoRATrainer
 
     config = config_from_args(args, fixed={"output_dir": args.output_dir})
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_dir)
     train_set = CausalLMDataset(args.data, tokenizer, config.max_length)  # validates every record first
     eval_set = CausalLMDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
+    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+        if data is not None:
+            check_examples_fit(model_dir, data, path)
     trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
                           on_save=_push_hook(args), revision=args.revision)
     trainer.setup_training(adapter=args.adapter)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vllm_train.data.io import check_messages, check_text_field, load_records
+from vllm_train.data.io import check_messages, check_text_field, load_records, source_label
 from vllm_train.data.tokenize import encode_example
 
 IGNORE_INDEX = -100
@@ -43,9 +43,10 @@ class CausalLMDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.records = load_records(data, check_sft_record, what="SFT dataset")
         self.examples: list[dict[str, torch.Tensor]] = []
-        dropped = 0
+        dropped = truncated = 0
         for record in self.records:
             ids, trainable = encode_example(tokenizer, record)
+            truncated += len(ids) > max_length
             ids, trainable = ids[:max_length], trainable[:max_length]
             if not any(trainable[1:]):  # position 0 is never a target
                 dropped += 1
@@ -56,6 +57,9 @@ class CausalLMDataset(torch.utils.data.Dataset):
                 "attention_mask": torch.ones(len(ids), dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long),
             })
+        if truncated:
+            warnings.warn(f"{source_label(data, 'SFT dataset')}: {truncated} of {len(self.records)} records are longer "
+                          f"than max_length={max_length} tokens and were truncated", stacklevel=2)
         if dropped:
             warnings.warn(f"{dropped} of {len(self.records)} records had no completion token within "
                           f"max_length={max_length} and were dropped", stacklevel=2)

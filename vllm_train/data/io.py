@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from vllm_train.config import BOM, decode_utf8, json_problem, read_text
 from vllm_train.errors import VllmTrainError
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; a typo must not pass
 RecordCheck = Callable[[dict], str | None]  # returns an error message, or None if the record is fine
 
 
@@ -53,15 +55,21 @@ def load_records(source: Any, check: RecordCheck | None = None, what: str = "dat
     return records
 
 
+def source_label(source: Any, what: str) -> str:
+    """How messages name a data source: its path, else `what`."""
+    return str(source) if isinstance(source, (str, Path)) else what
+
+
 def _read_jsonl(path: Path, check: RecordCheck | None) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_utf8(raw[3:] if line_no == 1 and raw.startswith(BOM) else raw, f"{path}:{line_no}")
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                raise VllmTrainError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                raise VllmTrainError(f"{path}:{line_no}: malformed JSON ({json_problem(exc)})") from None
             if not isinstance(record, dict):
                 raise VllmTrainError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             problem = check(record) if check else None
@@ -72,9 +80,9 @@ def _read_jsonl(path: Path, check: RecordCheck | None) -> Iterable[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        raise VllmTrainError(f"{path}:{exc.lineno}: malformed JSON ({json_problem(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -111,6 +119,8 @@ def check_messages(value: Any, field_name: str) -> str | None:
             return f"field '{field_name}'[{j}] must be an object with 'role' and 'content'"
         if not isinstance(m["content"], str):
             return f"field '{field_name}'[{j}].content must be a string"
+        if m["role"] not in CHAT_ROLES:
+            return f"field '{field_name}'[{j}]: role {m['role']!r} is unknown ({', '.join(CHAT_ROLES)})"
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vllm_train.data.causal_lm import IGNORE_INDEX, pad_right
-from vllm_train.data.io import check_text_field, load_records
+from vllm_train.data.io import check_text_field, load_records, source_label
 from vllm_train.data.tokenize import completion_ids, prompt_ids
 from vllm_train.errors import VllmTrainError
 
@@ -79,11 +79,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.records = load_records(data, check_preference_record, what="preference dataset")
         self.examples: list[dict[str, Any]] = []
-        dropped = 0
+        dropped = truncated = 0
         for record in self.records:
             p = prompt_ids(tokenizer, record["prompt"])
             c = completion_ids(tokenizer, record["prompt"], record["chosen"])
             r = completion_ids(tokenizer, record["prompt"], record["rejected"])
+            truncated += len(p) + max(len(c), len(r)) > max_length
             p, c, r = truncate_pair(p, c, r, max_length)
             if c == r:
                 dropped += 1
@@ -95,6 +96,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 "chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
                 "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
             })
+        if truncated:
+            warnings.warn(f"{source_label(data, 'preference dataset')}: {truncated} of {len(self.records)} pairs are "
+                          f"longer than max_length={max_length} tokens and were truncated", stacklevel=2)
         if dropped:
             warnings.warn(f"{dropped} of {len(self.records)} pairs had identical chosen and rejected tokens "
                           f"within max_length={max_length} and were dropped", stacklevel=2)

@@ -312,11 +312,11 @@ class VLLMEngine:
         return ref
 
     def _sync_public(self, peft_state: dict[str, torch.Tensor], peft_config: dict, family: str) -> AdapterRef:
+        from vllm_train.engine.staging import sync_copy_dir
         from vllm_train.lora.peft_io import write_adapter_dir
 
         self._slot_writers.pop(family, None)  # the pinned version is about to be removed
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.TemporaryDirectory(prefix="vllm-train-adapter-", dir=root)
+        tmp = sync_copy_dir()  # also removes the copies of engines whose process was killed
         state = {k: v.detach().float().contiguous().cpu() for k, v in peft_state.items()}
         write_adapter_dir(Path(tmp.name) / "adapter", state, peft_config)
         ref = self.load_adapter(Path(tmp.name) / "adapter", family)

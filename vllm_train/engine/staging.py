@@ -134,3 +134,42 @@ class StageDir:
         for version, path, dead in self._entries(name):
             if not dead and version not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- an in-process engine's adapter copies (`VLLMEngine._sync_public`) ----------------------------
+SYNC_COPY_PREFIX = "vllm-train-adapter-"  # + "<pid>-<random>": the pid tells a dead owner's copies apart
+
+
+def sync_copy_dir(root: str | Path | None = None) -> tempfile.TemporaryDirectory:
+    """A fresh temp dir (on tmpfs where there is one) for an adapter version the engine loads from disk.
+    Copies left by processes of this user that died (kill -9 skips their cleanup) are removed first."""
+    if root is None:
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    remove_dead_sync_copies(root)
+    return tempfile.TemporaryDirectory(prefix=f"{SYNC_COPY_PREFIX}{os.getpid()}-", dir=root)
+
+
+def remove_dead_sync_copies(root: str | Path) -> list[Path]:
+    """Delete this user's ``vllm-train-adapter-<pid>-*`` dirs under `root` whose process is gone."""
+    removed = []
+    for path in Path(root).glob(f"{SYNC_COPY_PREFIX}*-*"):
+        match = re.fullmatch(re.escape(SYNC_COPY_PREFIX) + r"(\d+)-.+", path.name)
+        try:
+            if match is None or path.is_symlink() or path.lstat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_train.config import json_problem, read_text
 from vllm_train.errors import VllmTrainError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,9 +57,11 @@ def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not weights_file.is_file():
         raise VllmTrainError(f"{path}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(read_text(config_file))
     except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{config_file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        raise VllmTrainError(f"{config_file}:{exc.lineno}: malformed JSON ({json_problem(exc)})") from None
+    if not isinstance(config, dict):
+        raise VllmTrainError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise VllmTrainError(f"{config_file}: not a LoRA adapter config (needs peft_type LORA and 'r')")
     try:

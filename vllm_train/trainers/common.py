@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
+from vllm_train.trainers import run_files
 
 
 @runtime_checkable
@@ -138,6 +139,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint a run starting in `run_dir` resumes from (None: a fresh start). Called when a run
+    starts, it first removes what a killed run left behind (`run_files.clean_leftovers`)."""
+    run_files.clean_leftovers(run_dir)
     if not resume_from:
         return None
     if resume_from == "latest":
@@ -149,9 +153,13 @@ def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, injector: Checkpointable, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer moments, schedule position and RNG; returns the saved state dict."""
+def load_checkpoint(path: Path, injector: Checkpointable, optimizer, scheduler,
+                    fingerprint: dict | None = None) -> dict:
+    """Restore adapter, optimizer moments, schedule position and RNG; returns the saved state dict.
+    With `fingerprint` (`run_files.fingerprint` of this run), a checkpoint of another run is refused first."""
     meta = json.loads((path / "trainer_state.json").read_text())
+    if fingerprint is not None:
+        run_files.check_fingerprint(meta.get("fingerprint"), fingerprint, path)
     injector.load(path / "adapter")
     params = injector.get_trainable_params()
     tensors = load_file(str(path / "optimizer.safetensors"))

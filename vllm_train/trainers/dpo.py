@@ -84,7 +84,7 @@ class DPOTrainer:
         optimizer = common.make_optimizer(self.injector.get_trainable_params(), c)
         last, self.global_step = loop.run_epochs(
             lambda group, n_pairs: self._accumulate(dataset, group, n_pairs, ref), model=self.model,
-            trainable=self.injector, optimizer=optimizer, config=c, num_examples=len(dataset),
+            trainable=self.injector, optimizer=optimizer, config=c, data=dataset,
             model_name=self.model_name, kind="dpo", desc=f"dpo/{c.loss_type}",
             postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['rewards/accuracy']:.2f}"},
             evaluate=(lambda: self.evaluate(eval_dataset, eval_ref)) if eval_dataset is not None else None,

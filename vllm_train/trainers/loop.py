@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, write_resolved_config
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import MetricsLogger
-from vllm_train.trainers import common
+from vllm_train.trainers import common, run_files
 from vllm_train.trainers.common import Checkpointable
 
 StepFn = Callable[[list[list[int]], int], dict[str, float]]
@@ -79,7 +80,7 @@ class _Window:
 
 
 def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpointable, optimizer: torch.optim.Optimizer,
-               config: LoRATrainConfig, num_examples: int, model_name: str, kind: str, desc: str,
+               config: LoRATrainConfig, data: Any, model_name: str, kind: str, desc: str,
                summarize: Summarize = mean_per_step, postfix: Callable[[dict], dict] = lambda m: {},
                evaluate: Callable[[], dict] | None = None, on_checkpoint: Callable[[Path], None] | None = None,
                resolved: dict | None = None, tensorboard: bool = True, progress: bool = True) -> tuple[dict, int]:
@@ -88,22 +89,26 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
 
     `trainable` is what checkpoints hold; every parameter in `optimizer` is clipped to ``max_grad_norm``
     together. `kind` and `resolved` go into resolved_config.json; `desc` and `postfix(metrics)` label
-    the progress bar; `on_checkpoint(path)` runs after each checkpoint is written.
+    the progress bar; `on_checkpoint(path)` runs after each checkpoint is written. `data` (the training
+    dataset) is fingerprinted with the config and model into each checkpoint; a resume must match it.
     """
     c, run_dir = config, Path(config.output_dir)
+    num_examples = len(data)
+    fingerprint = run_files.fingerprint(c, model_name, data, distributed.world_size())
     total_steps = common.total_optimizer_steps(num_examples, c)
     scheduler = common.make_schedule(optimizer, total_steps, c)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     start_epoch, start_group, step = 0, 0, 0
     resume = common.resolve_resume(c.resume_from, run_dir)
     if resume is not None:
-        meta = common.load_checkpoint(resume, trainable, optimizer, scheduler)
+        meta = common.load_checkpoint(resume, trainable, optimizer, scheduler, fingerprint)
         start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
     write_resolved_config(c, run_dir, model=model_name, kind=kind, total_steps=total_steps, **(resolved or {}))
 
     def checkpoint(epoch: int, next_group: int) -> None:
         path = common.save_checkpoint(run_dir, step, trainable, optimizer, scheduler,
-                                      {"epoch": epoch, "next_group": next_group}, model_name, c.save_total_limit)
+                                      {"epoch": epoch, "next_group": next_group, "fingerprint": fingerprint},
+                                      model_name, c.save_total_limit)
         if on_checkpoint is not None and distributed.is_main():
             on_checkpoint(path)
 

@@ -11,10 +11,8 @@ One loop for all of them. `train` runs steps; `ppo_step` reads top to bottom:
 * The algorithm (`rl_algorithms.make_algorithm`) and the policy's forward (`rl_policy.Policy`) are
   chosen once at setup; the step does not branch on the algorithm's name.
 * ``max_staleness=1`` overlaps the next rollout with the update (`rl_rollouts.RolloutPrefetcher`).
-* Data parallel under torchrun (`vllm_train.distributed`): each rank drives its own vLLM engine and rolls
-  out its share of the step's ``rollout_batch_size`` prompts with its own seeds (groups never span
-  ranks); the loss is normalised by the step's global sequence and token counts and one all-reduce sums
-  the LoRA gradients, so every rank takes the same update. Logged stats are means over ranks.
+* Data parallel (`vllm_train.distributed`): each rank samples its share of the step's prompts on its own
+  engine and seeds; global-count normalisation + one gradient all-reduce = one update. Stats: rank means.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import load_policy, resolve_model
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
-from vllm_train.trainers import common
+from vllm_train.trainers import common, run_files
 from vllm_train.trainers.loop import stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead
@@ -97,7 +95,7 @@ class RLHFTrainer:
         self.scheduler = None  # made by `train` (needs the number of steps)
         self.global_step = 0
         self._version = 0  # bumped whenever the weights change
-        self._served = None  # (version, AdapterRef) last synced to vLLM
+        self._served, self._fingerprint = None, None  # (version, AdapterRef) last synced; run_files.fingerprint
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, prompt_dataset: Any, num_steps: int, eval_dataset: Any = None) -> dict:
@@ -110,7 +108,7 @@ class RLHFTrainer:
         check_rank_shares(c.rollout_batch_size, c.dynamic_sampling)
         records = load_prompt_records(prompt_dataset, "prompt dataset")
         eval_records = load_prompt_records(eval_dataset, "eval dataset") if eval_dataset is not None else None
-        run_dir, step = Path(c.output_dir), self._resume(num_steps)
+        run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
         write_resolved_config(c, run_dir, model=self.model_name, kind=c.algorithm, num_steps=num_steps,
                               prompts=len(records), reward=self._reward_label())
         logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step or None)
@@ -133,8 +131,8 @@ class RLHFTrainer:
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", len=f"{stats['response_len']:.1f}",
                                 sync=f"{stats['sync_ms']:.0f}ms")
                 if c.save_steps and step % c.save_steps == 0 and step < num_steps:
-                    common.save_checkpoint(run_dir, step, self.saveable, self.optimizer, self.scheduler, {},
-                                           self.model_name, lc.save_total_limit)
+                    common.save_checkpoint(run_dir, step, self.saveable, self.optimizer, self.scheduler,
+                                           {"fingerprint": self._fingerprint}, self.model_name, lc.save_total_limit)
         finally:
             if prefetcher is not None:
                 prefetcher.close()
@@ -169,13 +167,15 @@ class RLHFTrainer:
         stats["fast_sync"] = float(getattr(self.engine, "last_sync_path", None) == "fast")  # 1: slot write
         return distributed.all_reduce_mean(stats)
 
-    def _resume(self, num_steps: int) -> int:
-        """Make the LR schedule; restore a checkpoint if asked. Returns the step to continue from."""
-        lc = self.config.lora_config
+    def _resume(self, num_steps: int, records: list[dict]) -> int:
+        """LR schedule; the checkpoint restored if asked (refused if of another run). Returns the step to go on from."""
+        lc, run_dir = self.config.lora_config, Path(self.config.output_dir)
         self.scheduler = common.make_schedule(self.optimizer, num_steps, lc)
-        resume = common.resolve_resume(lc.resume_from, Path(self.config.output_dir))
+        self._fingerprint = run_files.fingerprint(self.config, self.model_name, records, distributed.world_size())
+        resume = common.resolve_resume(lc.resume_from, run_dir)
         if resume is not None:
-            self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler)["step"]
+            self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler,
+                                                      self._fingerprint)["step"]
             self._version += 1
         return self.global_step
 

@@ -185,7 +185,7 @@ class RewardModelTrainer:
                                     {"params": heads, "lr": head_lr}], c)
         last, self.global_step = loop.run_epochs(
             lambda group, n_pairs: self._accumulate(dataset, group, n_pairs), model=self.model,
-            trainable=self.params, optimizer=optimizer, config=c, num_examples=len(dataset), model_name=self.model_name,
+            trainable=self.params, optimizer=optimizer, config=c, data=dataset, model_name=self.model_name,
             kind="reward_model", desc="rm",
             postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.2f}"},
             evaluate=(lambda: self.evaluate(eval_dataset)) if eval_dataset is not None else None,

@@ -85,7 +85,7 @@ class LoRATrainer:
 
         last, self.global_step = loop.run_epochs(
             step, model=self.model, trainable=self.injector, optimizer=optimizer, config=self.config,
-            num_examples=len(dataset), model_name=self.model_name, kind="sft", desc="sft", summarize=_per_token,
+            data=dataset, model_name=self.model_name, kind="sft", desc="sft", summarize=_per_token,
             postfix=lambda m: {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}"},
             evaluate=(lambda: self.evaluate(eval_dataset)) if eval_dataset is not None else None,
             on_checkpoint=(lambda path: self.on_save(path / "adapter")) if self.on_save else None,
