@@ -175,10 +175,17 @@ def test_utf8_bom_is_accepted_in_data_and_config(tmp_path, capsys):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_samples_longer_than_max_length_are_truncated_with_one_warning(tmp_path, capsys):
+def test_samples_longer_than_max_length_are_truncated_with_one_warning(tmp_path):
+    """Run as the user does (a fresh process: pytest would capture the warning in-process)."""
+    import subprocess
+    import sys
+
     out = tmp_path / "out"
-    assert main(train("sft", str(SFT), "--max-length", "16", "--output-dir", str(out))) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    proc = subprocess.run([sys.executable, "-m", "vllm_train",
+                           *train("sft", str(SFT), "--max-length", "16", "--output-dir", str(out), "--no-progress")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, warnings
     assert "sft_train.jsonl" in warnings[0]
     assert "of 2000 records are longer than max_length=16 tokens and were truncated" in warnings[0]

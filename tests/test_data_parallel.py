@@ -3,8 +3,12 @@
 Each test launches the real command line with ``python -m torch.distributed.run --nproc-per-node 2 -m
 vllm_train ...`` -- what a user types -- and compares the saved adapter with a plain single-process run
 whose batch is the two ranks' batches together. fp32 on CPU; the only difference between the runs is
-the order in which per-example gradients are summed (a rank's partial sums, then the all-reduce), so
-the adapters agree to float32 rounding: the bound 1e-6 assumes updates of ~lr = 2e-4 per step.
+the order in which sums are taken (a rank's partial sums, then the all-reduce; other matmul shapes), so
+losses and gradient norms agree to float32 rounding (compared at rel 1e-5 -- they catch a normalisation
+error, which AdamW's per-element scaling would hide in the weights) and the adapters within ADAPTER_TOL:
+AdamW moves an element by ~lr whatever its gradient, so on elements whose gradient is near AdamW's eps
+(LoRA A while B is still ~0) rounding noise in the gradient shows up as up to ~1e-2 of lr per step
+(measured 1.7e-6 for DPO at lr 2e-4 over 4 steps).
 The fixed-rollout GRPO case runs this file as the torchrun script (see `_grpo_update_on_fixed_rollouts`).
 """
 
@@ -31,6 +35,7 @@ from tolerances import SERVING_TOL  # noqa: E402
 MODEL = str(Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "tiny-llama")
 DATA = Path(__file__).resolve().parents[1] / "vllm_train" / "assets" / "data"
 ADAPTER = "adapter_model.safetensors"
+ADAPTER_TOL = 5e-6  # lr 2e-4 x 4 steps / 160: see the module docstring
 
 
 def _torchrun(args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -54,9 +59,10 @@ def _max_diff(dir_a: Path, dir_b: Path) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _losses(run_dir: Path) -> dict[tuple[int, str], float]:
+    """{(step, "loss" | "grad_norm"): value} of a run's metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {(r["step"], key): r[key] for r in records if "loss" in r for key in ("loss", "grad_norm")}
 
 
 # fp32 also on CUDA (NCCL): the equality bounds below are fp32 ones
@@ -74,7 +80,7 @@ def test_sft_two_ranks_equal_one_rank_and_resume_on_one_rank(tmp_path):
     _single([*common, "--batch-size", "8", "--output-dir", str(one)])
     diff = _max_diff(two, one)
     print(f"\nSFT, 4 steps: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}")
-    assert diff <= 1e-6
+    assert diff <= ADAPTER_TOL
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     assert json.loads((two / "resolved_config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2"]
@@ -82,10 +88,10 @@ def test_sft_two_ranks_equal_one_rank_and_resume_on_one_rank(tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     _single([*common, "--batch-size", "8", "--output-dir", str(resumed), "--resume-from", "latest"])
-    after = _losses(resumed)
-    assert sorted(after) == [3, 4]
-    assert after[3] == pytest.approx(_losses(two)[3], rel=1e-5) and after[4] == pytest.approx(_losses(two)[4], rel=1e-5)
-    assert _max_diff(resumed, two) <= 1e-6
+    after, before = _losses(resumed), _losses(two)
+    assert sorted({step for step, _ in after}) == [3, 4]
+    assert after == pytest.approx({k: v for k, v in before.items() if k[0] > 2}, rel=1e-5)
+    assert _max_diff(resumed, two) <= ADAPTER_TOL
 
 
 @pytest.mark.parametrize("command", ["dpo", "rm"])
@@ -98,7 +104,7 @@ def test_preference_training_two_ranks_equal_one_rank(tmp_path, command):
     sub = "adapter" if command == "rm" else ""
     diff = _max_diff(two / sub, one / sub)
     print(f"\n{command}, 4 steps: max |adapter(2 ranks) - adapter(1 rank)| = {diff:.2e}")
-    assert diff <= 1e-6
+    assert diff <= ADAPTER_TOL
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
 
 
@@ -157,7 +163,7 @@ def test_update_on_fixed_rollouts_two_ranks_equal_one_rank(tmp_path, algorithm):
     assert stats[0]["grad_norm"] > 0
     assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
     assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-4, abs=1e-7)
-    assert diff <= 1e-6
+    assert diff <= ADAPTER_TOL
 
 
 # ---- GRPO with real vLLM engines, one per rank -------------------------------------------------------
@@ -205,13 +211,13 @@ def test_sft_tensor_parallel_equals_one_rank_and_resumes_on_one_rank(tmp_path, t
     _single([*common, "--batch-size", "8", "--output-dir", str(one)])
     diff = _max_diff(tp, one)
     print(f"\nSFT, {ranks} ranks with TP 2: max |adapter(TP) - adapter(1 rank)| = {diff:.2e}")
-    assert diff <= 1e-6
+    assert diff <= ADAPTER_TOL
     assert _losses(tp) == pytest.approx(_losses(one), rel=1e-5)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tp / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     _single([*common, "--batch-size", "8", "--output-dir", str(resumed), "--resume-from", "latest"])
-    assert _losses(resumed)[3] == pytest.approx(_losses(tp)[3], rel=1e-5)
-    assert _max_diff(resumed, tp) <= 1e-6
+    assert _losses(resumed)[(3, "loss")] == pytest.approx(_losses(tp)[(3, "loss")], rel=1e-5)
+    assert _max_diff(resumed, tp) <= ADAPTER_TOL
 
 
 def digit_share_reward(prompt, completion, example) -> float:

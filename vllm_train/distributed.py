@@ -159,8 +159,9 @@ def barrier() -> None:
 
 
 def close() -> None:
-    """Leave the process group (at the end of a command)."""
+    """Leave the torchrun process group (at the end of a command). A plain process keeps its group: it
+    is the one an in-process vLLM engine made for itself."""
     global _data_parallel_group, _tensor_parallel_mesh
-    if dist.is_initialized():
+    if requested() and dist.is_initialized():
         dist.destroy_process_group()
     _data_parallel_group = _tensor_parallel_mesh = None

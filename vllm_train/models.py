@@ -224,13 +224,14 @@ def config_for_adapter(path: str, **overrides) -> LoRATrainConfig:
 
 def chunkable_head(model) -> torch.nn.Linear | None:
     """The output head when log-probs may be computed from hidden states a chunk of rows at a time
-    (`token_logprobs`): a frozen plain Linear without bias, and no logit post-processing in the model's
-    forward (Gemma's soft-capping, a logit scale). None: use the model's own logits."""
+    (`token_logprobs`, which also gives the head's gradient): a plain Linear without bias (not a LoRA
+    layer), and no logit post-processing in the model's forward (Gemma's soft-capping, a logit scale).
+    None: use the model's own logits."""
     head = model.get_output_embeddings()
     config = model.config
     post_processed = any(getattr(config, name, None) not in (None, 1.0)
                          for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    plain = type(head) is torch.nn.Linear and head.bias is None
     return head if plain and not post_processed else None
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vllm_train import hub
+from vllm_train import distributed, hub
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -158,7 +158,7 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
-        if torch.distributed.is_initialized():
+        if distributed.requested() and torch.distributed.is_initialized():
             # Under torchrun vLLM runs inside the ranks and joins their process group (no processes of
             # its own): each group of `tensor_parallel_size` ranks is one engine, and every rank outside
             # a TP group drives an engine of its own (vLLM's "external data parallel").
