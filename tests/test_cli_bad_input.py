@@ -150,15 +150,23 @@ def test_bad_input_is_one_line_exit_2_and_no_output_dir(case, bad, tmp_path, cap
     assert not out.exists()
 
 
-def test_failing_reward_function_leaves_no_output_dir(bad, tmp_path, capsys, monkeypatch):
+def test_failing_reward_function_leaves_no_output_dir(bad, tmp_path):
     """The reward function fails at the first step (after the model and engine loaded: their progress bars
     are on stderr too): one error line, no traceback, exit 2, and the half-made run directory is removed
     (no checkpoint was written, nothing to resume)."""
-    monkeypatch.syspath_prepend(bad["rewards"])
+    import os
+    import subprocess
+    import sys
+
     out = tmp_path / "out"
     argv = [a if a != "vllm_train.toy:correctness_reward" else "rewards:boom" for a in train("grpo", str(RL))]
-    assert main([*argv, "--output-dir", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    # its own process: one vLLM engine per process (a second in-process engine, closed, would tear down
+    # the session engine's vLLM state)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(bad["rewards"]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "vllm_train", *argv, "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "reward exploded" in err[-1], err[-1]
     assert not [line for line in err[:-1] if "error" in line.lower() or "Traceback" in line]
     assert not out.exists()

@@ -131,20 +131,21 @@ def test_sft_from_a_relative_path_records_an_absolute_base(tiny_model, tmp_path,
 @pytest.mark.vllm
 def test_generate_serves_a_hub_id_from_the_same_snapshot(hub_home, tiny_model):
     """vLLM reads the hub id's snapshot offline, from the CLI and from the Python API alike (same answer)."""
-    from vllm_train.engine.llm import VLLMEngine
-
     env = {**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "vllm_train.cli", "generate", "--model", HUB_ID, "--prompt",
                            "What is 47 + 38?", "--max-tokens", "4", "--json"], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    engine = VLLMEngine(HUB_ID)  # the Python API resolves the id too (this process's HF_HOME is the test's)
-    try:
-        assert Path(engine.model_path) == hub_home / "hub" / "models--test-org--tiny-llama" / "snapshots" / COMMIT
-        expected = engine.generate(["What is 47 + 38?"], max_tokens=4)[0][0].text
-    finally:
-        engine.close()
-    assert json.loads(done.stdout.strip().splitlines()[-1])["completion"] == expected
+    # The Python API resolves the id too; in its own process (one vLLM engine per process: closing a second
+    # in-process engine would tear down the session engine's vLLM state)
+    code = (f"import json; from vllm_train.engine.llm import VLLMEngine; e = VLLMEngine({HUB_ID!r}); "
+            "text = e.generate(['What is 47 + 38?'], max_tokens=4)[0][0].text; "
+            "print(json.dumps({'path': e.model_path, 'text': text})); e.close()")
+    api = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert api.returncode == 0, api.stderr[-2000:]
+    result = json.loads(api.stdout.strip().splitlines()[-1])
+    assert Path(result["path"]) == hub_home / "hub" / "models--test-org--tiny-llama" / "snapshots" / COMMIT
+    assert json.loads(done.stdout.strip().splitlines()[-1])["completion"] == result["text"]
 
 
 @pytest.mark.vllm
@@ -156,7 +157,9 @@ def test_grpo_run_from_one_flat_yaml_on_a_hub_id(hub_home, tmp_path):
     run.write_text(f"model: {HUB_ID}\nprompts: {Path(__file__).parents[1] / 'vllm_train/assets/data/rl_train.jsonl'}\n"
                    f"reward: vllm_train.toy:correctness_reward\noutput_dir: {out}\nmax_steps: 1\nnum_generations: 2\n"
                    f"rollout_batch_size: 2\nmax_completion_length: 4\nlora_r: 4\nno_progress: true\n")
-    assert main(["grpo", "--config", str(run), "--use-rslora"]) == 0
+    done = subprocess.run([sys.executable, "-m", "vllm_train", "grpo", "--config", str(run), "--use-rslora"],
+                          capture_output=True, text=True, timeout=600)  # its own process: one engine per process
+    assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((out / "adapter_config.json").read_text())
     resolved = json.loads((out / "resolved_config.json").read_text())
     assert (saved["base_model_name_or_path"], saved["r"], saved["use_rslora"]) == (HUB_ID, 4, True)
