@@ -85,7 +85,8 @@ class TrainableEngine:
     def current_adapter(self) -> AdapterRef:
         """The engine's handle on the newest weights (synced only when a step changed them)."""
         if self._served is None or self._served[0] != self.step:
-            ref = self.engine.sync_adapter(self.injector.peft_state_dict(live=True), self.peft_config, self.family)
+            full, shards = self.injector.sync_states()  # the one sync recipe SFT and RL use too
+            ref = self.engine.sync_adapter(full, self.peft_config, self.family, shards)
             self._served = (self.step, ref)
         return self._served[1]
 
