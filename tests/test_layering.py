@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
 # Tiers of modules inside each subpackage, lowest first (Rule 2).
 PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
-    "data": [("io", "tokenize"), ("causal_lm",), ("preference",)],
+    "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],

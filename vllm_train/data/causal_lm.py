@@ -1,4 +1,5 @@
-"""Supervised fine-tuning data: text, prompt/completion, or chat messages; loss on completions only."""
+"""Supervised fine-tuning data: text, prompt/completion, chat messages (ShareGPT and Alpaca records read as
+these: `data.formats`); loss on completions and assistant turns only."""
 
 from __future__ import annotations
 
@@ -7,61 +8,58 @@ from typing import Any
 
 import torch
 
-from vllm_train.data.io import check_messages, check_text_field, load_records, source_label
-from vllm_train.data.tokenize import encode_example
+from vllm_train.data.formats import problem_of, sft_record
+from vllm_train.data.io import load_records, source_label
+from vllm_train.data.tokenize import encode_example, has_chat_template
 
 IGNORE_INDEX = -100
 
 
 def check_sft_record(record: dict) -> str | None:
-    """None if the record is one of the three accepted shapes, else what is wrong with it."""
-    if "messages" in record:
-        problem = check_messages(record["messages"], "messages")
-        if problem is None and not any(m.get("role") == "assistant" for m in record["messages"]):
-            problem = "field 'messages' has no assistant message to learn from"
-        return problem
-    if "prompt" in record or "completion" in record:
-        return check_text_field(record, "prompt", allow_messages=True) or \
-            check_text_field(record, "completion", allow_messages=True)
-    if "text" in record:
-        return check_text_field(record, "text")
-    return "expected a 'text', 'prompt'+'completion' or 'messages' field"
+    """None if the record is one of the accepted SFT shapes (`data.formats.sft_record`), else what is wrong."""
+    return problem_of(sft_record, record)
 
 
 class CausalLMDataset(torch.utils.data.Dataset):
     """Dataset for causal language modeling.
 
-    `data` is a list of dicts, a .jsonl/.json/.parquet path, or a `datasets.Dataset`, with records
-    ``{"text"}``, ``{"prompt", "completion"}`` (strings or chat messages) or ``{"messages"}``.
-    ``labels`` are the input ids on completion/assistant tokens and -100 on prompt tokens (padding is
-    added by `collate_causal_lm`, also as -100). Sequences longer than `max_length` are cut at the end;
-    a record left with no trainable token is dropped (with a warning that counts them).
+    `data` is a list of dicts, a .jsonl/.json/.parquet path, a `datasets.Dataset` or a `HubDataset`, with
+    records ``{"text"}``, ``{"prompt", "completion"}`` (strings or chat messages), ``{"messages"}``, ShareGPT
+    ``{"conversations"}`` or Alpaca ``{"instruction", "input", "output"}`` (`data.formats`). ``labels`` are
+    the input ids on completion/assistant tokens and -100 on prompt tokens (padding is added by
+    `collate_causal_lm`, also as -100). A record is one example, or one per assistant turn when the chat
+    template is not prefix-consistent (`data.tokenize.encode_messages`). Examples longer than `max_length`
+    are cut at the end; one left with no trainable token is dropped (with a warning that counts them).
     """
 
     def __init__(self, data: Any, tokenizer, max_length: int = 2048):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.records = load_records(data, check_sft_record, what="SFT dataset")
+        chat = has_chat_template(tokenizer)
+        self.records = load_records(data, what="SFT dataset", read=lambda r: sft_record(r, chat))
         self.examples: list[dict[str, torch.Tensor]] = []
-        dropped = truncated = 0
+        dropped = truncated = sequences = 0
         for record in self.records:
-            ids, trainable = encode_example(tokenizer, record)
-            truncated += len(ids) > max_length
-            ids, trainable = ids[:max_length], trainable[:max_length]
-            if not any(trainable[1:]):  # position 0 is never a target
-                dropped += 1
-                continue
-            labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trainable)]
-            self.examples.append({
-                "input_ids": torch.tensor(ids, dtype=torch.long),
-                "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long),
-            })
+            encoded = encode_example(tokenizer, record)
+            sequences += len(encoded)
+            truncated += any(len(ids) > max_length for ids, _ in encoded)
+            for ids, trainable in encoded:
+                ids, trainable = ids[:max_length], trainable[:max_length]
+                if not any(trainable[1:]):  # position 0 is never a target
+                    dropped += 1
+                    continue
+                labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trainable)]
+                self.examples.append({
+                    "input_ids": torch.tensor(ids, dtype=torch.long),
+                    "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                    "labels": torch.tensor(labels, dtype=torch.long),
+                })
         if truncated:
             warnings.warn(f"{source_label(data, 'SFT dataset')}: {truncated} of {len(self.records)} records are longer "
                           f"than max_length={max_length} tokens and were truncated", stacklevel=2)
         if dropped:
-            warnings.warn(f"{dropped} of {len(self.records)} records had no completion token within "
+            unit = "records" if sequences == len(self.records) else "examples (one per assistant turn of some records)"
+            warnings.warn(f"{dropped} of {sequences} {unit} had no completion token within "
                           f"max_length={max_length} and were dropped", stacklevel=2)
         if not self.examples:
             from vllm_train.errors import VllmTrainError

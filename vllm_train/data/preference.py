@@ -1,4 +1,5 @@
-"""Preference data for DPO and reward models: {"prompt", "chosen", "rejected"}, strings or chat messages.
+"""Preference data for DPO and reward models: {"prompt", "chosen", "rejected"}, strings or chat messages, or
+"chosen"/"rejected" with the prompt inside them (whole conversations, or texts that start alike: `data.formats`).
 
 Each pair is tokenized the way vLLM sees it (prompt alone, then the completion; `data.tokenize`), so the
 trainer's sequence log-probs and vLLM's agree token for token. Labels are -100 on prompt tokens and on
@@ -17,25 +18,15 @@ from typing import Any
 import torch
 
 from vllm_train.data.causal_lm import IGNORE_INDEX, pad_right
-from vllm_train.data.io import check_text_field, load_records, source_label
+from vllm_train.data.formats import preference_record, problem_of
+from vllm_train.data.io import load_records, source_label
 from vllm_train.data.tokenize import completion_ids, prompt_ids
 from vllm_train.errors import VllmTrainError
 
 
 def check_preference_record(record: dict) -> str | None:
-    """None if the record has a usable prompt, chosen and rejected (strings, or chat messages)."""
-    for name in ("prompt", "chosen", "rejected"):
-        problem = check_text_field(record, name, allow_messages=True)
-        if problem:
-            return problem
-    if isinstance(record["prompt"], str) and any(isinstance(record[k], list) for k in ("chosen", "rejected")):
-        return "chat-message 'chosen'/'rejected' need a chat-message 'prompt'"
-    for name in ("chosen", "rejected"):
-        if isinstance(record[name], list) and not all(m.get("content", "").strip() for m in record[name]):
-            return f"field '{name}' has an empty message"
-    if record["chosen"] == record["rejected"]:
-        return "fields 'chosen' and 'rejected' are identical (no preference to learn)"
-    return None
+    """None if the record is a usable preference pair (`data.formats.preference_record`), else what is wrong."""
+    return problem_of(preference_record, record)
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
@@ -64,9 +55,10 @@ def _sequence(prompt: list[int], completion: list[int]) -> dict[str, torch.Tenso
 class PreferenceDataset(torch.utils.data.Dataset):
     """Dataset for preference learning (DPO, reward models).
 
-    `data` is a list of dicts, a .jsonl/.json/.parquet path, or a `datasets.Dataset`, with records
-    ``{"prompt", "chosen", "rejected"}``: three strings, or a list of chat messages for the prompt and
-    one (assistant) message list for each completion. Every record is checked first; a bad one fails
+    `data` is a list of dicts, a .jsonl/.json/.parquet path, a `datasets.Dataset` or a `HubDataset`, with
+    records ``{"prompt", "chosen", "rejected"}``: three strings, or a list of chat messages for the prompt
+    and one (assistant) message list for each completion; or with the prompt implicit in "chosen" and
+    "rejected" (`data.formats.preference_record`). Every record is checked first; a bad one fails
     with ``FILE:LINE: ...``. Item `i` is ``{"index", "chosen_input_ids", "chosen_labels",
     "rejected_input_ids", "rejected_labels"}`` (1-D tensors; labels -100 on prompt tokens). Pairs whose
     completions become identical after truncation are dropped, with a warning that counts them.
@@ -77,7 +69,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise VllmTrainError(f"max_length must be >= 2, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.records = load_records(data, check_preference_record, what="preference dataset")
+        self.records = load_records(data, what="preference dataset", read=preference_record)
         self.examples: list[dict[str, Any]] = []
         dropped = truncated = 0
         for record in self.records:

@@ -37,6 +37,11 @@ def apply_template(tokenizer, messages: Messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether chat messages can be rendered: a --chat-template override, or the tokenizer's own template."""
+    return bool(_TEMPLATE_OVERRIDE["template"] or getattr(tokenizer, "chat_template", None))
+
+
 def render_prompt(tokenizer, prompt: str | Messages) -> str:
     """Prompt text as it goes to the model: chat messages through the tokenizer's chat template."""
     if isinstance(prompt, str):
@@ -67,37 +72,62 @@ def completion_ids(tokenizer, prompt: str | Messages, completion: str | Messages
     return tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
 
 
-def encode_messages(tokenizer, messages: Messages) -> tuple[list[int], list[bool]]:
-    """(ids, trainable) for a conversation: every assistant turn is trainable, everything else is not."""
+def encode_messages(tokenizer, messages: Messages) -> list[tuple[list[int], list[bool]]]:
+    """[(ids, trainable)] for a conversation: every assistant turn trained once, everything else not.
+
+    Each assistant turn i is rendered as vLLM would see it: its context ``messages[:i]`` with the generation
+    prompt, then the turn. Most chat templates render each such context as a prefix of the next, so the
+    conversation is one sequence (decoding to ``apply_chat_template(messages)``). Templates that rewrite
+    earlier turns are not prefix-consistent: Qwen3-style reasoning templates drop an earlier answer's
+    ``<think>`` block once a later user turn follows. Training the final rendering would then teach turns
+    without the reasoning the model produces at inference, so such a conversation becomes one sequence per
+    assistant turn instead: that turn's own context (rendered as at inference) + the turn, only the turn
+    trained (as with DPO's prompt/completion pairs).
+    """
     if not any(m["role"] == "assistant" for m in messages):
         raise VllmTrainError("a 'messages' record needs at least one assistant message")
-    ids: list[int] = []
-    trainable: list[bool] = []
-    done_text = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt_text = apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
-        full_text = apply_template(tokenizer, messages[: i + 1])
-        if not prompt_text.startswith(done_text) or not full_text.startswith(prompt_text):
-            raise VllmTrainError("the chat template does not render earlier turns as a prefix of later ones")
-        prompt_part = tokenizer(prompt_text[len(done_text):], add_special_tokens=False)["input_ids"]
-        answer_part = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        ids += prompt_part + answer_part
-        trainable += [False] * len(prompt_part) + [True] * len(answer_part)
-        done_text = full_text
-    return ids, trainable
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    texts = [(_context_text(tokenizer, messages[:i]), apply_template(tokenizer, messages[: i + 1])) for i in turns]
+    for context, full in texts:
+        if not full.startswith(context):
+            raise VllmTrainError("the chat template does not render an assistant turn's context (with the generation "
+                                 "prompt) as a prefix of context + turn")
+    if all(texts[k][0].startswith(texts[k - 1][1]) for k in range(1, len(texts))):
+        ids: list[int] = []
+        trainable: list[bool] = []
+        done = ""
+        for context, full in texts:
+            context_part = _tokens(tokenizer, context[len(done):])
+            answer_part = _tokens(tokenizer, full[len(context):])
+            ids += context_part + answer_part
+            trainable += [False] * len(context_part) + [True] * len(answer_part)
+            done = full
+        return [(ids, trainable)]
+    sequences = []
+    for context, full in texts:  # not prefix-consistent: each turn in its own context
+        context_ids, answer_ids = _tokens(tokenizer, context), _tokens(tokenizer, full[len(context):])
+        sequences.append((context_ids + answer_ids, [False] * len(context_ids) + [True] * len(answer_ids)))
+    return sequences
 
 
-def encode_example(tokenizer, record: dict[str, Any]) -> tuple[list[int], list[bool]]:
-    """(ids, trainable) for one SFT record: {"text"} | {"prompt","completion"} | {"messages"}."""
+def _context_text(tokenizer, messages: Messages) -> str:
+    return apply_template(tokenizer, messages, add_generation_prompt=True) if messages else ""
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, record: dict[str, Any]) -> list[tuple[list[int], list[bool]]]:
+    """[(ids, trainable)] for one SFT record {"text"} | {"prompt","completion"} | {"messages"}: one sequence,
+    or one per assistant turn of a conversation whose template is not prefix-consistent (`encode_messages`)."""
     if "messages" in record:
         return encode_messages(tokenizer, record["messages"])
     if "prompt" in record:
         p = prompt_ids(tokenizer, record["prompt"])
         c = completion_ids(tokenizer, record["prompt"], record["completion"])
-        return p + c, [False] * len(p) + [True] * len(c)
+        return [(p + c, [False] * len(p) + [True] * len(c))]
     ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
-    return ids, [True] * len(ids)
+    return [(ids, [True] * len(ids))]
