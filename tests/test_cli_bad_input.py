@@ -39,6 +39,14 @@ def bad(tmp_path_factory) -> dict[str, str]:
         "long.txt": ("one two three " * 1000).encode(),
         "long_toy.jsonl": json.dumps({"prompt": "one two three " * 1000, "answer": 3}).encode() + b"\n",
         "rewards.py": b"def boom(*args, **kwargs):\n    raise RuntimeError('reward exploded')\n",
+        "sharegpt.jsonl": b'{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}\n'
+                          b'{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}\n',
+        "alpaca.jsonl": b'{"instruction": "Add.", "input": "1 + 1", "output": "2"}\n{"instruction": "Add."}\n',
+        "implicit.jsonl": json.dumps({side: [{"role": "user", "content": "a"}, {"role": "assistant", "content": side},
+                                             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+                                      for side in ("chosen", "rejected")}).encode() + b"\n",
+        "implicit_text.jsonl": b'{"chosen": "Q: 1 + 1? A: 2", "rejected": "Q: 1 + 1? A: 3"}\n'
+                               b'{"chosen": "Two", "rejected": "Three"}\n',
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -132,6 +140,18 @@ CASES = [
      "long_sft.jsonl: 1 of 1 examples are longer than the model's context of 128 tokens"),
     ("sft-malformed-json", lambda b: train("sft", b["malformed.jsonl"]),
      "malformed.jsonl:2: malformed JSON (Unterminated string starting at column 10)"),
+    ("sft-sharegpt-role", lambda b: train("sft", b["sharegpt.jsonl"]),
+     "sharegpt.jsonl:2: field 'conversations'[1].from: 'robot' is not a ShareGPT role"),
+    ("sft-alpaca-no-output", lambda b: train("sft", b["alpaca.jsonl"]), "alpaca.jsonl:2: missing field 'output'"),
+    *[(f"{c}-implicit-prompt-differs-early", lambda b, c=c: train(c, b["implicit.jsonl"]),
+       "implicit.jsonl:1: field 'chosen'[2] is a 'user' message after the shared prompt") for c in ("dpo", "rm")],
+    *[(f"{c}-implicit-text-no-prompt", lambda b, c=c: train(c, b["implicit_text.jsonl"]),
+       "implicit_text.jsonl:2: fields 'chosen' and 'rejected' share no prompt") for c in ("dpo", "rm")],
+    *[(f"{c}-split-without-dataset-name", lambda b, c=c: train(c, data_for(c), "--split", "test"),
+       "--split needs --dataset-name") for c in TRAINERS],
+    ("dpo-eval-split-and-eval-data", lambda b: ["dpo", "--model", str(TINY_MODEL), "--dataset-name", "acme/x",
+                                                "--eval-data", str(PREFS), "--eval-split", "test", *TINY],
+     "--eval-split and --eval-data: give one held-out set"),
 ]
 
 

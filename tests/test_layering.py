@@ -55,7 +55,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("loader", "reward", "publish"), ("remote",)],
     "trainers": [("run_files",), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
-    "commands": [("_common",), ("_rl",),
+    "commands": [("_common", "_data"), ("_rl",),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 

@@ -68,6 +68,8 @@ def quiet_libraries(command: str | None, verbose: bool) -> None:
     wins."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
+    if not verbose:  # `datasets` (--dataset-name): no bars for turning downloaded files into its cache
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if command in LOGS_TO_FILES:
         return
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")

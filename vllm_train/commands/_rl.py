@@ -14,6 +14,7 @@ from vllm_train.commands._common import (
     config_values,
     resolve_model_args,
 )
+from vllm_train.commands._data import add_data_args, data_sources
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
 RL_UNUSED_LORA_FIELDS = tuple(f"lora_config.{name}" for name in (
@@ -24,9 +25,8 @@ def add_rl_args(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     from vllm_train.config import RLHFConfig
 
     add_model_args(p)
-    p.add_argument("--prompts", required=True, metavar="FILE", help="prompt records (.jsonl/.json/.parquet)")
-    p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts: greedy reward before/after "
-                   "(and every --eval-steps)")
+    add_data_args(p, "prompt records", "held-out prompts: greedy reward before/after (and every --eval-steps)",
+                  "--prompts", "--eval-prompts")
     p.add_argument("--num-steps", "--max-steps", type=int, default=100, help="RL steps (default: 100)")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. an SFT run)" + ADAPTER_HELP)
     add_output_args(p)
@@ -60,6 +60,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
     if args.num_steps < 1:
         raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
+    prompts, eval_prompts = data_sources(args, "prompts", "eval_prompts")
     model_dir = resolve_model_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
     check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
     # Everything the user gave is checked before any model or engine loads.
@@ -71,9 +72,9 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         from vllm_train.engine.publish import AdapterPublisher
 
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
-    records = load_prompt_records(args.prompts, "prompts")
-    eval_records = load_prompt_records(args.eval_prompts, "eval prompts") if args.eval_prompts else None
-    for path, recs in ((args.prompts, records), (args.eval_prompts, eval_records or [])):
+    records = load_prompt_records(prompts, "prompts")
+    eval_records = load_prompt_records(eval_prompts, "eval prompts") if eval_prompts else None
+    for path, recs in ((prompts, records), (eval_prompts, eval_records or [])):
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,

@@ -13,15 +13,19 @@ from vllm_train.commands._common import (
     config_from_args,
     resolve_model_args,
 )
+from vllm_train.commands._data import add_data_args, data_sources
 from vllm_train.config import DPOConfig
 
 DESCRIPTION = """\
 Train a LoRA adapter on preference pairs with Direct Preference Optimization and write it in PEFT
 format to --output-dir (served by vLLM as is).
 
-Data (.jsonl, .json or .parquet), one pair per line:
+Data (.jsonl, .json or .parquet, or --dataset-name ORG/NAME from the hub), one pair per line:
   {"prompt": "...", "chosen": "...", "rejected": "..."}
   {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
+  {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [...]}   (implicit prompt:
+      their longest shared message prefix; a string "prompt" next to them is not read: UltraFeedback)
+  {"chosen": "Q ... A1", "rejected": "Q ... A2"}   (implicit prompt: the shared text, cut at a word boundary)
 Only completion tokens count; prompt and padding never do.
 
 The reference model is the base model (the adapter switched off: no second copy in memory). With
@@ -55,8 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dpo", help="preference optimization (DPO/IPO/hinge) of a LoRA adapter",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data", required=True, metavar="FILE", help="preference pairs (.jsonl/.json/.parquet)")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: reward accuracy/margin after each epoch")
+    add_data_args(p, "preference pairs", "held-out pairs: reward accuracy/margin after each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter (e.g. SFT); it becomes the "
                    "reference" + ADAPTER_HELP)
     add_output_args(p)
@@ -70,14 +73,15 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.trainers.dpo import DPOTrainer
 
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
+    train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(model_dir)
-    train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first
-    eval_set = PreferenceDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
-    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+    train_set = PreferenceDataset(train_source, tokenizer, config.max_length)  # validates every record first
+    eval_set = PreferenceDataset(eval_source, tokenizer, config.max_length) if eval_source else None
+    for source, data in ((train_source, train_set), (eval_source, eval_set)):
         if data is not None:
-            check_examples_fit(model_dir, data, path)
+            check_examples_fit(model_dir, data, str(source))
     trainer = DPOTrainer(args.model, config, adapter=args.adapter, progress=not args.no_progress,
                          revision=args.revision)
     trainer.setup_training()

@@ -18,7 +18,8 @@ function scores them, group-relative advantages drive a clipped policy-gradient 
                         --dynamic-sampling-rounds more rollouts refill the batch)
   --algorithm rloo      leave-one-out baseline; token-level loss
 
-Prompts (.jsonl/.json/.parquet): {"prompt": "text" or [chat messages], ...any fields your reward reads}.
+Prompts (.jsonl/.json/.parquet, or --dataset-name ORG/NAME): {"prompt": "text" or [chat messages], ...any
+fields your reward reads}.
 Reward: a Python function `(prompt, completion, example) -> float` given as module:function or
 path/to/file.py:function; `example` is the prompt's record. The toy world's: vllm_train.toy:correctness_reward.
 

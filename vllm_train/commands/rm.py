@@ -15,13 +15,15 @@ from vllm_train.commands._common import (
     config_from_args,
     resolve_model_args,
 )
+from vllm_train.commands._data import add_data_args, data_sources
 from vllm_train.config import RewardModelConfig
 
 DESCRIPTION = """\
 Train a reward model on preference pairs: the base model as a 1-label sequence classifier (a linear
 head `score` on the last token), LoRA on its layers, loss -log sigmoid(r(chosen) - r(rejected)).
 
-Data: the same pairs as `vllm-train dpo`, {"prompt", "chosen", "rejected"} (strings or chat messages).
+Data: the same pairs as `vllm-train dpo`, {"prompt", "chosen", "rejected"} (strings or chat messages), or
+"chosen"/"rejected" with the prompt inside them (see `vllm-train dpo --help`).
 
 --output-dir receives
   config.json, model.safetensors, tokenizer   the merged reward model: vLLM runs it as a pooling
@@ -57,8 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rm", help="train a reward model (LoRA + scalar head), servable by vLLM",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, " (the base)")
-    p.add_argument("--data", required=True, metavar="FILE", help="preference pairs (.jsonl/.json/.parquet)")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out pairs: accuracy after each epoch")
+    add_data_args(p, "preference pairs", "held-out pairs: accuracy after each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this reward-model adapter (an earlier "
                    "DIR/adapter)" + ADAPTER_HELP)
     p.add_argument("--score-with-vllm", action="store_true",
@@ -76,19 +77,20 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.trainers.rm import RewardModelTrainer
 
     config = config_from_args(args, RewardModelConfig, {"output_dir": args.output_dir})
-    if args.score_with_vllm and not args.eval_data:
-        raise VllmTrainError("--score-with-vllm needs --eval-data (the pairs to score)")
+    if args.score_with_vllm and not (args.eval_data or args.eval_split):
+        raise VllmTrainError("--score-with-vllm needs --eval-data or --eval-split (the pairs to score)")
     if args.score_with_vllm and distributed.requested():
         raise VllmTrainError("--score-with-vllm is not available under torchrun (a vLLM engine there joins all "
                              "ranks); train under torchrun, then score in one process")
+    train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(model_dir)
-    train_set = PreferenceDataset(args.data, tokenizer, config.max_length)  # validates every record first
-    eval_set = PreferenceDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
-    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+    train_set = PreferenceDataset(train_source, tokenizer, config.max_length)  # validates every record first
+    eval_set = PreferenceDataset(eval_source, tokenizer, config.max_length) if eval_source else None
+    for source, data in ((train_source, train_set), (eval_source, eval_set)):
         if data is not None:
-            check_examples_fit(model_dir, data, path)
+            check_examples_fit(model_dir, data, str(source))
     trainer = RewardModelTrainer(args.model, config, progress=not args.no_progress, revision=args.revision)
     trainer.setup_training(adapter=args.adapter)
     final = trainer.train(train_set, eval_set)

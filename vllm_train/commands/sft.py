@@ -13,17 +13,21 @@ from vllm_train.commands._common import (
     config_from_args,
     resolve_model_args,
 )
+from vllm_train.commands._data import add_data_args, data_sources
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on supervised data and write it in PEFT format to --output-dir
 (adapter_config.json + adapter_model.safetensors), ready for vLLM's LoRARequest, `vllm serve
 --lora-modules`, or PEFT.
 
-Data (.jsonl, .json or .parquet), one record per line, any of:
+Data (.jsonl, .json or .parquet, or --dataset-name ORG/NAME from the hub), one record per line, any of:
   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+  {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}    (ShareGPT)
   {"prompt": "...", "completion": "..."}        (strings, or lists of chat messages)
+  {"instruction": "...", "input": "...", "output": "..."}   (Alpaca; "input" optional)
   {"text": "..."}
-Loss is taken on assistant/completion tokens only (all tokens for "text"); padding never counts.
+Loss is taken on assistant/completion tokens only (every assistant turn of a conversation; all tokens for
+"text"); padding never counts.
 
 Also written to --output-dir: resolved_config.json, metrics.jsonl, tb/ (TensorBoard), loss.png,
 checkpoints/step-N/ (resume with --resume-from latest).
@@ -40,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="supervised LoRA fine-tuning", description=DESCRIPTION, epilog=EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl/.json/.parquet)")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out data: loss/perplexity logged each epoch")
+    add_data_args(p, "training data", "held-out data: loss/perplexity logged each epoch")
     p.add_argument("--adapter", metavar="DIR", help="start from this PEFT adapter instead of a fresh "
                    "one" + ADAPTER_HELP)
     add_output_args(p)
@@ -59,14 +62,15 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.trainers.sft import LoRATrainer
 
     config = config_from_args(args, fixed={"output_dir": args.output_dir})
+    train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
     check_output_dir(args.output_dir, config.resume_from, args.overwrite)
     tokenizer = load_tokenizer(model_dir)
-    train_set = CausalLMDataset(args.data, tokenizer, config.max_length)  # validates every record first
-    eval_set = CausalLMDataset(args.eval_data, tokenizer, config.max_length) if args.eval_data else None
-    for path, data in ((args.data, train_set), (args.eval_data, eval_set)):
+    train_set = CausalLMDataset(train_source, tokenizer, config.max_length)  # validates every record first
+    eval_set = CausalLMDataset(eval_source, tokenizer, config.max_length) if eval_source else None
+    for source, data in ((train_source, train_set), (eval_source, eval_set)):
         if data is not None:
-            check_examples_fit(model_dir, data, path)
+            check_examples_fit(model_dir, data, str(source))
     trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
                           on_save=_push_hook(args), revision=args.revision)
     trainer.setup_training(adapter=args.adapter)

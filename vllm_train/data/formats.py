@@ -142,6 +142,7 @@ def implicit_chat_prompt(chosen, rejected) -> tuple[list[dict], list[dict], list
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if n == len(value):
             raise RecordProblem(f"field '{name}' has no answer after the prompt it shares with the other side")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
         odd = next((j for j in range(n, len(value)) if value[j]["role"] != "assistant"), None)
         if odd is not None:
             raise RecordProblem(f"field '{name}'[{odd}] is a {value[odd]['role']!r} message after the shared prompt "
