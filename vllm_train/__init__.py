@@ -18,6 +18,7 @@ _EXPORTS = {
     "CausalLMDataset": "vllm_train.data.causal_lm",
     "collate_causal_lm": "vllm_train.data.causal_lm",
     "PreferenceDataset": "vllm_train.data.preference",
+    "HubDataset": "vllm_train.data.io",
     "CausalLMLoss": "vllm_train.losses.causal_lm",
     "DPOLoss": "vllm_train.losses.dpo",
     "RLHFConfig": "vllm_train.config",
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # for type checkers and IDEs
     from vllm_train.config import LoRATrainConfig, RLHFConfig  # noqa: F401
     from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm  # noqa: F401
+    from vllm_train.data.io import HubDataset  # noqa: F401
     from vllm_train.data.preference import PreferenceDataset  # noqa: F401
     from vllm_train.engine.llm import EngineOptions, VLLMEngine  # noqa: F401
     from vllm_train.engine.loader import TrainableModelLoader  # noqa: F401

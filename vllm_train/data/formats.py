@@ -45,22 +45,23 @@ def problem_of(read: Callable[[dict], dict], record: dict) -> str | None:
 
 # ---- SFT ------------------------------------------------------------------------------------------
 def sft_record(record: dict, chat: bool = False) -> dict:
-    """`record` as {"messages"} | {"prompt", "completion"} | {"text"}; `chat`: the tokenizer renders chat
-    messages (an Alpaca prompt then becomes a user turn)."""
+    """`record` as {"messages"} | {"prompt", "completion"} | {"text"} (a record of these shapes is returned as
+    it is); `chat`: the tokenizer renders chat messages (an Alpaca prompt then becomes a user turn)."""
     if "messages" in record:
         _raise_if(check_messages(record["messages"], "messages"))
-        return {"messages": _with_assistant(record["messages"], "messages")}
+        _with_assistant(record["messages"], "messages")
+        return record
     if "conversations" in record:
         return {"messages": _with_assistant(sharegpt_messages(record["conversations"]), "conversations")}
     if "prompt" in record or "completion" in record:
         for name in ("prompt", "completion"):
             _raise_if(check_text_field(record, name, allow_messages=True))
-        return {"prompt": record["prompt"], "completion": record["completion"]}
+        return record
     if "instruction" in record or "output" in record:
         return alpaca_record(record, chat)
     if "text" in record:
         _raise_if(check_text_field(record, "text"))
-        return {"text": record["text"]}
+        return record
     raise RecordProblem(SFT_SHAPES)
 
 
@@ -103,7 +104,8 @@ def alpaca_record(record: dict, chat: bool) -> dict:
 
 # ---- preferences --------------------------------------------------------------------------------------
 def preference_record(record: dict) -> dict:
-    """`record` as {"prompt", "chosen", "rejected"}, the prompt taken out of the completions when implicit."""
+    """`record` as {"prompt", "chosen", "rejected"}, the prompt taken out of the completions when implicit (an
+    explicit record is returned as it is)."""
     for name in ("chosen", "rejected"):
         _raise_if(check_text_field(record, name, allow_messages=True))
         if isinstance(record[name], list) and not all(m["content"].strip() for m in record[name]):
@@ -117,9 +119,9 @@ def preference_record(record: dict) -> dict:
         prompt, chosen, rejected = implicit_text_prompt(chosen, rejected)
     else:
         _raise_if(check_text_field(record, "prompt", allow_messages=True))
-        prompt = record["prompt"]
-        if isinstance(prompt, str) and any(isinstance(v, list) for v in (chosen, rejected)):
+        if isinstance(record["prompt"], str) and any(isinstance(v, list) for v in (chosen, rejected)):
             raise RecordProblem("chat-message 'chosen'/'rejected' need a chat-message 'prompt'")
+        return record
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
