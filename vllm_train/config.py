@@ -7,6 +7,7 @@ fails before any model is loaded, with an error that names the field.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -65,6 +66,7 @@ class LoRATrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (non-reentrant)
 
     # Logging and checkpoints
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb; "none" = metrics.jsonl only
     logging_steps: int = 10
     save_steps: int = 0  # 0 = checkpoint only at the end of each epoch
     eval_steps: int = 0  # evaluate on the eval set every N optimizer steps (0 = at the end of each epoch)
@@ -100,6 +102,7 @@ class LoRATrainConfig:
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
                self.tensor_parallel_size, "an integer >= 1")
+        self.report_to = _report_backends(self.report_to)
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(isinstance(self.eval_steps, int) and self.eval_steps >= 0, "eval_steps", self.eval_steps,
@@ -114,6 +117,24 @@ class LoRATrainConfig:
     @property
     def engine_max_lora_rank(self) -> int:
         return engine_max_lora_rank(self.rank)
+
+
+REPORT_BACKENDS = ("tensorboard", "wandb")
+
+
+def _report_backends(value) -> list[str]:
+    """report_to as TRL takes it: a list or comma string of backends, "all" or "none"."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        names = list(REPORT_BACKENDS)
+    _check(all(n in REPORT_BACKENDS for n in names), "report_to", value,
+           "none, all, or a list of " + ", ".join(REPORT_BACKENDS))
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise VllmTrainError("report_to: wandb needs the wandb package (pip install wandb)")
+    return list(dict.fromkeys(names))
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")

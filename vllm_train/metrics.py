@@ -1,26 +1,29 @@
-"""Run metrics: one JSON line per logging step, TensorBoard scalars, and PNG curves at the end."""
+"""Run metrics: one JSON line per logging step, TensorBoard scalars (and Weights & Biases, if asked), and
+PNG curves at the end."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_train import distributed
 
 
 class MetricsLogger:
-    """Append-only ``metrics.jsonl`` + TensorBoard (``tb/``) under a run directory.
+    """Append-only ``metrics.jsonl`` + TensorBoard (``tb/``) + W&B (``wandb/``, if asked) under a run directory.
 
     On resume the JSONL is cut back to the resumed step, so the file always describes one consistent run.
     In a data-parallel run only rank 0 writes (the logged values are already reduced over ranks); on
     the other ranks the logger does nothing.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, report_to: Sequence[str] = ("tensorboard",),
+                 resume_step: int | None = None, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
-        self._file = self._tb = None
+        self._file = self._tb = self._wandb = None
         if not distributed.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -32,13 +35,15 @@ class MetricsLogger:
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
+        if tensorboard and "tensorboard" in report_to:  # tensorboard=False: the trainers' switch to turn it off
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:  # tensorboard is a dependency, but a logger must never stop training
                 self._tb = None
+        if "wandb" in report_to:
+            self._wandb = _start_wandb(self.run_dir, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:
@@ -50,12 +55,37 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb/vllm_train_run_id"  # a resumed run continues the same W&B run
+
+
+def _start_wandb(run_dir: Path, resumed: bool):
+    """A W&B run for this run directory (project from WANDB_PROJECT, default "vllm-train"; WANDB_MODE=offline
+    keeps it on disk under <run_dir>/wandb), holding the resolved config; None if wandb is not installed
+    (the config refuses report_to=wandb then, so this only guards direct use)."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
+    resolved = run_dir / "resolved_config.json"
+    config = json.loads(resolved.read_text()) if resolved.exists() else {}
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vllm-train"), name=run_dir.name, dir=str(run_dir),
+                     config=config, id=run_id, resume="allow" if run_id else None)
+    id_file.write_text(run.id)
+    return run
 
 
 def _plain(v):
