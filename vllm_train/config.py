@@ -7,7 +7,6 @@ fails before any model is loaded, with an error that names the field.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
+from vllm_train.metrics import report_backends
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -102,7 +102,7 @@ class LoRATrainConfig:
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
                self.tensor_parallel_size, "an integer >= 1")
-        self.report_to = _report_backends(self.report_to)
+        self.report_to = report_backends(self.report_to)
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(isinstance(self.eval_steps, int) and self.eval_steps >= 0, "eval_steps", self.eval_steps,
@@ -117,24 +117,6 @@ class LoRATrainConfig:
     @property
     def engine_max_lora_rank(self) -> int:
         return engine_max_lora_rank(self.rank)
-
-
-REPORT_BACKENDS = ("tensorboard", "wandb")
-
-
-def _report_backends(value) -> list[str]:
-    """report_to as TRL takes it: a list or comma string of backends, "all" or "none"."""
-    names = [value] if isinstance(value, str) else list(value)
-    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    if names == ["all"]:
-        names = list(REPORT_BACKENDS)
-    _check(all(n in REPORT_BACKENDS for n in names), "report_to", value,
-           "none, all, or a list of " + ", ".join(REPORT_BACKENDS))
-    if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise VllmTrainError("report_to: wandb needs the wandb package (pip install wandb)")
-    return list(dict.fromkeys(names))
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")

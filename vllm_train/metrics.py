@@ -3,6 +3,7 @@ PNG curves at the end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_train import distributed
+from vllm_train.errors import VllmTrainError
+
+REPORT_BACKENDS = ("tensorboard", "wandb")  # metrics.jsonl is always written
+
+
+def report_backends(value: str | Sequence[str]) -> list[str]:
+    """The config's report_to as TRL takes it: a list or comma string of backends, "all" or "none"."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        names = list(REPORT_BACKENDS)
+    if not all(n in REPORT_BACKENDS for n in names):
+        raise VllmTrainError(f"config field 'report_to': {value!r} is invalid (none, all, or a list of "
+                             f"{', '.join(REPORT_BACKENDS)})")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise VllmTrainError("config field 'report_to': wandb needs the wandb package (pip install wandb)")
+    return list(dict.fromkeys(names))
 
 
 class MetricsLogger:
