@@ -128,8 +128,9 @@ def _write_lines_atomically(path: Path, records: list[dict]) -> None:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:
-    """One subplot per metric key found in the JSONL, against step. Returns the PNG path, or None
-    (also on every rank but 0 of a data-parallel run)."""
+    """One subplot per metric key found in the JSONL and not constant, against step: the raw values thin, a
+    smoothed curve (`smooth`) over them, y-range from `y_range` so one early spike does not flatten the rest.
+    Returns the PNG path, or None (also on every rank but 0 of a data-parallel run)."""
     if not distributed.is_main():
         return None
     import matplotlib
@@ -138,13 +139,22 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    keys = [k for k in keys if any(k in r for r in records)]
-    if not keys:
+    series = {}
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if len(pts) == 1 or len({v for _, v in pts}) > 1:  # a constant (the lr of a constant schedule): no panel
+            series[key] = pts
+    if not series:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
+    for ax, (key, pts) in zip(axes[:, 0], series.items()):
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) >= SMOOTH_FROM:
+            ax.plot(steps, values, alpha=0.3, linewidth=0.8, color="C0")
+            ax.plot(steps, smooth(values), color="C0", label="smoothed")
+        else:
+            ax.plot(steps, values, marker=".", color="C0")
+        ax.set_ylim(*y_range(values))
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")
@@ -157,3 +167,28 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+SMOOTH_FROM = 10  # points; fewer are drawn as they are
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled to 0);
+    the weight grows with the series length (0.6 at 10 points, 0.9 from 100)."""
+    if weight is None:
+        weight = min(0.9, max(0.6, 1.0 - 4.0 / len(values)))
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1.0 - weight) * value
+        out.append(average / (1.0 - weight**i))
+    return out
+
+
+def y_range(values: list[float]) -> tuple[float, float]:
+    """The 2nd..98th percentile of the values, padded by 10 %: outliers (a first-step loss 10x the rest)
+    leave the plot instead of squashing it; a series without outliers is shown whole."""
+    ordered = sorted(values)
+    low = ordered[int(0.02 * (len(ordered) - 1))]
+    high = ordered[math.ceil(0.98 * (len(ordered) - 1))]
+    pad = 0.1 * (high - low) or 0.1 * abs(high) or 0.1
+    return low - pad, high + pad
