@@ -10,10 +10,12 @@ import pytest
 from vllm_train.metrics import plot_curves, smooth, y_range
 
 
-def test_smooth_is_a_debiased_ema():
-    # weight 0.5: averages 0.5, 1.75; debiased by 1 - 0.5 and 1 - 0.25
-    assert smooth([1.0, 3.0], weight=0.5) == pytest.approx([1.0, 1.75 / 0.75])
-    assert smooth([2.0] * 30) == pytest.approx([2.0] * 30)  # no pull towards 0 at the start
+def test_smooth_is_a_centred_moving_average():
+    # window 3: the ends average the two points they have
+    assert smooth([1.0, 2.0, 3.0, 10.0], window=3) == pytest.approx([1.5, 2.0, 5.0, 6.5])
+    line = [float(v) for v in range(100)]
+    assert smooth(line)[5:95] == pytest.approx(line[5:95])  # window 11 by default: no lag inside a line
+    assert smooth(line)[0] == pytest.approx(2.5)  # the first point averages values 0..5
 
 
 def test_y_range_drops_a_lone_spike_but_shows_a_short_series_whole():

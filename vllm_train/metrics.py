@@ -129,8 +129,8 @@ def _write_lines_atomically(path: Path, records: list[dict]) -> None:
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:
     """One subplot per metric key found in the JSONL and not constant, against step: the raw values thin, a
-    smoothed curve (`smooth`) over them, y-range from `y_range` so one early spike does not flatten the rest.
-    Returns the PNG path, or None (also on every rank but 0 of a data-parallel run)."""
+    smoothed curve (`smooth`) over them (not over a schedule), y-range from `y_range` so one early spike does
+    not flatten the rest. Returns the PNG path, or None (also on every rank but 0 of a data-parallel run)."""
     if not distributed.is_main():
         return None
     import matplotlib
@@ -146,10 +146,10 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
             series[key] = pts
     if not series:
         return None
-    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False, sharex=True)
     for ax, (key, pts) in zip(axes[:, 0], series.items()):
         steps, values = [p[0] for p in pts], [p[1] for p in pts]
-        if len(pts) >= SMOOTH_FROM:
+        if len(pts) >= SMOOTH_FROM and key not in SCHEDULES:
             ax.plot(steps, values, alpha=0.3, linewidth=0.8, color="C0")
             ax.plot(steps, smooth(values), color="C0", label="smoothed")
         else:
@@ -170,18 +170,16 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
 
 
 SMOOTH_FROM = 10  # points; fewer are drawn as they are
+SCHEDULES = ("lr",)  # set, not measured: never smoothed
 
 
-def smooth(values: list[float], weight: float | None = None) -> list[float]:
-    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled to 0);
-    the weight grows with the series length (0.6 at 10 points, 0.9 from 100)."""
-    if weight is None:
-        weight = min(0.9, max(0.6, 1.0 - 4.0 / len(values)))
-    out, average = [], 0.0
-    for i, value in enumerate(values, start=1):
-        average = weight * average + (1.0 - weight) * value
-        out.append(average / (1.0 - weight**i))
-    return out
+def smooth(values: list[float], window: int | None = None) -> list[float]:
+    """Centred moving average (no lag, unlike an EMA: these plots are read after the fact); the window is
+    ~1/10 of the series (odd, >= 3) and shrinks at the ends."""
+    if window is None:
+        window = max(3, len(values) // 10 | 1)
+    half = window // 2
+    return [sum(part := values[max(0, i - half):i + half + 1]) / len(part) for i in range(len(values))]
 
 
 def y_range(values: list[float]) -> tuple[float, float]:
