@@ -35,7 +35,7 @@ SCALING_PRESETS = {
     # weights, the kind of model tensor parallelism is for. Small batch: the point is memory per GPU.
     "qwen2.5-14b": dict(arch="qwen2", hidden=5120, layers=48, heads=40, kv_heads=8, inter=13824, vocab=152064,
                         prompts=8, generations=4, new_tokens=128, rank=16, targets=ALL_LINEAR,
-                        dtype="bfloat16", micro_batch=8, steps=5, warmup=2, head_dim=128),
+                        dtype="bfloat16", micro_batch=8, steps=5, warmup=2, head_dim=128, tied=False),
 }
 
 
@@ -62,8 +62,10 @@ def worker(p: dict, model_dir: str, tp: int, out: str) -> None:
     cuda = torch.cuda.is_available()
     peak = torch.tensor([torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0],
                         device="cuda" if cuda else "cpu")
-    peaks = [torch.zeros_like(peak) for _ in range(distributed.world_size())]
-    if distributed.world_size() > 1:
+    # every GPU's peak (the global group: under tensor parallelism the data-parallel group is smaller)
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    peaks = [torch.zeros_like(peak) for _ in range(ranks)]
+    if ranks > 1:
         torch.distributed.all_gather(peaks, peak)
     else:
         peaks = [peak]

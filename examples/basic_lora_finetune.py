@@ -2,15 +2,19 @@
 
     python examples/basic_lora_finetune.py [--max-steps 200] [--output-dir runs/basic]
 
-Runs offline on the shipped tiny model (two-digit addition) in well under a minute on 2 CPU cores.
+Runs offline on the shipped tiny model (two-digit addition that forgets the carry) in well under a minute
+on 2 CPU cores. Recipe: r8/alpha 16 on every linear layer, lr 3e-3 (a tiny model; 1e-4..2e-4 for a real
+one), batch 32, 200 steps, cosine with 10 % warmup. Prints held-out greedy accuracy before -> after
+(as shipped: 49.7 % -> 84.0 %) and the eval perplexity.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vllm_train import LoRATrainConfig, LoRATrainer
+from vllm_train import LoRATrainConfig, LoRATrainer, toy
 from vllm_train.assets import TINY_MODEL, data_file
+from vllm_train.evaluation import TOY_MAX_TOKENS, toy_problems
 
 
 def main() -> None:
@@ -24,11 +28,20 @@ def main() -> None:
                                              "down_proj"],
                              max_steps=args.max_steps, max_length=64, output_dir=args.output_dir)
     trainer = LoRATrainer(str(TINY_MODEL), config)
+    problems = toy_problems(data_file("rl_eval.jsonl"))  # held-out: not in the SFT data
+
+    def accuracy(lora_path: str) -> float:
+        outputs = trainer.generate([p for p, _ in problems], lora_path=lora_path, temperature=0.0,
+                                   max_tokens=TOY_MAX_TOKENS)
+        return sum(toy.is_correct(o.outputs[0].text, answer) for o, (_, answer) in zip(outputs, problems)) / len(
+            problems)
+
+    before = accuracy("base")
     trainer.setup_training()
     metrics = trainer.train(data_file("sft_train.jsonl"), eval_dataset=data_file("sft_eval.jsonl"))
-    print(f"final train loss {metrics['loss']:.4f}, eval perplexity {metrics['eval_perplexity']:.3f}")
-
     path = trainer.save_lora(args.output_dir)  # PEFT format: loads in PEFT, vllm.LLM and `vllm serve`
+    print(f"final train loss {metrics['loss']:.4f}, eval perplexity {metrics['eval_perplexity']:.3f}")
+    print(f"held-out greedy accuracy (vLLM): {before:.1%} -> {accuracy(str(path)):.1%}")
     questions = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(47, 38), (19, 23), (66, 7)]]
     for q, out in zip(questions, trainer.generate(questions, lora_path=str(path), temperature=0.0, max_tokens=6)):
         print(f"{q[0]['content']} -> {out.outputs[0].text}")

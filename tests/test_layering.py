@@ -27,9 +27,10 @@ PACKAGE = "vllm_train"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
+    ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
     ("config",),
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
-    ("toy", "assets", "metrics"),
+    ("toy", "assets"),
     ("data",),
     ("losses",),
     ("lora",),

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
+from vllm_train.metrics import report_backends
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -65,6 +66,7 @@ class LoRATrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (non-reentrant)
 
     # Logging and checkpoints
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb; "none" = metrics.jsonl only
     logging_steps: int = 10
     save_steps: int = 0  # 0 = checkpoint only at the end of each epoch
     eval_steps: int = 0  # evaluate on the eval set every N optimizer steps (0 = at the end of each epoch)
@@ -100,6 +102,7 @@ class LoRATrainConfig:
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
                self.tensor_parallel_size, "an integer >= 1")
+        self.report_to = report_backends(self.report_to)
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "an integer >= 1")
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(isinstance(self.eval_steps, int) and self.eval_steps >= 0, "eval_steps", self.eval_steps,

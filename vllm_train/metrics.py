@@ -1,26 +1,49 @@
-"""Run metrics: one JSON line per logging step, TensorBoard scalars, and PNG curves at the end."""
+"""Run metrics: one JSON line per logging step, TensorBoard scalars (and Weights & Biases, if asked), and
+PNG curves at the end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_train import distributed
+from vllm_train.errors import VllmTrainError
+
+REPORT_BACKENDS = ("tensorboard", "wandb")  # metrics.jsonl is always written
+
+
+def report_backends(value: str | Sequence[str]) -> list[str]:
+    """The config's report_to as TRL takes it: a list or comma string of backends, "all" or "none"."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        names = list(REPORT_BACKENDS)
+    if not all(n in REPORT_BACKENDS for n in names):
+        raise VllmTrainError(f"config field 'report_to': {value!r} is invalid (none, all, or a list of "
+                             f"{', '.join(REPORT_BACKENDS)})")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise VllmTrainError("config field 'report_to': wandb needs the wandb package (pip install wandb)")
+    return list(dict.fromkeys(names))
 
 
 class MetricsLogger:
-    """Append-only ``metrics.jsonl`` + TensorBoard (``tb/``) under a run directory.
+    """Append-only ``metrics.jsonl`` + TensorBoard (``tb/``) + W&B (``wandb/``, if asked) under a run directory.
 
     On resume the JSONL is cut back to the resumed step, so the file always describes one consistent run.
     In a data-parallel run only rank 0 writes (the logged values are already reduced over ranks); on
     the other ranks the logger does nothing.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, report_to: Sequence[str] = ("tensorboard",),
+                 resume_step: int | None = None, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
-        self._file = self._tb = None
+        self._file = self._tb = self._wandb = None
         if not distributed.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -32,13 +55,15 @@ class MetricsLogger:
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
+        if tensorboard and "tensorboard" in report_to:  # tensorboard=False: the trainers' switch to turn it off
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:  # tensorboard is a dependency, but a logger must never stop training
                 self._tb = None
+        if "wandb" in report_to:
+            self._wandb = _start_wandb(self.run_dir, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:
@@ -50,12 +75,37 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb/vllm_train_run_id"  # a resumed run continues the same W&B run
+
+
+def _start_wandb(run_dir: Path, resumed: bool):
+    """A W&B run for this run directory (project from WANDB_PROJECT, default "vllm-train"; WANDB_MODE=offline
+    keeps it on disk under <run_dir>/wandb), holding the resolved config; None if wandb is not installed
+    (the config refuses report_to=wandb then, so this only guards direct use)."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
+    resolved = run_dir / "resolved_config.json"
+    config = json.loads(resolved.read_text()) if resolved.exists() else {}
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vllm-train"), name=run_dir.name, dir=str(run_dir),
+                     config=config, id=run_id, resume="allow" if run_id else None)
+    id_file.write_text(run.id)
+    return run
 
 
 def _plain(v):
@@ -78,8 +128,9 @@ def _write_lines_atomically(path: Path, records: list[dict]) -> None:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:
-    """One subplot per metric key found in the JSONL, against step. Returns the PNG path, or None
-    (also on every rank but 0 of a data-parallel run)."""
+    """One subplot per metric key found in the JSONL and not constant, against step: the raw values thin, a
+    smoothed curve (`smooth`) over them (not over a schedule), y-range from `y_range` so one early spike does
+    not flatten the rest. Returns the PNG path, or None (also on every rank but 0 of a data-parallel run)."""
     if not distributed.is_main():
         return None
     import matplotlib
@@ -88,13 +139,22 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    keys = [k for k in keys if any(k in r for r in records)]
-    if not keys:
+    series = {}
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if len(pts) == 1 or len({v for _, v in pts}) > 1:  # a constant (the lr of a constant schedule): no panel
+            series[key] = pts
+    if not series:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False, sharex=True)
+    for ax, (key, pts) in zip(axes[:, 0], series.items()):
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) >= SMOOTH_FROM and key not in SCHEDULES:
+            ax.plot(steps, values, alpha=0.3, linewidth=0.8, color="C0")
+            ax.plot(steps, smooth(values), color="C0", label="smoothed")
+        else:
+            ax.plot(steps, values, marker=".", color="C0")
+        ax.set_ylim(*y_range(values))
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimizer step")
@@ -107,3 +167,26 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+SMOOTH_FROM = 10  # points; fewer are drawn as they are
+SCHEDULES = ("lr",)  # set, not measured: never smoothed
+
+
+def smooth(values: list[float], window: int | None = None) -> list[float]:
+    """Centred moving average (no lag, unlike an EMA: these plots are read after the fact); the window is
+    ~1/10 of the series (odd, >= 3) and shrinks at the ends."""
+    if window is None:
+        window = max(3, len(values) // 10 | 1)
+    half = window // 2
+    return [sum(part := values[max(0, i - half):i + half + 1]) / len(part) for i in range(len(values))]
+
+
+def y_range(values: list[float]) -> tuple[float, float]:
+    """The 2nd..98th percentile of the values, padded by 10 %: outliers (a first-step loss 10x the rest)
+    leave the plot instead of squashing it; a series without outliers is shown whole."""
+    ordered = sorted(values)
+    low = ordered[int(0.02 * (len(ordered) - 1))]
+    high = ordered[math.ceil(0.98 * (len(ordered) - 1))]
+    pad = 0.1 * (high - low) or 0.1 * abs(high) or 0.1
+    return low - pad, high + pad

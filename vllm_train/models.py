@@ -263,13 +263,17 @@ def batch_logps(model, batch: dict, device, autocast=contextlib.nullcontext) -> 
 
 @torch.no_grad()
 def pair_logps(model, dataset: PreferenceDataset, pad_token_id: int, batch_size: int = 32,
-               autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs (sum over completion tokens) of every pair: (chosen_N, rejected_N), fp32 CPU."""
+               autocast=contextlib.nullcontext, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (sum over completion tokens) of every pair: (chosen_N, rejected_N), fp32 CPU.
+    `progress`: a label for a progress bar (a pass over a large preference set takes minutes)."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, dynamic_ncols=True):
         batch = collate_preference([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
                                    pad_token_id)
         logps_2B = batch_logps(model, batch, device, autocast).cpu()

@@ -58,6 +58,8 @@ FIELD_HELP = {
     "warmup_ratio": "share of steps with linear warmup",
     "max_grad_norm": "gradient clipping norm",
     "weight_decay": "AdamW weight decay on LoRA weights",
+    "report_to": "where metrics go besides metrics.jsonl: tensorboard (default), wandb (pip install wandb; "
+                 "WANDB_PROJECT, WANDB_MODE=offline are honoured), both (all, or a comma list), or none",
     "lr_scheduler": "cosine | linear | constant (after warmup)",
     "max_length": "truncate examples to this many tokens",
     "max_steps": "stop after this many optimizer steps (-1: run all epochs)",

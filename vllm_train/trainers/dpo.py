@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import hub, models
+from vllm_train import distributed, hub, models
 from vllm_train.config import DPOConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
@@ -65,10 +65,13 @@ class DPOTrainer:
         """The reference's weights: the base (adapter off), or the starting adapter as loaded now."""
         return contextlib.nullcontext() if self.start_adapter else self.injector.disable_adapter()
 
-    def reference_logps(self, dataset: PreferenceDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, dataset: PreferenceDataset,
+                        label: str = "reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen_N, rejected_N) log-probs of the reference, with a progress bar (minutes on a large set)."""
+        show = self.progress and distributed.is_main()
         with self._reference():
             return pair_logps(self.model, dataset, self.tokenizer.pad_token_id, self.config.batch_size,
-                              self._autocast)
+                              self._autocast, progress=label if show else None)
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, dataset: Any, eval_dataset: Any = None) -> dict:
@@ -80,7 +83,8 @@ class DPOTrainer:
         eval_dataset = self._as_dataset(eval_dataset) if eval_dataset is not None else None
         # Reference log-probs come first: before any step, and before a checkpoint is resumed.
         ref = self.reference_logps(dataset) if c.precompute_ref_logps else None
-        eval_ref = self.reference_logps(eval_dataset) if eval_dataset is not None else None
+        eval_ref = (self.reference_logps(eval_dataset, "reference log-probs (eval)")
+                    if eval_dataset is not None else None)
         optimizer = common.make_optimizer(self.injector.get_trainable_params(), c)
         last, self.global_step = loop.run_epochs(
             lambda group, n_pairs: self._accumulate(dataset, group, n_pairs, ref), model=self.model,

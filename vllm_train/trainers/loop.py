@@ -112,7 +112,7 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
         if on_checkpoint is not None and distributed.is_main():
             on_checkpoint(path)
 
-    logger = MetricsLogger(run_dir, tensorboard, resume_step=step if resume is not None else None)
+    logger = MetricsLogger(run_dir, c.report_to, step if resume is not None else None, tensorboard=tensorboard)
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not (progress and distributed.is_main()),
                dynamic_ncols=True)
     model.train()

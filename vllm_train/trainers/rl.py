@@ -111,7 +111,7 @@ class RLHFTrainer:
         run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
         write_resolved_config(c, run_dir, model=self.model_name, kind=c.algorithm, num_steps=num_steps,
                               prompts=len(records), reward=self._reward_label())
-        logger = MetricsLogger(run_dir, self.tensorboard, resume_step=step or None)
+        logger = MetricsLogger(run_dir, lc.report_to, step or None, tensorboard=self.tensorboard)
         last: dict = {}
         if eval_records is not None and step == 0:
             logger.log(step, last := {f"eval_{k}": v for k, v in self.evaluate(eval_records).items()})

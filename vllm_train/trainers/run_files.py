@@ -29,14 +29,14 @@ from vllm_train.errors import VllmTrainError
 # Config fields a resumed run may change. The data-parallel split (batch_size per rank, ranks, tensor
 # parallelism) may change too, as long as the global batch stays: it is fingerprinted instead.
 RESUMABLE_FIELDS = frozenset({"output_dir", "resume_from", "max_steps", "num_steps", "logging_steps", "save_steps",
-                              "eval_steps", "save_total_limit", "tensor_parallel_size", "batch_size",
+                              "eval_steps", "save_total_limit", "tensor_parallel_size", "batch_size", "report_to",
                               "rollout_servers"})
 
 RUN_MARKER = "resolved_config.json"  # written first by every run: a directory holding it is a run
 # What a run writes into its directory (trainers, `save_lora`, the reward model's merged copy).
 RUN_FILES = ("checkpoints", "tb", "metrics.jsonl", "resolved_config.json", "loss.png", "curves.png",
              "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md",
-             "adapter", "model.safetensors", "config.json")
+             "adapter", "model.safetensors", "config.json", "wandb")
 LEFTOVER_PATTERNS = ("checkpoints/.step-*.tmp-*", ".merged.tmp-*", "metrics.tmp", "*.tmp.png")
 
 
