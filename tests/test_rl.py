@@ -15,8 +15,8 @@ import torch
 from tolerances import (
     FP32_REORDER_TOL,
     IS_GRAD_REL_TOL,
+    MISMATCH_TOL,
     SCORER_REL_TOL,
-    SERVING_MEAN_TOL,
     assert_served_logprobs,
     reference_logprobs,
 )
@@ -113,7 +113,7 @@ def test_vllm_logprobs_equal_trainer_after_update(tmp_path, tiny_model, engine, 
         stats = trainer.ppo_step(records[4 * step:4 * step + 4], seed=step)
         # on-policy rollouts: vLLM's sampled-token log-probs match the trainer's pre-update ones (a mean
         # over the rollout's tokens; its k3 KL is ~mean(Δ²)/2, below the same bound)
-        assert stats["mismatch_abs_logp"] < SERVING_MEAN_TOL and abs(stats["mismatch_kl"]) < SERVING_MEAN_TOL
+        assert stats["mismatch_abs_logp"] < MISMATCH_TOL and abs(stats["mismatch_kl"]) < MISMATCH_TOL
     adapter, _ = trainer.sync_adapter()
     ours = completion_logprobs(trainer.model, prompt_ids, completion)
     theirs = engine.completion_logprobs(prompt_ids, completion, adapter)
@@ -290,7 +290,7 @@ def test_truncated_is_weighs_vllms_on_policy_samples_one(tmp_path, shipped, rl_t
         rewards_GN = trainer.compute_rewards(rollout.prompts, rollout.completions, rollout.examples).view(-1, 4)
         stats = trainer.ppo_step(records, seed=0)
         assert stats["groups_kept"] == int((rewards_GN.max(1).values > rewards_GN.min(1).values).sum()) > 0
-        assert stats["mismatch_abs_logp"] < SERVING_MEAN_TOL and stats["kl_ref"] >= 0 and "clipfrac" in stats
+        assert stats["mismatch_abs_logp"] < MISMATCH_TOL and stats["kl_ref"] >= 0 and "clipfrac" in stats
         grad_norms.append(stats["grad_norm"])
     assert grad_norms[1] == pytest.approx(grad_norms[0], rel=IS_GRAD_REL_TOL)
 
