@@ -4,7 +4,8 @@ the measured numbers; the test asserts on them. The oracles:
 
 a) SFT steps (LoRATrainer, fp32) change the adapter;
 b) vLLM's prompt log-probs of held-out tokens with the adapter equal the trainer's, through the public
-   path (saved adapter files) and the fast sync (the second `sync_adapter` of a family);
+   path (saved adapter files) and the fast sync (the second `sync_adapter` of a family) -- the served and
+   the reference log-probs are returned, compared by tests/tolerances.py (bf16 reference on CUDA);
 c) PEFT loads our saved adapter with logits equal to ours, and we load an adapter PEFT made;
 d) one GRPO step (`RLHFTrainer.ppo_step`) runs on the real engine.
 """
@@ -20,11 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import build_family  # noqa: E402
+from tolerances import reference_logprobs  # noqa: E402
 
 from vllm_train.assets import data_file  # noqa: E402
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig  # noqa: E402
 from vllm_train.engine.llm import EngineOptions, VLLMEngine  # noqa: E402
-from vllm_train.evaluation import completion_logprobs  # noqa: E402
 from vllm_train.lora.injector import LoRAInjector  # noqa: E402
 from vllm_train.lora.validate import validate_adapter  # noqa: E402
 from vllm_train.models import config_for_adapter  # noqa: E402
@@ -48,19 +49,19 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].float()
+        return model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float().cpu()
 
 
-def served_gap(engine, ref, model) -> float:
+def served_and_expected(engine, ref, model) -> list[list[float]]:
+    """[served log-probs, the reference's] of the held-out tokens, for the test to compare."""
     served = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
-    with torch.no_grad():
-        return max_abs(served, completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS))
+    return [served.tolist(), reference_logprobs(model, PROMPT_IDS, COMPLETION_IDS).tolist()]
 
 
 def sft(model_dir: Path, work: Path, targets: list[str], engine) -> tuple[LoRATrainer, dict]:
     config = LoRATrainConfig(rank=8, alpha=16, target_modules=targets, learning_rate=1e-2, batch_size=4,
                              gradient_accumulation_steps=1, max_steps=3, warmup_ratio=0.0, lr_scheduler="constant",
-                             output_dir=str(work / "sft"), save_steps=0)
+                             output_dir=str(work / "sft"), save_steps=0, precision="fp32")
     trainer = LoRATrainer(str(model_dir), config, engine=engine, tensorboard=False, progress=False)
     trainer.setup_training()
     before = {k: v.clone() for k, v in trainer.injector.peft_state_dict().items()}
@@ -76,21 +77,22 @@ def serving(trainer: LoRATrainer, engine, work: Path) -> dict:
     saved = trainer.save_lora(work / "adapter")
     validate_adapter(saved, trainer.model_name)  # the shape checks every command runs know this architecture
     public = engine.load_adapter(saved, family="files")
-    public_gap = served_gap(engine, public, model)
+    public_logps = served_and_expected(engine, public, model)
     base = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, None)
     adapter_effect = max_abs(base, engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, public))
     engine.remove_adapter(public)
     config = injector.peft_config(trainer.model_name)
     first = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="matrix")
-    first_path, first_gap = engine.last_sync_path, served_gap(engine, first, model)
+    first_path, first_logps = engine.last_sync_path, served_and_expected(engine, first, model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a new version for the second sync
         for p in injector.get_trainable_params():
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     second = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="matrix")
-    result = {"public_gap": public_gap, "served_adapter_effect": adapter_effect,
-              "first_sync_path": first_path, "first_sync_gap": first_gap,
-              "second_sync_path": engine.last_sync_path, "second_sync_gap": served_gap(engine, second, model),
+    result = {"public_logps": public_logps, "served_adapter_effect": adapter_effect,
+              "first_sync_path": first_path, "first_sync_logps": first_logps,
+              "second_sync_path": engine.last_sync_path,
+              "second_sync_logps": served_and_expected(engine, second, model),
               "fast_sync_unavailable": engine.fast_sync_unavailable}
     engine.remove_adapter(second)
     trainer.save_lora(work / "adapter")  # the perturbed version, for the PEFT oracle

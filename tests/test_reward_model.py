@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from tolerances import EXACT_ENGINE_ENV
 
 from vllm_train.assets import data_file
 from vllm_train.losses.dpo import bradley_terry_loss
@@ -86,8 +87,9 @@ def trained_rm(tmp_path_factory, tiny_model):
     flags = [f if f != "RM_STEPS" else str(RM_STEPS) for f in RM_FLAGS]
     cmd = [sys.executable, "-m", "vllm_train.cli", "rm", "--model", tiny_model,
            "--data", str(data_file("prefs_train.jsonl")), "--eval-data", str(data_file("prefs_eval.jsonl")),
-           "--output-dir", str(out), "--score-with-vllm", "--no-progress", *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=dict(os.environ))
+           "--output-dir", str(out), "--score-with-vllm", "--no-progress", "--precision", "fp32", *flags]
+    # fp32 also on CUDA: the vLLM scorer then serves fp32 (no LoRA: the merged model), for the 1e-4 check
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=dict(os.environ, **EXACT_ENGINE_ENV))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     print(proc.stdout)
     return out
