@@ -31,10 +31,13 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def engine(tiny_model):
-    """The session's one real vLLM engine (CPU in CI): LoRA on, max rank 16, two adapter slots."""
+    """The session's one real vLLM engine (CPU in CI): LoRA on, max rank 16, two adapter slots, serving
+    tolerances.ENGINE_DTYPE (fp32 on CPU, bf16 on CUDA)."""
+    from tolerances import ENGINE_DTYPE
+
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
 
-    eng = VLLMEngine(tiny_model, EngineOptions(max_lora_rank=16, max_loras=2))
+    eng = VLLMEngine(tiny_model, EngineOptions(max_lora_rank=16, max_loras=2, dtype=ENGINE_DTYPE))
     yield eng
     eng.close()
 

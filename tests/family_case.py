@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import build_family  # noqa: E402
-from tolerances import reference_logprobs  # noqa: E402
+from tolerances import ENGINE_DTYPE, reference_logprobs  # noqa: E402
 
 from vllm_train.assets import data_file  # noqa: E402
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig  # noqa: E402
@@ -174,7 +174,8 @@ def main(family: str, work: Path) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         os._exit(0)
     targets = list(ALL_LINEAR_MODULES)
-    engine = VLLMEngine(str(model_dir), EngineOptions(max_lora_rank=8, max_loras=2, max_model_len=256))
+    engine = VLLMEngine(str(model_dir), EngineOptions(max_lora_rank=8, max_loras=2, max_model_len=256,
+                                                      dtype=ENGINE_DTYPE))
     trainer, result = sft(model_dir, work, targets, engine)
     result.update(serving(trainer, engine, work))
     result.update(peft_roundtrip(trainer, work, targets))

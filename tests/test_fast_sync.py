@@ -143,13 +143,13 @@ FALLBACK_SCRIPT = textwrap.dedent('''
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     sys.path.insert(0, {tests_dir!r})
     from test_fast_sync import COMPLETION_IDS, PROMPT_IDS, policy
-    from tolerances import reference_logprobs
+    from tolerances import ENGINE_DTYPE, reference_logprobs
 
     if __name__ == "__main__":
         case, tiny_model = sys.argv[1], sys.argv[2]
         if case == "unverified-version":
             fast_sync.VERIFIED_VLLM_VERSIONS = ()  # our own table: as if this vLLM were a new release
-        engine = VLLMEngine(tiny_model, EngineOptions(max_lora_rank=16, max_loras=2,
+        engine = VLLMEngine(tiny_model, EngineOptions(max_lora_rank=16, max_loras=2, dtype=ENGINE_DTYPE,
                                                       in_process=(case != "multiprocess")))
         model, injector = policy(tiny_model)
         served, expected, paths, names = [], [], [], []

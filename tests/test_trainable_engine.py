@@ -12,7 +12,7 @@ from tolerances import assert_served_logprobs
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {tests_dir!r})
-    from tolerances import reference_logprobs
+    from tolerances import ENGINE_DTYPE, reference_logprobs
     from vllm_train.assets import data_file
     from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
     from vllm_train.data.io import load_records
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         case, tiny_model = sys.argv[1], sys.argv[2]
-        options = EngineOptions(max_lora_rank=8, max_loras=2, in_process=(case == "in-process"))
+        options = EngineOptions(max_lora_rank=8, max_loras=2, dtype=ENGINE_DTYPE, in_process=(case == "in-process"))
         config = LoRATrainConfig(rank=8, alpha=16, learning_rate=1e-3, target_modules=list(ALL_LINEAR_MODULES))
         engine = TrainableEngine(tiny_model, config, engine_options=options)
         records = load_records(data_file("sft_train.jsonl"))[:4]

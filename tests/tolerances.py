@@ -8,13 +8,14 @@ bound: |Δ log-prob| < 1e-4 on every token.
 
 CUDA (H200; vLLM 0.26, torch 2.11): an engine with LoRA cannot serve fp32. vLLM's Triton LoRA kernels take
 fp16/bf16 only (``_lora_shrink`` in vllm/lora/ops/triton_ops/lora_shrink_op.py asserts ``inputs.dtype in
-[torch.float16, torch.bfloat16]``, in 0.26 as in 0.32), so those engines serve bf16 (EngineOptions' dtype
-"auto"), and their oracle is the same model in bf16 on the same GPU (`as_served`): both sides round the
-weights alike; what is left is bf16 arithmetic noise (fused vs unfused kernels, FlashAttention vs SDPA,
-accumulation order). bf16 keeps ~3 significant digits, so that noise grows with the size of the numbers: a
-token at log-prob -20 (logits spread over ~20) is known to ~0.1, one near 0 to ~0.01. The bf16 bounds are
-therefore on |Δ| / max(1, |reference log-prob|), a mean and a max per token (below). Engines without LoRA
-serve fp32 on CUDA too (`EXACT_ENGINE_DTYPE`, `EXACT_ENGINE_ENV`) and keep the 1e-4 bound.
+[torch.float16, torch.bfloat16]``, as its Triton punica kernels have since sgmv_shrink, 0.32 included), so
+those engines serve bf16 (`ENGINE_DTYPE`) and their oracle is the same model in bf16 on the same GPU
+(`as_served`): both sides round the weights alike; what is left is bf16 arithmetic noise (fused vs unfused
+kernels, FlashAttention vs SDPA, accumulation order). bf16 keeps ~3 significant digits, so that noise grows
+with the size of the numbers: a token at log-prob -20 (logits spread over ~20) is known to ~0.1, one near 0
+to ~0.01. The bf16 bounds are therefore on |Δ| / max(1, |reference log-prob|), a mean and a max per token
+(below). Engines without LoRA serve fp32 on CUDA too (`EXACT_ENGINE_DTYPE`, `EXACT_ENGINE_ENV`) and keep the
+1e-4 bound.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import pytest
 import torch
 
 ON_CUDA = torch.cuda.is_available()
-SERVING_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32  # what an engine with LoRA serves
+# EngineOptions.dtype of the tests' engines with LoRA: what "auto" picks, named here so that the engines and
+# their oracles cannot drift apart
+ENGINE_DTYPE = "bfloat16" if ON_CUDA else "float32"
+SERVING_DTYPE = getattr(torch, ENGINE_DTYPE)
 REFERENCE_DEVICE = torch.device("cuda" if ON_CUDA else "cpu")  # where its oracle runs: beside the engine
 SERVES_FP32 = SERVING_DTYPE == torch.float32
 
