@@ -208,6 +208,8 @@ def _vllm_cpu_lora_ops():
     return {op: fast_sync._installed_cpu_ops.get(op, getattr(ops, op)) for op in fast_sync.CPU_LORA_OPS}
 
 
+@cpu_only("vLLM's CPU LoRA ops: the fast path hands mixed slots back to the originals it replaced, installed only "
+          "on a CPU engine (on the H200 this raised KeyError 'bgmv_shrink')")
 def test_cpu_single_adapter_lora_ops_equal_vllms_own():
     """The single-adapter fast path gives vLLM's own results: one slot for all tokens (the fast
     matmul), and mixed slots or -1 (handed back to vLLM's op), for each of the three ops."""
