@@ -15,5 +15,9 @@ if compgen -G ".whl/*.whl" > /dev/null && [ ! -d /tmp/site/trl ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python3 "$@"
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null || true; fi
+started=$(mktemp)
+status=0
+python3 "$@" || status=$?
+# only the results this run wrote (the committed ones would crowd what comes back out of $OUT)
+if [ -n "${OUT:-}" ]; then find benchmarks/results -maxdepth 1 -name '*cuda*.json' -newer "$started" -exec cp {} "$OUT"/ \; ; fi
+exit $status
