@@ -43,6 +43,8 @@ class EngineOptions:
     fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
     cpu_lora_fast_ops: bool = True  # CPU: one matmul per LoRA op when a batch uses one adapter (fast_sync.py)
     tensor_parallel_size: int = 1  # GPUs (ranks) one engine spans
+    # CUDA, in-process: the training copy's frozen base weights are views of this engine's (shared_base.py)
+    share_base_weights: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
