@@ -109,6 +109,11 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def serving_dtype(options: EngineOptions) -> str:
+    """The dtype an engine with `options` serves: auto is float32 on CPU, bfloat16 on CUDA."""
+    return options.dtype if options.dtype != "auto" else ("bfloat16" if on_cuda() else "float32")
+
+
 def vllm_version() -> str:
     import vllm
 
@@ -149,7 +154,7 @@ class VLLMEngine:
         cuda = on_cuda()
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
-            dtype=(o.dtype if o.dtype != "auto" else ("bfloat16" if cuda else "float32")),
+            dtype=serving_dtype(o),
             # CUDA graphs with LoRA under TP > 1 crashed in vLLM 0.26's Triton lora_shrink (illegal memory
             # access, DESIGN.md section 2): eager there unless asked otherwise
             enforce_eager=(not cuda or o.tensor_parallel_size > 1) if o.enforce_eager is None else o.enforce_eager,

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vllm_train.engine.llm import EngineOptions, on_cuda, serving_dtype, vllm_version
 from vllm_train.lora.injector import fused_output_sizes
 from vllm_train.lora.peft_io import FUSED_PROJECTIONS
 
@@ -78,17 +79,21 @@ def check_version(version: str) -> None:
                                  f"{['.'.join(map(str, v)) for v in VERIFIED_VLLM_VERSIONS]}")
 
 
-def reason_not_to_share(options, tensor_parallel_size: int = 1) -> str | None:
-    """Why a training copy cannot share an engine's base, known before any engine exists (`options`: the
-    engine's `EngineOptions`); None: build the engine first and try (`share_with_engine`)."""
-    if not getattr(options, "share_base_weights", True):
+def reason_not_to_share(options: EngineOptions, tensor_parallel_size: int = 1,
+                        training_dtype: torch.dtype | None = None) -> str | None:
+    """Why a training copy (of `training_dtype`) cannot share the base of an engine made with `options`,
+    known before the engine exists; None: make the engine first, then try (`share_with_engine`)."""
+    if not options.share_base_weights:
         return "share_base_weights is off in EngineOptions"
-    if not torch.cuda.is_available():
+    if not on_cuda():
         return "training on CPU (vLLM's CPU backend packs its linear weights; DESIGN.md section 2)"
-    if tensor_parallel_size > 1 or getattr(options, "tensor_parallel_size", 1) > 1:
+    if tensor_parallel_size > 1 or options.tensor_parallel_size > 1:
         return "tensor parallelism (each rank holds shards)"
-    if not getattr(options, "in_process", True):
+    if not options.in_process:
         return "the vLLM engine runs in another process (EngineOptions.in_process=False)"
+    served = getattr(torch, serving_dtype(options), None)
+    if training_dtype is not None and served != training_dtype:
+        return f"the engine serves {serving_dtype(options)}, the training copy is {training_dtype}"
     return None
 
 
@@ -110,11 +115,7 @@ def share_with_engine(engine, hf_model: nn.Module, device: torch.device, version
         reason = reason_not_to_share(engine.options)
         if reason is not None:
             raise SharingUnavailable(reason)
-        if version is None:
-            import vllm
-
-            version = vllm.__version__
-        check_version(version)
+        check_version(version or vllm_version())
         try:
             pids = engine.llm.apply_model(_worker_pid)
         except Exception as exc:  # e.g. functions cannot be sent to an engine core in another process
@@ -154,12 +155,19 @@ def shared_views(vllm_model: nn.Module, hf_model: nn.Module, device: torch.devic
     return views
 
 
-def _vllm_module(vllm_model: nn.Module, name: str) -> nn.Module:
+def _vllm_layer(vllm_model: nn.Module, name: str, hf_name: str) -> nn.Module:
+    """vLLM's base layer `name` (inside its LoRA wrapper), unquantized and whole (no tensor parallelism)."""
     try:
         module = vllm_model.get_submodule(name)
     except AttributeError:
         raise SharingUnavailable(f"vLLM's model has no module {name}") from None
-    return getattr(module, "base_layer", module)  # vLLM's LoRA layers wrap the base layer
+    layer = getattr(module, "base_layer", module)  # vLLM's LoRA layers wrap the base layer
+    method = getattr(layer, "quant_method", None)
+    if method is not None and type(method).__name__ not in UNQUANTIZED_METHODS:
+        raise SharingUnavailable(f"{hf_name}: quantized in vLLM ({type(method).__name__})")
+    if getattr(layer, "tp_size", 1) != 1:
+        raise SharingUnavailable(f"{hf_name}: tensor parallel in vLLM (tp_size={layer.tp_size})")
+    return layer
 
 
 def _view_for(vllm_model: nn.Module, name: str, embedding: bool, hf_weight: torch.Tensor,
@@ -169,13 +177,13 @@ def _view_for(vllm_model: nn.Module, name: str, embedding: bool, hf_weight: torc
     rows = hf_weight.shape[0]
     if leaf in FUSED_PART:  # q/k/v -> qkv_proj, gate/up -> gate_up_proj: a row slice
         fused, index = FUSED_PART[leaf]
-        layer = _vllm_module(vllm_model, f"{prefix}.{fused}" if prefix else fused)
+        layer = _vllm_layer(vllm_model, f"{prefix}.{fused}" if prefix else fused, name)
         sizes = fused_output_sizes(layer, fused)
         start, total = sum(sizes[:index]), sum(sizes)
         if sizes[index] != rows:
             raise SharingUnavailable(f"{name}: {rows} rows, vLLM's {fused} slice has {sizes[index]}")
     else:  # o_proj, down_proj, an HF-fused projection, embeddings and the LM head: the whole tensor
-        layer, start, total = _vllm_module(vllm_model, name), 0, rows
+        layer, start, total = _vllm_layer(vllm_model, name, name), 0, rows
         if embedding or hasattr(layer, "num_embeddings_padded"):  # vocabulary padded to a multiple of 64
             if getattr(layer, "org_vocab_size", rows) != rows:
                 raise SharingUnavailable(f"{name}: {rows} rows, vLLM's vocabulary has {layer.org_vocab_size}")
@@ -187,11 +195,6 @@ def _view_for(vllm_model: nn.Module, name: str, embedding: bool, hf_weight: torc
 def _plain_weight(layer: nn.Module, name: str, shape: tuple[int, int], dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """`layer.weight` as a plain tensor, after checking it can hold the checkpoint's values as they are."""
-    method = type(getattr(layer, "quant_method", None)).__name__
-    if getattr(layer, "quant_method", None) is not None and method not in UNQUANTIZED_METHODS:
-        raise SharingUnavailable(f"{name}: quantized in vLLM ({method})")
-    if getattr(layer, "tp_size", 1) != 1:
-        raise SharingUnavailable(f"{name}: tensor parallel in vLLM (tp_size={layer.tp_size})")
     weight = getattr(layer, "weight", None)
     data = weight.data if isinstance(weight, nn.Parameter) else weight  # vLLM's Parameter subclasses -> data
     if type(data) is not torch.Tensor or data.layout != torch.strided:

@@ -34,7 +34,7 @@ from vllm_train.engine.shared_base import reason_not_to_share
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
-from vllm_train.models import resolve_model
+from vllm_train.models import pick_device_and_dtype, resolve_model
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common, run_files
 from vllm_train.trainers.loop import stop_if_not_finite
@@ -63,8 +63,10 @@ class RLHFTrainer:
     `reward_model_name`: a reward-model directory (scored in-process, see `vllm_train.rewards`), or None
     with `reward_fn` = a callable ``(prompt, completion, example) -> float`` or a ``module:function`` spec.
     `engine`: an existing `VLLMEngine` on the same base model to reuse (one vLLM engine per process), or
-    any `RolloutEngine`; otherwise one is created on first use and closed by `close()`. `adapter`: start
-    from this adapter (its weights are then the KL reference, unless ``kl_reference="base"``).
+    any `RolloutEngine`; otherwise one is created and closed by `close()`: on CUDA before the policy, whose
+    frozen base weights are then views of the engine's (held once, `self.shared_base` says), else on
+    first use. `adapter`: start from this adapter (its weights are then the KL reference, unless
+    ``kl_reference="base"``).
     """
 
     def __init__(self, model_name: str, reward_model_name: str | None = None, config: RLHFConfig | None = None,
@@ -281,15 +283,16 @@ class RLHFTrainer:
     def _load_policy(self, adapter: str | None):
         """The policy, over the engine's base where it can be shared (`load_policy_over_engine`): then the
         in-process engine is made first (else on first use, as it always is for remote rollouts)."""
-        c = self.config
+        c, lc = self.config, self.config.lora_config
         not_shared = "rollouts run on vLLM servers" if self._engine is None and c.rollout_servers else None
         if self._engine is None and not not_shared:
-            not_shared = reason_not_to_share(rollout_engine_options(c, self.engine_options),
-                                             c.lora_config.tensor_parallel_size)
+            not_shared = reason_not_to_share(rollout_engine_options(c, self.engine_options), lc.tensor_parallel_size,
+                                             pick_device_and_dtype(lc.precision)[1])
             if not_shared is None:
+                distributed.init()  # under torchrun the engine joins the ranks' group (as after load_policy)
                 self._engine = self.engine
         torch.manual_seed(c.seed)  # after the engine, whose start seeds torch too: LoRA init from c.seed
-        return load_policy_over_engine(self.model_path, c.lora_config, self._engine, adapter, not_shared)
+        return load_policy_over_engine(self.model_path, lc, self._engine, adapter, not_shared)
 
     def sync_adapter(self):
         """Publish the current weights to vLLM (if they changed). Returns (AdapterRef, milliseconds)."""

@@ -36,4 +36,5 @@ def _reason_not_to_try(engine, lora_config: LoRATrainConfig) -> str | None:
         return "no vLLM engine in this process"
     if not isinstance(engine, VLLMEngine):
         return f"the rollout engine is a {type(engine).__name__}, not a vLLM engine in this process"
-    return shared_base.reason_not_to_share(engine.options, lora_config.tensor_parallel_size)
+    return shared_base.reason_not_to_share(engine.options, lora_config.tensor_parallel_size,
+                                           models.pick_device_and_dtype(lora_config.precision)[1])
