@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tiny_models import build_family
-from tolerances import ON_CUDA, SERVING_DTYPE
+from tolerances import ON_CUDA, REFERENCE_DEVICE, SERVING_DTYPE
 from torch import nn
 
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig
@@ -157,8 +157,9 @@ def test_views_are_the_standins_rows_in_vllms_order(model_dir):
 
 
 def test_policy_over_the_views_trains_exactly_like_a_separate_copy(model_dir, tokenizer):
-    config = LoRATrainConfig(rank=4, alpha=8, target_modules=list(ALL_LINEAR_MODULES))
-    standin = vllm_standin(load_cpu(model_dir))
+    """fp32 on the device the policy trains on (the stand-in moved there, as vLLM's weights would be)."""
+    config = LoRATrainConfig(rank=4, alpha=8, target_modules=list(ALL_LINEAR_MODULES), precision="fp32")
+    standin = vllm_standin(load_cpu(model_dir)).to(REFERENCE_DEVICE)
     before = {k: v.clone() for k, v in standin.state_dict().items()}
     torch.manual_seed(0)
     shared, _, shared_lora = load_policy(model_dir, config, base_views=lambda model, device: shared_views(
@@ -180,7 +181,7 @@ def test_policy_over_the_views_trains_exactly_like_a_separate_copy(model_dir, to
         for mine, theirs in zip(shared_lora.get_trainable_params(), separate_lora.get_trainable_params()):
             mine.copy_(torch.randn_like(mine) * 0.05)
             theirs.copy_(mine)
-    batch = tokenizer(["What is 12 + 30?", "Hello there"], return_tensors="pt", padding=True)
+    batch = tokenizer(["What is 12 + 30?", "Hello there"], return_tensors="pt", padding=True).to(REFERENCE_DEVICE)
     logits = {}
     for key, model in (("shared", shared), ("separate", separate)):
         logits[key] = model(**batch).logits
@@ -254,8 +255,7 @@ class FakeEngine:
 def test_share_with_engine_says_in_one_line_why_the_base_is_held_twice(tiny_model, monkeypatch, case, reason):
     hf = load_cpu(tiny_model)
     engine = FakeEngine(vllm_standin(hf))
-    if case != "cpu":
-        monkeypatch.setattr(shared_base, "on_cuda", lambda: True)  # to get past the first check on this CPU
+    monkeypatch.setattr(shared_base, "on_cuda", lambda: case != "cpu")  # past the first check on a CPU
     engine.options.share_base_weights = case != "off"
     engine.pids = {"other process": [os.getpid() + 1], "two workers": [os.getpid()] * 2}.get(case, engine.pids)
     engine.llm_engine.vllm_config.model_config.enable_sleep_mode = case == "sleep mode"
