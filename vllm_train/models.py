@@ -192,7 +192,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     if base_views is not None:
         if mesh is not None:
             raise VllmTrainError("base_views: a tensor-parallel training copy cannot share an engine's weights")
-        adopt_shared_weights(model, base_views(model, device))
+        _adopt_shared_weights(model, base_views(model, device))
     if mesh is None:
         _move_unsharded(model, device)  # the shared views are on the device already: they stay as they are
     model.config.use_cache = False
@@ -210,7 +210,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     return model, tokenizer, injector
 
 
-def adopt_shared_weights(model: torch.nn.Module, views: Mapping[str, torch.Tensor]) -> None:
+def _adopt_shared_weights(model: torch.nn.Module, views: Mapping[str, torch.Tensor]) -> None:
     """Make each named parameter of `model` a frozen Parameter over the given tensor (in every module that
     holds it: tied embeddings stay tied), marked `SHARED_WEIGHT` so that nothing merges into it."""
     holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # id(parameter) -> (module, attribute)
