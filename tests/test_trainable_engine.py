@@ -7,7 +7,7 @@ import os
 import textwrap
 
 import torch
-from tolerances import assert_served_logprobs
+from tolerances import ON_CUDA, assert_served_logprobs
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
         print("RESULT " + json.dumps({{
             "losses": losses, "served": served, "expected": expected, "paths": paths,
             "text": outputs[0].outputs[0].text,
-            "worker": info, "this_pid": os.getpid(),
+            "worker": info, "this_pid": os.getpid(), "shared_base": engine.shared_base.summary(),
             "live_model": type(engine.vllm_model).__name__ if engine.vllm_model is not None else None}}), flush=True)
         engine.close()
         os._exit(0)  # skip interpreter teardown: see the same line in test_fast_sync.py
@@ -67,6 +67,9 @@ def test_trainable_engine_in_process(tiny_model, tmp_path, run_result_script):
     assert result["losses"][-1] < result["losses"][0]
     assert result["paths"] == ["public", "fast", "fast", "fast"]  # first version loads, then slot writes
     assert_each_step_served(result)  # each generate serves the weights of the step just taken
+    # the base: views of vLLM's tensors on CUDA (4 layers x 7 linears + embedding + head), a copy on CPU
+    assert result["shared_base"].startswith("base weights shared with vLLM: 30 tensors" if ON_CUDA
+                                            else "base held twice: training on CPU")
     assert isinstance(result["text"], str)
 
 
@@ -77,5 +80,7 @@ def test_trainable_engine_multiprocess_registers_loader_in_worker(tiny_model, tm
     assert worker["pid"] != result["this_pid"] and worker["loaded_by_trainable_loader"]
     assert worker["model_class"] == "LlamaForCausalLM"
     assert result["paths"] == ["public"] * 4  # fast path unavailable across processes: public fallback
+    assert result["shared_base"].startswith("base held twice: " + (
+        "the vLLM engine runs in another process" if ON_CUDA else "training on CPU"))
     assert result["losses"][-1] < result["losses"][0]
     assert_each_step_served(result)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.injector import LoRAInjector
+from vllm_train.lora.layers import SHARED_WEIGHT
 from vllm_train.lora.peft_io import read_adapter_dir
 from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
@@ -162,8 +164,18 @@ def load_tokenizer(model_name: str, revision: str | None = None):
     return tokenizer
 
 
-def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None, revision: str | None = None):
-    """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded)."""
+# `load_policy(base_views=...)`: called with the model as loaded (CPU, training dtype) and the device it
+# will train on; returns {parameter name: tensor on that device holding the same values} to use instead
+BaseViews = Callable[[torch.nn.Module, torch.device], Mapping[str, torch.Tensor]]
+
+
+def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = None, revision: str | None = None,
+                base_views: BaseViews | None = None):
+    """(model, tokenizer, injector): the frozen base with our LoRA layers injected (and `adapter` loaded).
+
+    `base_views`: where the frozen weights already live on the device (an inference engine's, see
+    `vllm_train.engine.shared_base`): the parameters it names become those tensors (frozen, never
+    written), and only the rest moves to the device, so the base is held once."""
     from transformers import AutoModelForCausalLM
 
     model_name = resolve_model(model_name, revision)
@@ -174,9 +186,15 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
     mesh = distributed.tensor_parallel_mesh(config.tensor_parallel_size)  # None without tensor parallelism
     device, dtype = pick_device_and_dtype(config.precision)
-    # Tensor parallel: load on the CPU and let the sharding move each rank's shards to its GPU, so no
-    # GPU ever holds the whole model
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype).to(device if mesh is None else "cpu")
+    # Loaded on the CPU first: with tensor parallelism the sharding moves each rank's shards to its GPU
+    # (no GPU ever holds the whole model); with `base_views` only the weights not shared move
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    if base_views is not None:
+        if mesh is not None:
+            raise VllmTrainError("base_views: a tensor-parallel training copy cannot share an engine's weights")
+        _adopt_shared_weights(model, base_views(model, device))
+    if mesh is None:
+        _move_unsharded(model, device)  # the shared views are on the device already: they stay as they are
     model.config.use_cache = False
     injector = LoRAInjector(config)
     injector.inject(model)
@@ -190,6 +208,25 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     if adapter:
         injector.load(adapter)
     return model, tokenizer, injector
+
+
+def _adopt_shared_weights(model: torch.nn.Module, views: Mapping[str, torch.Tensor]) -> None:
+    """Make each named parameter of `model` a frozen Parameter over the given tensor (in every module that
+    holds it: tied embeddings stay tied), marked `SHARED_WEIGHT` so that nothing merges into it."""
+    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # id(parameter) -> (module, attribute)
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, attr))
+    for name, view in views.items():
+        old = model.get_parameter(name)
+        if old.shape != view.shape or old.dtype != view.dtype:
+            raise VllmTrainError(f"shared weight {name}: {tuple(view.shape)} {view.dtype}, the model's is "
+                                 f"{tuple(old.shape)} {old.dtype}")
+        new = torch.nn.Parameter(view, requires_grad=False)
+        setattr(new, SHARED_WEIGHT, True)
+        for module, attr in holders[id(old)]:
+            module._parameters[attr] = new
 
 
 def _move_unsharded(model: torch.nn.Module, device: torch.device) -> None:

@@ -43,6 +43,8 @@ class EngineOptions:
     fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
     cpu_lora_fast_ops: bool = True  # CPU: one matmul per LoRA op when a batch uses one adapter (fast_sync.py)
     tensor_parallel_size: int = 1  # GPUs (ranks) one engine spans
+    # CUDA, in-process: the training copy's frozen base weights are views of this engine's (shared_base.py)
+    share_base_weights: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -107,6 +109,11 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def serving_dtype(options: EngineOptions) -> str:
+    """The dtype an engine with `options` serves: auto is float32 on CPU, bfloat16 on CUDA."""
+    return options.dtype if options.dtype != "auto" else ("bfloat16" if on_cuda() else "float32")
+
+
 def vllm_version() -> str:
     import vllm
 
@@ -147,7 +154,7 @@ class VLLMEngine:
         cuda = on_cuda()
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
-            dtype=(o.dtype if o.dtype != "auto" else ("bfloat16" if cuda else "float32")),
+            dtype=serving_dtype(o),
             # CUDA graphs with LoRA under TP > 1 crashed in vLLM 0.26's Triton lora_shrink (illegal memory
             # access, DESIGN.md section 2): eager there unless asked otherwise
             enforce_eager=(not cuda or o.tensor_parallel_size > 1) if o.enforce_eager is None else o.enforce_eager,

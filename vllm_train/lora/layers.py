@@ -7,6 +7,12 @@ import math
 import torch
 from torch import nn
 
+from vllm_train.errors import VllmTrainError
+
+# Set (True) on a frozen base weight that is a view of an inference engine's tensor (models.load_policy's
+# `base_views`): writing it would change what the engine serves, so merging into it is refused
+SHARED_WEIGHT = "shared_with_engine"
+
 
 class LoRADelta(torch.autograd.Function):
     """``base_output + scaling * (x @ A.T) @ B.T``, or the delta alone when `base_output` is None, with a
@@ -126,6 +132,8 @@ class LoRAWrappedLinear(nn.Module):
         return self.lora(x, base_output)
 
     def merge(self) -> None:
+        if getattr(self.base_layer.weight, SHARED_WEIGHT, False):
+            raise VllmTrainError("cannot merge a LoRA into a base weight shared with the inference engine")
         if not self.merged:
             self.lora.merge_into(self.base_layer.weight.data)
             self.merged = True

@@ -24,33 +24,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from vllm_train import distributed, hub
 from vllm_train.config import RLHFConfig, write_resolved_config
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
-from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
-from vllm_train.engine.remote import ServerRolloutEngine
+from vllm_train.engine.llm import RolloutEngine
+from vllm_train.engine.shared_base import reason_not_to_share
 from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
-from vllm_train.models import load_policy, resolve_model
+from vllm_train.models import pick_device_and_dtype, resolve_model
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
 from vllm_train.trainers import common, run_files
 from vllm_train.trainers.loop import stop_if_not_finite
-from vllm_train.trainers.rl_algorithms import make_algorithm
-from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead
+from vllm_train.trainers.rl_algorithms import global_batch_size, make_algorithm
+from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead, zero_value_head
 from vllm_train.trainers.rl_rollouts import (
     Rollout,
     RolloutPrefetcher,
     check_rank_shares,
     load_prompt_records,
+    make_rollout_engine,
     rank_step_records,
     refill_source,
+    rollout_engine_options,
     rollout_stats,
     step_seed,
 )
+from vllm_train.trainers.shared_policy import load_policy_over_engine
 
 __all__ = ["RLHFTrainer", "Rollout", "load_prompt_records"]
 
@@ -61,8 +63,10 @@ class RLHFTrainer:
     `reward_model_name`: a reward-model directory (scored in-process, see `vllm_train.rewards`), or None
     with `reward_fn` = a callable ``(prompt, completion, example) -> float`` or a ``module:function`` spec.
     `engine`: an existing `VLLMEngine` on the same base model to reuse (one vLLM engine per process), or
-    any `RolloutEngine`; otherwise one is created on first use and closed by `close()`. `adapter`: start
-    from this adapter (its weights are then the KL reference, unless ``kl_reference="base"``).
+    any `RolloutEngine`; otherwise one is created and closed by `close()`: on CUDA before the policy, whose
+    frozen base weights are then views of the engine's (held once, `self.shared_base` says), else on
+    first use. `adapter`: start from this adapter (its weights are then the KL reference, unless
+    ``kl_reference="base"``).
     """
 
     def __init__(self, model_name: str, reward_model_name: str | None = None, config: RLHFConfig | None = None,
@@ -79,14 +83,13 @@ class RLHFTrainer:
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
-        torch.manual_seed(c.seed)
-        self.model, self.tokenizer, self.injector = load_policy(self.model_path, c.lora_config, adapter)
+        self.model, self.tokenizer, self.injector, self.shared_base = self._load_policy(adapter)
         # The KL reference: started from an adapter (say an SFT run), the policy to stay close to is that
         # adapter, not the base model, so keep a copy of its LoRA weights (megabytes) to swap in.
         reference = [p.detach().clone() for p in self.injector.get_trainable_params()] \
             if adapter and c.kl_reference == "initial" else None
         self.algorithm = make_algorithm(c)
-        value_head = self._new_value_head() if self.algorithm.uses_values else None
+        value_head = zero_value_head(self.model) if self.algorithm.uses_values else None
         self.policy = Policy(self.model, self.injector, self.tokenizer.pad_token_id or 0, c.temperature,
                              c.lora_config.batch_size, value_head, reference)
         self.saveable = PolicyAndValueHead(self.injector, value_head) if value_head is not None else self.injector
@@ -241,7 +244,7 @@ class RLHFTrainer:
         for _ in range(c.ppo_epochs):
             order = torch.randperm(S) if (c.ppo_epochs > 1 or c.num_minibatches > 1) else torch.arange(S)
             for minibatch in order.tensor_split(c.num_minibatches):
-                size = _global_size(mask_BT[minibatch], c.max_new_tokens)
+                size = global_batch_size(mask_BT[minibatch], c.max_new_tokens)
                 minibatch_loss = 0.0
                 for rows in minibatch.split(c.lora_config.batch_size):
                     logps_BT, values_BT = self.policy.forward(batch, rows)
@@ -272,17 +275,24 @@ class RLHFTrainer:
     # ---- sampling, scoring ---------------------------------------------------------------------
     @property
     def engine(self):
-        """The one engine (the one passed in, or made on first use): with ``rollout_servers`` the running
-        vLLM servers (`ServerRolloutEngine`: rollouts and evaluation), else a `VLLMEngine` in this process."""
-        if self._engine is None and self.config.rollout_servers:
-            self._engine = ServerRolloutEngine(self.config.rollout_servers, self.model_path)
-        elif self._engine is None:
-            extra = {} if self.config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
-            lc = self.config.lora_config
-            self._engine = VLLMEngine(self.model_path, self.engine_options or EngineOptions(
-                max_lora_rank=lc.engine_max_lora_rank, seed=self.config.seed, extra=extra,
-                tensor_parallel_size=lc.tensor_parallel_size))
+        """The one engine (the one passed in, or made on first use, see `make_rollout_engine`)."""
+        if self._engine is None:
+            self._engine = make_rollout_engine(self.config, self.model_path, self.engine_options)
         return self._engine
+
+    def _load_policy(self, adapter: str | None):
+        """The policy, over the engine's base where it can be shared (`load_policy_over_engine`): then the
+        in-process engine is made first (else on first use, as it always is for remote rollouts)."""
+        c, lc = self.config, self.config.lora_config
+        not_shared = "rollouts run on vLLM servers" if self._engine is None and c.rollout_servers else None
+        if self._engine is None and not not_shared:
+            not_shared = reason_not_to_share(rollout_engine_options(c, self.engine_options), lc.tensor_parallel_size,
+                                             pick_device_and_dtype(lc.precision)[1])
+            if not_shared is None:
+                distributed.init()  # under torchrun the engine joins the ranks' group (as after load_policy)
+                self._engine = self.engine
+        torch.manual_seed(c.seed)  # after the engine, whose start seeds torch too: LoRA init from c.seed
+        return load_policy_over_engine(self.model_path, lc, self._engine, adapter, not_shared)
 
     def sync_adapter(self):
         """Publish the current weights to vLLM (if they changed). Returns (AdapterRef, milliseconds)."""
@@ -372,11 +382,6 @@ class RLHFTrainer:
     def _reward_label(self) -> str:
         return f"reward model {self.reward_model.name}" if self.reward_model else reward_name(self.reward_fn)
 
-    def _new_value_head(self) -> nn.Linear:
-        head = nn.Linear(self.model.config.hidden_size, 1).to(next(self.model.parameters()).device)
-        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-        return head
-
     def close(self) -> None:
         """Close the engine this trainer made; on a borrowed engine, remove this trainer's adapter
         instead (which also frees the slot its fast sync pinned, for the engine's other users)."""
@@ -386,12 +391,6 @@ class RLHFTrainer:
             elif self._served is not None:
                 self._engine.remove_adapter(self._served[1])
         self._engine, self._served = None, None
-
-
-def _global_size(mask_BT: torch.Tensor, max_new_tokens: int) -> grpo.BatchSize:
-    """The minibatch's sequence and token counts over all ranks: the loss's normaliser."""
-    counts = distributed.all_reduce_sum({"sequences": mask_BT.size(0), "tokens": int(mask_BT.sum())})
-    return grpo.BatchSize(int(counts["sequences"]), int(counts["tokens"]), max_new_tokens)
 
 
 def _load_reward_model(path: str):

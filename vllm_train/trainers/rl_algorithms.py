@@ -87,6 +87,12 @@ def whiten_over_ranks(x_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e
     return (x_BT - mean) * (var + eps) ** -0.5 * m_BT
 
 
+def global_batch_size(mask_BT: torch.Tensor, max_new_tokens: int) -> grpo.BatchSize:
+    """The minibatch's sequence and token counts over all ranks: the loss's normaliser."""
+    counts = distributed.all_reduce_sum({"sequences": mask_BT.size(0), "tokens": int(mask_BT.sum())})
+    return grpo.BatchSize(int(counts["sequences"]), int(counts["tokens"]), max_new_tokens)
+
+
 def make_algorithm(config: RLHFConfig) -> GroupRelative | PPO:
     if config.algorithm == "ppo":
         return PPO(config)

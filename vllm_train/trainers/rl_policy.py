@@ -125,6 +125,13 @@ class Policy:
                 p.data = data
 
 
+def zero_value_head(model: nn.Module) -> nn.Linear:
+    """PPO's value head on `model`'s last hidden state, zero-initialised (every value 0 at the start)."""
+    head = nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    return head
+
+
 class PolicyAndValueHead:
     """What a PPO checkpoint holds: the LoRA adapter plus the value head (a `Checkpointable`, like the
     injector, so checkpoints stay atomic and optimizer-aware)."""

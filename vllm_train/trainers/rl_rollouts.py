@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from vllm_train import distributed
+from vllm_train.config import RLHFConfig
 from vllm_train.data.io import check_text_field, load_records
+from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
+from vllm_train.engine.remote import ServerRolloutEngine
 from vllm_train.errors import VllmTrainError
 
 
@@ -138,3 +141,21 @@ class RolloutPrefetcher:
         self.wait()
         self._pending = None
         self._pool.shutdown(wait=True)
+
+
+def rollout_engine_options(config: RLHFConfig, engine_options: EngineOptions | None) -> EngineOptions:
+    """The options of the trainer's own in-process engine: the ones given, else the config's."""
+    if engine_options is not None:
+        return engine_options
+    extra = {} if config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
+    lc = config.lora_config
+    return EngineOptions(max_lora_rank=lc.engine_max_lora_rank, seed=config.seed, extra=extra,
+                         tensor_parallel_size=lc.tensor_parallel_size)
+
+
+def make_rollout_engine(config: RLHFConfig, model_path: str, engine_options: EngineOptions | None) -> RolloutEngine:
+    """With ``rollout_servers`` the running vLLM servers (`ServerRolloutEngine`: rollouts and evaluation),
+    else a `VLLMEngine` in this process."""
+    if config.rollout_servers:
+        return ServerRolloutEngine(config.rollout_servers, model_path)
+    return VLLMEngine(model_path, rollout_engine_options(config, engine_options))

@@ -2,11 +2,13 @@
 
 The seed plan shares one model between training and inference. The engine here is the one vLLM engine
 (loaded with `TrainableModelLoader`, ``load_format="trainable"``), and training runs on a Hugging Face
-copy of the base with our LoRA layers, because vLLM's inference weights cannot be trained through: on
-CPU they are packed into oneDNN handles, and on GPU vLLM's LoRA kernels, CUDA graphs and KV cache are
-inference-only. What is shared is the adapter: after a `train_step` the next `generate` serves the new
-weights, written straight into the adapter's vLLM LoRA slot (`VLLMEngine.sync_adapter`, fast path:
-~0.5 ms CPU, ~1.2 ms H200 for a 0.5B model's r=16 all-linear adapter, no files).
+model with our LoRA layers, because vLLM's inference modules cannot be trained through: on CPU its
+linear weights are packed into oneDNN handles, and on GPU vLLM's LoRA kernels, CUDA graphs and KV cache
+are inference-only. On CUDA that model's frozen base weights are views of vLLM's own tensors, so the
+base is held once (`engine/shared_base.py`; elsewhere a separate copy, and one stderr line says which).
+The adapter is shared too: after a `train_step` the next `generate` serves the new weights, written
+straight into the adapter's vLLM LoRA slot (`VLLMEngine.sync_adapter`, fast path: ~0.5 ms CPU, ~1.2 ms
+H200 for a 0.5B model's r=16 all-linear adapter, no files).
 
     engine = TrainableEngine("path/to/model", LoRATrainConfig(rank=8))
     stats = engine.train_step([{"prompt": "2+2=", "completion": "4"}])   # {"loss": ..., ...}
@@ -26,6 +28,7 @@ from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
 from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.trainers import common
+from vllm_train.trainers.shared_policy import load_policy_over_engine
 
 
 class TrainableEngine:
@@ -47,7 +50,9 @@ class TrainableEngine:
                          **options.extra}
         self.engine = VLLMEngine(self.model_path, options)
         self.vllm_model = loader.live_model(self.model_path)  # None when the engine runs in another process
-        self.model, self.tokenizer, self.injector = models.load_policy(self.model_path, train_config)
+        # after the engine: on CUDA the policy's frozen base is a view of the engine's weights (held once)
+        self.model, self.tokenizer, self.injector, self.shared_base = load_policy_over_engine(
+            self.model_path, train_config, self.engine)
         self.params = self.injector.get_trainable_params()
         self.optimizer = common.make_optimizer(self.params, train_config)
         self.peft_config = self.injector.peft_config(self.model_name)
