@@ -120,3 +120,19 @@ def test_non_finite_loss_stops_the_step_before_the_optimizer(tiny_model, tmp_pat
     trainer.reward_model = NanScorer()
     with pytest.raises(VllmTrainError, match="reward model nan-rm scored nan .* scores must be finite"):
         trainer.compute_rewards(["p", "q"], ["1", "2"])
+
+
+def length_reward(prompt, completion, example) -> float:
+    return float(len(completion))
+
+
+def test_resume_with_another_reward_is_refused(tiny_model, tmp_path, shipped):
+    """The reward is part of the run: a checkpoint resumed with another reward function is refused by name."""
+    trainer, _ = make_trainer(tiny_model, tmp_path, save_steps=1)
+    trainer.train(shipped("rl_train.jsonl"), num_steps=2)  # checkpoints/step-1
+    trainer.close()
+    trainer, _ = make_trainer(tiny_model, tmp_path, save_steps=1)
+    trainer.config.lora_config.resume_from = "latest"
+    trainer.reward_fn = length_reward
+    with pytest.raises(VllmTrainError, match="reward .*spread_reward.* -> .*length_reward"):
+        trainer.train(shipped("rl_train.jsonl"), num_steps=3)

@@ -175,6 +175,7 @@ class RLHFTrainer:
         lc, run_dir = self.config.lora_config, Path(self.config.output_dir)
         self.scheduler = common.make_schedule(self.optimizer, num_steps, lc)
         self._fingerprint = run_files.fingerprint(self.config, self.model_name, records, distributed.world_size())
+        self._fingerprint["config"]["reward"] = self._reward_label()  # a resume must score as the run did
         resume = common.resolve_resume(lc.resume_from, run_dir)
         if resume is not None:
             self.global_step = common.load_checkpoint(resume, self.saveable, self.optimizer, self.scheduler,
