@@ -86,7 +86,7 @@ def reason_not_to_share(options: EngineOptions, tensor_parallel_size: int = 1,
     if not options.share_base_weights:
         return "share_base_weights is off in EngineOptions"
     if not on_cuda():
-        return "training on CPU (vLLM's CPU backend packs its linear weights; DESIGN.md section 2)"
+        return "training on CPU (vLLM's CPU backend packs its linear weights into oneDNN handles)"
     if tensor_parallel_size > 1 or options.tensor_parallel_size > 1:
         return "tensor parallelism (each rank holds shards)"
     if not options.in_process:
