@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_train import LoRATrainConfig, LoRATrainer, toy
+from vllm_train import LoRATrainConfig, LoRATrainer
 from vllm_train.assets import TINY_MODEL, data_file
-from vllm_train.evaluation import TOY_MAX_TOKENS, toy_problems
+from vllm_train.evaluation import toy_accuracy
 
 
 def main() -> None:
@@ -28,20 +28,14 @@ def main() -> None:
                                              "down_proj"],
                              max_steps=args.max_steps, max_length=64, output_dir=args.output_dir)
     trainer = LoRATrainer(str(TINY_MODEL), config)
-    problems = toy_problems(data_file("rl_eval.jsonl"))  # held-out: not in the SFT data
-
-    def accuracy(lora_path: str) -> float:
-        outputs = trainer.generate([p for p, _ in problems], lora_path=lora_path, temperature=0.0,
-                                   max_tokens=TOY_MAX_TOKENS)
-        return sum(toy.is_correct(o.outputs[0].text, answer) for o, (_, answer) in zip(outputs, problems)) / len(
-            problems)
-
-    before = accuracy("base")
+    problems = data_file("rl_eval.jsonl")  # held-out: not in the SFT data
+    before = toy_accuracy(trainer.engine, problems)["accuracy"]  # the base model
     trainer.setup_training()
     metrics = trainer.train(data_file("sft_train.jsonl"), eval_dataset=data_file("sft_eval.jsonl"))
     path = trainer.save_lora(args.output_dir)  # PEFT format: loads in PEFT, vllm.LLM and `vllm serve`
     print(f"final train loss {metrics['loss']:.4f}, eval perplexity {metrics['eval_perplexity']:.3f}")
-    print(f"held-out greedy accuracy (vLLM): {before:.1%} -> {accuracy(str(path)):.1%}")
+    after = toy_accuracy(trainer.engine, problems, trainer.engine.load_adapter(path, family="saved"))["accuracy"]
+    print(f"held-out greedy accuracy (vLLM): {before:.1%} -> {after:.1%}")
     questions = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(47, 38), (19, 23), (66, 7)]]
     for q, out in zip(questions, trainer.generate(questions, lora_path=str(path), temperature=0.0, max_tokens=6)):
         print(f"{q[0]['content']} -> {out.outputs[0].text}")

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_train import LoRATrainConfig, TrainableEngine, toy
+from vllm_train import LoRATrainConfig, TrainableEngine
 from vllm_train.assets import TINY_MODEL, data_file
 from vllm_train.config import ALL_LINEAR_MODULES
 from vllm_train.data.io import load_records
-from vllm_train.evaluation import TOY_MAX_TOKENS, toy_problems
+from vllm_train.evaluation import toy_accuracy
 
 
 def main() -> None:
@@ -30,12 +30,10 @@ def main() -> None:
     engine = TrainableEngine(str(TINY_MODEL), config)
     records = load_records(data_file("sft_train.jsonl"))
     question = [{"role": "user", "content": "What is 47 + 38?"}]
-    problems = toy_problems(data_file("rl_eval.jsonl"))  # held-out: not in the SFT data
+    problems = data_file("rl_eval.jsonl")  # held-out: not in the SFT data
 
-    def accuracy() -> float:  # the engine serves the newest weights: the untrained adapter (= base) at first
-        outputs = engine.generate([p for p, _ in problems], temperature=0.0, max_tokens=TOY_MAX_TOKENS)
-        return sum(toy.is_correct(o.outputs[0].text, answer) for o, (_, answer) in zip(outputs, problems)) / len(
-            problems)
+    def accuracy() -> float:  # the newest weights: the untrained adapter (= the base) at first
+        return toy_accuracy(engine.engine, problems, engine.current_adapter())["accuracy"]
 
     before = accuracy()
     for step in range(args.steps):
