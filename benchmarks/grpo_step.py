@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,21 +99,24 @@ def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int 
     import torch
 
     from vllm_train.config import LoRATrainConfig, RLHFConfig
-    from vllm_train.engine.llm import EngineOptions
     from vllm_train.trainers.rl import RLHFTrainer
+    from vllm_train.trainers.rl_rollouts import rollout_engine_options
 
     # ours_micro_batch: our log-probs never hold the batch's full logits (`token_logprobs`), so the
     # whole batch fits where TRL's micro-batch of 64 is its limit beside vLLM's memory share
     run_dir = tempfile.mkdtemp(prefix="grpo-bench-ours-")
     lora = LoRATrainConfig(rank=p["rank"], alpha=2 * p["rank"], target_modules=p["targets"], learning_rate=1e-5,
                            batch_size=p.get("ours_micro_batch", p["micro_batch"]), warmup_ratio=0.0,
-                           lr_scheduler="constant", output_dir=run_dir)
+                           lr_scheduler="constant", output_dir=run_dir,
+                           gradient_checkpointing=bool(p.get("gradient_checkpointing", False)))
     config = RLHFConfig(lora_config=lora, algorithm="grpo", rollout_batch_size=p["prompts"], log_ref_kl=False,
                         group_size=p["generations"], max_new_tokens=p["new_tokens"], temperature=1.0, seed=0,
                         max_staleness=max_staleness)
-    # in_process=false: vLLM's engine core in its own process (adapters then go the public path)
-    engine = EngineOptions(max_lora_rank=config.lora_config.engine_max_lora_rank, seed=0,
-                           in_process=bool(p.get("in_process", True)))
+    # the trainer's own engine options (on CUDA: KV cache sized to the rollout), and what a preset varies:
+    # in_process=false puts vLLM's engine core in its own process (adapters then go the public path),
+    # share_base=false keeps a second copy of the base for training (model_scale.py's comparison)
+    engine = replace(rollout_engine_options(config, None, model_dir), in_process=bool(p.get("in_process", True)),
+                     share_base_weights=bool(p.get("share_base", True)))
     trainer = RLHFTrainer(model_dir, config=config, reward_fn=bench_reward, progress=False, engine_options=engine,
                           tensorboard=False)
     records = prompt_records(p["prompts"])
@@ -129,6 +133,7 @@ def run_ours(p: dict, model_dir: str, profile: bool = False, max_staleness: int 
             "update_s": statistics.median(s["step_seconds"] - s.get("rollout_wait_seconds", s["rollout_seconds"])
                                           for s in kept),
             "staleness": max(s["staleness"] for s in kept),
+            "kv_cache_gib": engine.kv_cache_gib, "base": trainer.shared_base.summary(),
             "response_len": statistics.mean(s["response_len"] for s in kept),
             "mismatch_abs_logp": statistics.mean(s["mismatch_abs_logp"] for s in kept),
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
@@ -180,7 +185,9 @@ def run_trl(p: dict, model_dir: str, profile: bool = False, use_vllm: bool = Fal
         loss_type="grpo", scale_rewards="group", max_steps=p["steps"], logging_steps=10_000, save_strategy="no",
         report_to="none", use_cpu=not cuda, bf16=cuda and p["dtype"] == "bfloat16", seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
-        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if use_vllm else {}))
+        gradient_checkpointing=bool(p.get("gradient_checkpointing", True)),  # TRL's GRPO default
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=p.get("trl_vllm_share", 0.3))
+           if use_vllm else {}))
     times: list[float] = []
 
     class Timer(TrainerCallback):

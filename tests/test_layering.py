@@ -52,7 +52,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "gateway", "staging"), ("http_client", "server_args"), ("llm", "replicas"),
+    "engine": [("fast_sync", "gateway", "staging", "kv_budget"), ("http_client", "server_args"), ("llm", "replicas"),
                ("loader", "reward", "publish", "shared_base"), ("remote",)],
     "trainers": [("run_files", "shared_policy"), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],

@@ -35,8 +35,11 @@ class EngineOptions:
     max_model_len: int | None = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     enforce_eager: bool | None = None  # None: eager on CPU (3 s start vs ~20 s) and TP > 1, graphs on CUDA
-    kv_cache_gib: float = 0.5  # CPU only
-    gpu_memory_utilization: float = 0.3  # CUDA only; leaves room for the trainer
+    # KV cache size. CPU: None = 0.5 GiB. CUDA: None = what `gpu_memory_utilization` leaves after the
+    # weights; a number = exactly that much (vLLM's kv_cache_memory_bytes; the RL trainer sizes it to its
+    # rollout batch, `kv_cache_gib_for`), which also lets a model larger than that share load
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float = 0.3  # CUDA only, without kv_cache_gib; leaves room for the trainer
     seed: int = 0
     enable_prefix_caching: bool = True
     in_process: bool = True  # needed for the fast adapter sync and `apply_model`
@@ -172,10 +175,14 @@ class VLLMEngine:
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=o.tensor_parallel_size)
         elif o.tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = o.tensor_parallel_size
-        if cuda:
+        if cuda and o.kv_cache_gib is None:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
         else:
-            kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * (1 << 30))
+            kwargs["kv_cache_memory_bytes"] = int((0.5 if o.kv_cache_gib is None else o.kv_cache_gib) * (1 << 30))
+        if cuda and not o.in_process:
+            # this process may have touched CUDA already (the training copy, a seed): a forked engine
+            # core cannot initialize it again ("Cannot re-initialize CUDA in forked subprocess")
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         kwargs.update(o.extra)
         llm = LLM(**kwargs)
         from vllm_train.engine import fast_sync

@@ -287,8 +287,8 @@ class RLHFTrainer:
         c, lc = self.config, self.config.lora_config
         not_shared = "rollouts run on vLLM servers" if self._engine is None and c.rollout_servers else None
         if self._engine is None and not not_shared:
-            not_shared = reason_not_to_share(rollout_engine_options(c, self.engine_options), lc.tensor_parallel_size,
-                                             pick_device_and_dtype(lc.precision)[1])
+            options = rollout_engine_options(c, self.engine_options, self.model_path)
+            not_shared = reason_not_to_share(options, lc.tensor_parallel_size, pick_device_and_dtype(lc.precision)[1])
             if not_shared is None:
                 distributed.init()  # under torchrun the engine joins the ranks' group (as after load_policy)
                 self._engine = self.engine

@@ -19,7 +19,8 @@ import torch
 from vllm_train import distributed
 from vllm_train.config import RLHFConfig
 from vllm_train.data.io import check_text_field, load_records
-from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine
+from vllm_train.engine.kv_budget import rollout_kv_cache_gib
+from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine, on_cuda, serving_dtype
 from vllm_train.engine.remote import ServerRolloutEngine
 from vllm_train.errors import VllmTrainError
 
@@ -143,14 +144,22 @@ class RolloutPrefetcher:
         self._pool.shutdown(wait=True)
 
 
-def rollout_engine_options(config: RLHFConfig, engine_options: EngineOptions | None) -> EngineOptions:
-    """The options of the trainer's own in-process engine: the ones given, else the config's."""
+def rollout_engine_options(config: RLHFConfig, engine_options: EngineOptions | None,
+                           model_path: str) -> EngineOptions:
+    """The options of the trainer's own in-process engine: the ones given, else the config's. On CUDA the
+    config's KV cache is sized to one rollout batch (`rollout_kv_cache_gib`), not a share of the GPU: the
+    memory vLLM would leave unused is the update's."""
     if engine_options is not None:
         return engine_options
     extra = {} if config.temperature == 1.0 else {"logprobs_mode": "processed_logprobs"}
     lc = config.lora_config
-    return EngineOptions(max_lora_rank=lc.engine_max_lora_rank, seed=config.seed, extra=extra,
-                         tensor_parallel_size=lc.tensor_parallel_size)
+    options = EngineOptions(max_lora_rank=lc.engine_max_lora_rank, seed=config.seed, extra=extra,
+                            tensor_parallel_size=lc.tensor_parallel_size)
+    if on_cuda():
+        dtype_bytes = 4 if serving_dtype(options) == "float32" else 2
+        options.kv_cache_gib = rollout_kv_cache_gib(model_path, config.rollout_batch_size, config.group_size,
+                                                    config.max_new_tokens, dtype_bytes)
+    return options
 
 
 def make_rollout_engine(config: RLHFConfig, model_path: str, engine_options: EngineOptions | None) -> RolloutEngine:
@@ -158,4 +167,4 @@ def make_rollout_engine(config: RLHFConfig, model_path: str, engine_options: Eng
     else a `VLLMEngine` in this process."""
     if config.rollout_servers:
         return ServerRolloutEngine(config.rollout_servers, model_path)
-    return VLLMEngine(model_path, rollout_engine_options(config, engine_options))
+    return VLLMEngine(model_path, rollout_engine_options(config, engine_options, model_path))

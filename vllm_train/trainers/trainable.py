@@ -26,7 +26,6 @@ from vllm_train import hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
-from vllm_train.losses.causal_lm import shifted_token_logprobs
 from vllm_train.trainers import common
 from vllm_train.trainers.shared_policy import load_policy_over_engine
 
@@ -76,8 +75,9 @@ class TrainableEngine:
         num_tokens and step. The engine serves the new weights from the next `generate` on."""
         batch = self._as_batch(batch)
         self.model.train()
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, mask = shifted_token_logprobs(logits, batch["labels"])  # (B, T-1) each
+        # chunked over the head where it allows: never the (B, T, V) logits of a 152k vocabulary
+        logps, mask = models.label_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
+                                            batch["labels"])  # (B, T-1) each
         num_tokens = int(mask.sum())
         loss = -logps.sum() / max(1, num_tokens)
         loss.backward()

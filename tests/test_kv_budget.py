@@ -1,0 +1,48 @@
+"""The KV cache the RL trainer asks vLLM for on CUDA (engine/kv_budget.py), against hand-worked sizes."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig, Qwen2Config
+
+from vllm_train.config import LoRATrainConfig, RLHFConfig
+from vllm_train.engine import kv_budget, llm
+from vllm_train.engine.llm import EngineOptions
+from vllm_train.trainers import rl_rollouts
+
+
+@pytest.fixture
+def qwen_32b_shape(tmp_path):
+    """Qwen2.5-32B's attention shape (64 layers, 8 KV heads of 128), config only: no weights are needed."""
+    Qwen2Config(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=27648, vocab_size=152064, max_position_embeddings=2048).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_bytes_per_token_counts_k_and_v_of_every_layer(qwen_32b_shape, tmp_path):
+    # 2 (K, V) x 64 layers x 8 heads x 128 dims x 2 bytes = 262144 bytes = 256 KiB per token
+    assert kv_budget.kv_bytes_per_token(qwen_32b_shape) == 262144
+    assert kv_budget.kv_bytes_per_token(qwen_32b_shape, dtype_bytes=4) == 524288
+    # no num_key_value_heads / head_dim: every head has K and V of hidden / heads dims
+    llama = tmp_path / "llama"
+    LlamaConfig(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=None,
+                head_dim=None, intermediate_size=512).save_pretrained(llama)
+    assert kv_budget.kv_bytes_per_token(str(llama)) == 2 * 3 * 4 * 64 * 2
+
+
+def test_rollout_budget_holds_prompts_once_and_each_samples_tokens(qwen_32b_shape):
+    # 8 prompts x 1024 + 8 x 8 samples x 128 new tokens = 16384 tokens, x 1.25 = 20480 tokens x 256 KiB = 5 GiB
+    assert kv_budget.rollout_kv_cache_gib(qwen_32b_shape, 8, 8, 128) == pytest.approx(5.0)
+    # a batch smaller than one sequence of the maximum length (2048) still gets one: vLLM refuses less
+    assert kv_budget.rollout_kv_cache_gib(qwen_32b_shape, 1, 1, 1) == pytest.approx(0.5)
+    assert kv_budget.rollout_kv_cache_gib(qwen_32b_shape, 1, 1, 1, max_model_len=8192) == pytest.approx(2.0)
+
+
+def test_rl_engine_sizes_its_kv_cache_on_cuda_only(qwen_32b_shape, monkeypatch):
+    config = RLHFConfig(lora_config=LoRATrainConfig(), rollout_batch_size=8, group_size=8, max_new_tokens=128)
+    assert rl_rollouts.rollout_engine_options(config, None, qwen_32b_shape).kv_cache_gib is None  # CPU: 0.5 GiB
+    monkeypatch.setattr(rl_rollouts, "on_cuda", lambda: True)
+    monkeypatch.setattr(llm, "on_cuda", lambda: True)  # serving dtype bf16: 2 bytes per K/V value
+    assert rl_rollouts.rollout_engine_options(config, None, qwen_32b_shape).kv_cache_gib == pytest.approx(5.0)
+    given = EngineOptions(gpu_memory_utilization=0.5)  # options the caller gives are taken as they are
+    assert rl_rollouts.rollout_engine_options(config, given, qwen_32b_shape) is given

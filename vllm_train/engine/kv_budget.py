@@ -1,0 +1,45 @@
+"""How much KV cache an engine needs for a batch of sequences, so that on the GPU vLLM takes that much and
+no more (``EngineOptions.kv_cache_gib``), instead of a share of the GPU that the trainer then lacks.
+
+vLLM's default sizing takes ``gpu_memory_utilization`` of the GPU and gives everything its weights and
+activations leave to the KV cache: 0.3 of an H200 is ~40 GiB, of which a 0.5B model's RL batch of
+128 sequences x 300 tokens uses under 1 GiB, and a 32B model's weights alone do not fit in it. A batch
+that needs more than the budget is still served correctly: vLLM queues or preempts the excess sequences
+(slower, never wrong), so the estimate may be rough.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+
+GIB = 1 << 30
+PROMPT_TOKENS_ALLOWANCE = 1024  # per prompt: the RL trainer does not bound prompt lengths
+MARGIN = 1.25  # block rounding (16-token blocks), partly filled blocks, prompts longer than the allowance
+
+
+def kv_bytes_per_token(model_path: str, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V one token takes over all layers of the model at `model_path` (full attention
+    assumed on every layer: sliding-window layers take less, so this is an upper bound)."""
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def max_sequence_tokens(model_path: str, max_model_len: int | None = None) -> int:
+    """The longest sequence the engine accepts: vLLM refuses to start unless one fits in its KV cache."""
+    if max_model_len:
+        return max_model_len
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def rollout_kv_cache_gib(model_path: str, prompts: int, group_size: int, max_new_tokens: int,
+                         dtype_bytes: int = 2, max_model_len: int | None = None) -> float:
+    """GiB of KV cache for one RL rollout: each prompt's blocks once (vLLM's prefix caching shares them
+    across its group), each sample's new tokens, with a margin; at least one sequence of the engine's
+    maximum length."""
+    tokens = prompts * PROMPT_TOKENS_ALLOWANCE + prompts * group_size * max_new_tokens
+    tokens = max(int(tokens * MARGIN), max_sequence_tokens(model_path, max_model_len))
+    return tokens * kv_bytes_per_token(model_path, dtype_bytes) / GIB
