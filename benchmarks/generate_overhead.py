@@ -64,10 +64,11 @@ def plain_llm_kwargs(options, model_dir: str) -> dict:
                   enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
                   seed=options.seed, enable_prefix_caching=options.enable_prefix_caching,
                   enable_lora=options.enable_lora, max_lora_rank=options.max_lora_rank, max_loras=options.max_loras)
-    if cuda:
+    if cuda and options.kv_cache_gib is None:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     else:
-        kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * (1 << 30))
+        gib = 0.5 if options.kv_cache_gib is None else options.kv_cache_gib  # VLLMEngine._build's CPU default
+        kwargs["kv_cache_memory_bytes"] = int(gib * (1 << 30))
     return kwargs
 
 
