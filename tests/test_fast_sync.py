@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import textwrap
 
+import pytest
 import torch
 from tolerances import SERVING_DTYPE, assert_served_logprobs, cpu_only, reference_logprobs
 
@@ -71,24 +72,29 @@ def test_after_k_training_steps_vllm_logprobs_equal_the_trainers(tiny_model, eng
     engine.remove_adapter(first)
 
 
-def test_no_stale_adapter_after_20_consecutive_syncs(tiny_model, engine):
+@pytest.mark.parametrize("trainer_device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a trainer on the GPU: the writes replay a CUDA graph"))])
+def test_no_stale_adapter_after_20_consecutive_syncs(tiny_model, engine, trainer_device):
     model, injector = policy(tiny_model)
+    model.to(trainer_device)  # on CUDA the slot writes are captured once and replayed (fast_sync.SlotWriter)
     config = injector.peft_config(tiny_model)
-    ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-20-syncs")
+    ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family=f"test-20-syncs-{trainer_device}")
     gen = torch.Generator().manual_seed(0)
     previous = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
     paths = []
     for _ in range(20):
         with torch.no_grad():
             for p in injector.get_trainable_params():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family="test-20-syncs")
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
+        ref = engine.sync_adapter(injector.peft_state_dict(live=True), config, family=f"test-20-syncs-{trainer_device}")
         paths.append(engine.last_sync_path)
         served = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
         assert_served_logprobs(served, reference_logprobs(model, PROMPT_IDS, COMPLETION_IDS), what=ref.name)
         assert (served - previous).abs().max().item() > 1e-3  # a new version, not the old one
         previous = served
     assert paths == ["fast"] * 20
+    writer = engine._slot_writers[f"test-20-syncs-{trainer_device}"]
+    assert (writer._graph is not None) == (trainer_device == "cuda"), writer.graph_unavailable
     engine.remove_adapter(ref)
 
 
@@ -157,7 +163,7 @@ FALLBACK_SCRIPT = textwrap.dedent('''
         for _ in range(4):
             with torch.no_grad():
                 for p in injector.get_trainable_params():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+                    p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
             ref = engine.sync_adapter(injector.peft_state_dict(live=True), injector.peft_config(None), "fam")
             served.append(engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref).tolist())
             expected.append(reference_logprobs(model, PROMPT_IDS, COMPLETION_IDS).tolist())
