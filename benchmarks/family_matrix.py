@@ -14,18 +14,24 @@ in-process vLLM engine per process) under a timeout, and measures:
             token of one more rollout after the steps (its mean is in the JSON too)
   GRPO      `RLHFTrainer.train` for `steps` steps (rollout + reward + one update, no reference-KL forward);
             s/step = median of the steps after the first
-  engine    seconds for `VLLMEngine(...)` (eager on CUDA: no CUDA-graph capture or compilation, which
-            is what makes a matrix of eight engines fit in minutes); peak = torch.cuda.max_memory_reserved
-            after the model build (vLLM's weights and KV cache share the process's allocator)
+  engine    seconds for `VLLMEngine(...)`, eager (`enforce_eager=True`: no CUDA-graph capture at each of
+            the eight starts; the rollouts then decode eager too, so GRPO s/step is above a graph engine's);
+            peak = torch.cuda.max_memory_reserved after the model build (vLLM's weights and KV cache, its
+            0.3 share of the GPU, share the process's allocator with the trainer)
 
 LoRA r16 on every linear layer (attention only for mixture-of-experts models, as the CPU matrix does).
 A family vLLM refuses gets the refusal's one line as its status; the matrix goes on.
 
     python benchmarks/family_matrix.py                               # CUDA: --preset real; CPU: --preset tiny
     python benchmarks/family_matrix.py --preset tiny --families llama3,qwen3
+    bash benchmarks/h200.sh benchmarks/family_matrix.py --gpus 2 --out "$OUT/family_matrix_real_cuda.json"
 
-Prints a markdown table; writes benchmarks/results/family_matrix_<preset>_<device>.json (after every family)
-and each family's log to benchmarks/results/logs/.
+`--gpus N` runs N families at once, one GPU each. `--out` in the lent machine's $OUT keeps the finished
+families' results (and logs) even when the call's time limit ends the run; a later run with the rest
+(`--families ...`) merges into an existing --out file.
+
+Prints a markdown table; writes benchmarks/results/family_matrix_<preset>_<device>.json (or --out) after
+every family, and each family's log to logs/ beside it.
 """
 
 from __future__ import annotations
@@ -141,8 +147,9 @@ def make_trainer(family: str, model_dir: Path, run: dict, engine, work: Path):
 def grpo_steps(trainer, records: list[dict], run: dict, work: Path) -> dict:
     trainer.train(records, num_steps=run["steps"])
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [s["step_seconds"] for s in steps], "grpo_s_per_step": statistics.median(
-        s["step_seconds"] for s in steps[1:]), "step_sync_ms": [s["sync_ms"] for s in steps],
+    return {"step_s": [s["step_seconds"] for s in steps],
+            "grpo_s_per_step": statistics.median(s["step_seconds"] for s in steps[1:]),
+            "step_sync_ms": [s["sync_ms"] for s in steps],
             "step_mismatch_abs_logp": [s["mismatch_abs_logp"] for s in steps],
             "mismatch_mean": statistics.fmean(s["mismatch_abs_logp"] for s in steps),
             "response_len": statistics.fmean(s["response_len"] for s in steps)}
@@ -195,7 +202,8 @@ def measure(family: str, preset: str, work: Path) -> dict:
         engine = VLLMEngine(str(work / "model"), EngineOptions(max_lora_rank=run["rank"], max_loras=2,
                                                                max_model_len=512, enforce_eager=True, seed=0))
     except Exception as exc:  # vLLM (or our check) refuses the family: its reason is the result
-        return {**result, "status": f"refused: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        return {**result, "status": f"refused: {type(exc).__name__}: {first_line}"}
     result["engine_start_s"] = time.perf_counter() - start
     start = time.perf_counter()
     trainer = make_trainer(family, work / "model", run, engine, work)
@@ -236,13 +244,13 @@ def run_family(family: str, preset: str, timeout: int, log: Path, gpu: str | Non
     return {"status": f"failed (exit {proc.returncode}): {said[-1][:300] if said else 'no output'}"}
 
 
-def run_all(families: list[str], preset: str, args, record) -> None:
-    """Every family, `args.gpus` at a time (one GPU each); `record(family, result)` as each finishes."""
+def run_all(families: list[str], preset: str, args, logs: Path, record) -> None:
+    """Every family, `args.gpus` at a time (one GPU each), its log in `logs`; `record(family, result)` as
+    each finishes."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = queue.Queue()
     for index in range(args.gpus):
         gpus.put(None if args.gpus == 1 else visible.split(",")[index] if visible else str(index))
-    logs = ROOT / "benchmarks" / "results" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
     def one(family: str) -> tuple[str, dict]:
@@ -332,7 +340,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # after each family: a killed run keeps the rest
 
-    run_all(families, preset, args, record)
+    run_all(families, preset, args, out.parent / "logs", record)
     report["wall_s"] = time.perf_counter() - started
     out.write_text(json.dumps(report, indent=2) + "\n")
     device_name = next((r["device"] for r in report["families"].values() if "device" in r), device)
