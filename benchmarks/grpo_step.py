@@ -67,11 +67,7 @@ def build_model(p: dict, out: Path) -> int:
         if (TINY_MODEL / name).exists():
             shutil.copy(TINY_MODEL / name, out / name)
     vocab = p["vocab"] or 284
-    if vocab > 284:  # a real vocabulary size: give the toy tokenizer filler tokens so every sampled id decodes
-        spec = json.loads((out / "tokenizer.json").read_text())
-        table = spec["model"]["vocab"]
-        table.update({f"x{i}": i for i in range(len(table), vocab)})
-        (out / "tokenizer.json").write_text(json.dumps(spec))
+    add_filler_tokens(out, vocab)
     config = AutoConfig.for_model(
         p["arch"], hidden_size=p["hidden"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
         num_key_value_heads=p["kv_heads"], head_dim=p.get("head_dim", 64), intermediate_size=p["inter"],
@@ -84,6 +80,16 @@ def build_model(p: dict, out: Path) -> int:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, p["dtype"]))
     model.save_pretrained(out)
     return sum(t.numel() for t in model.parameters())
+
+
+def add_filler_tokens(model_dir: Path, vocab: int) -> None:
+    """A real vocabulary size for the toy tokenizer in `model_dir`: filler tokens ``x<id>`` up to `vocab`,
+    so that every id a random-init model samples decodes."""
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    table = spec["model"]["vocab"]
+    if vocab > len(table):
+        table.update({f"x{i}": i for i in range(len(table), vocab)})
+        (model_dir / "tokenizer.json").write_text(json.dumps(spec))
 
 
 def prompt_records(n: int) -> list[dict]:
