@@ -54,6 +54,7 @@ SHAPES = {
 # The 7B-32B workload: a step takes seconds; both trainers accumulate micro-batches of 8 sequences
 LARGE_WORKLOAD = dict(prompts=8, generations=8, new_tokens=128, rank=16, targets=ALL_LINEAR, dtype="bfloat16",
                       micro_batch=8, ours_micro_batch=8, steps=4, warmup=1)
+BUILT = ".built"  # written once a model directory is complete
 SIDES = {"ours": dict(share_base=True), "ours_copies": dict(share_base=False), "trl_vllm": {}}
 OOM = re.compile(r"out of memory|OutOfMemoryError|No available memory for the cache blocks|"
                  r"not enough|Insufficient|larger than the available", re.IGNORECASE)
@@ -78,6 +79,18 @@ def trl_vllm_share(p: dict, n_params: int) -> float:
     kv_gib = p["prompts"] * (1024 + p["generations"] * p["new_tokens"]) * 1.25 * (
         2 * p["layers"] * p["kv_heads"] * p.get("head_dim", 64) * 2) / GIB
     return round(max(0.3, (n_params * 2 + (kv_gib + 4) * GIB) / total), 3)
+
+
+def reuse_model(model_dir: Path) -> int | None:
+    """The parameter count of a model built there before (its BUILT marker), else None."""
+    if not (model_dir / BUILT).exists():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(t.numel() for t in model.parameters())
 
 
 class GpuMemoryPoll:
@@ -160,6 +173,9 @@ def main() -> None:
     parser.add_argument("--model-cache", help="where the random-init models are written (default: a temp dir)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per side")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="keep the models in --model-cache and use one already built there (one build for "
+                             "runs of different sides on different GPUs)")
     parser.add_argument("--child", choices=[*SIDES, "build"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
@@ -169,7 +185,8 @@ def main() -> None:
         import torch
 
         p = json.loads(args.params)
-        n_params = build_model(p, Path(args.model_dir))
+        n_params = reuse_model(Path(args.model_dir)) or build_model(p, Path(args.model_dir))
+        (Path(args.model_dir) / BUILT).touch()
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         share = trl_vllm_share(p, n_params) if torch.cuda.is_available() else None
         print("RESULT " + json.dumps({"params": n_params, "device": device, "trl_vllm_share": share,
@@ -201,7 +218,8 @@ def main() -> None:
             out.write_text(json.dumps(results, indent=2) + "\n")
             print(table({"shapes": {shape: {"params": n_params, "sides": {side: entry["sides"][side]}}}})
                   .splitlines()[-1], flush=True)
-        shutil.rmtree(model_dir)  # disk: a 32B shape is 61 GiB
+        if not args.keep_models:
+            shutil.rmtree(model_dir)  # disk: a 32B shape is 61 GiB
     print(f"\nGRPO with LoRA r16 by model shape ({results['device']})\n{table(results)}\n  -> {out.relative_to(ROOT)}")
 
 
