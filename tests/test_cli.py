@@ -252,6 +252,7 @@ def test_trl_rl_names():
                                     "--beta", "0.05", "--lora-r", "16", "--dynamic-sampling"])
     assert (args.num_steps, c.group_size, c.max_new_tokens, c.kl_coef) == (7, 4, 12, 0.05)
     assert c.lora_config.rank == 16 and c.dynamic_sampling is True
+    assert _config_of(RL_BASE + ["--micro-batch-size", "8"])[1].lora_config.batch_size == 8  # the update's
     _, dpo = _config_of(["dpo", "--model", "m", "--data", "d.jsonl", "--output-dir", "out", "--beta", "0.3"])
     assert dpo.beta == 0.3  # DPO's own beta is not the RL alias
 

@@ -34,7 +34,7 @@ TRL_ALIASES = {
     "per_device_train_batch_size": "batch_size", "lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "lora_target_modules": "target_modules", "num_train_epochs": "num_epochs", "lr_scheduler_type": "lr_scheduler",
     "max_seq_length": "max_length", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
-    "beta": "kl_coef",
+    "beta": "kl_coef", "micro_batch_size": "batch_size",
 }
 ALIASES_HELP = ("TRL / PEFT names are accepted too: " + ", ".join(
     f"--{alias.replace('_', '-')} (= --{FLAG_NAMES.get(field, field).replace('_', '-')})"
