@@ -100,6 +100,7 @@ class SlotWriter:
         self.b_keys = [f"{PEFT_PREFIX}{n}.lora_B.weight" for n in self.names]
         self._graph = None  # torch.cuda.CUDAGraph of one write, for the sources below
         self._graph_sources: list[torch.Tensor] = []  # kept alive: the graph reads their addresses
+        self._graph_ptrs: list[int] = []
         if not self.a_views[0].is_cuda:
             self.graph_unavailable = "not a CUDA engine"
 
@@ -162,7 +163,7 @@ class SlotWriter:
         other addresses capture anew."""
         sources = list(a_tensors) + list(b_tensors)
         if self.graph_unavailable is None and all(t.is_cuda for t in sources):  # a host copy is not capturable
-            if [t.data_ptr() for t in sources] != [t.data_ptr() for t in self._graph_sources]:
+            if [t.data_ptr() for t in sources] != self._graph_ptrs:
                 self._capture(sources)
             if self._graph is not None:
                 self._graph.replay()
@@ -183,10 +184,10 @@ class SlotWriter:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._copy(sources)
         except RuntimeError as exc:
-            self._graph, self._graph_sources = None, []
+            self._graph, self._graph_sources, self._graph_ptrs = None, [], []
             self.graph_unavailable = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
             return
-        self._graph, self._graph_sources = graph, sources
+        self._graph, self._graph_sources, self._graph_ptrs = graph, sources, [t.data_ptr() for t in sources]
 
     def write(self, peft_state: dict[str, torch.Tensor]) -> None:
         self.write_tensors([peft_state[key] for key in self.a_keys], [peft_state[key] for key in self.b_keys])

@@ -37,7 +37,7 @@ class EngineOptions:
     enforce_eager: bool | None = None  # None: eager on CPU (3 s start vs ~20 s) and TP > 1, graphs on CUDA
     # KV cache size. CPU: None = 0.5 GiB. CUDA: None = what `gpu_memory_utilization` leaves after the
     # weights; a number = exactly that much (vLLM's kv_cache_memory_bytes; the RL trainer sizes it to its
-    # rollout batch, `kv_cache_gib_for`), which also lets a model larger than that share load
+    # rollout batch: kv_budget.py), which also lets a model larger than that share load
     kv_cache_gib: float | None = None
     gpu_memory_utilization: float = 0.3  # CUDA only, without kv_cache_gib; leaves room for the trainer
     seed: int = 0
