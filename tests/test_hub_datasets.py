@@ -109,3 +109,37 @@ def test_hub_dataset_errors_are_one_line_exit_2(hf_home, tiny_model, tmp_path):
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(line), (extra, proc.stderr[-3000:])
         assert not out.exists()
+
+
+def test_eval_on_a_hub_dataset_matches_eval_on_the_same_records_in_a_file(hf_home, tiny_model, tmp_path):
+    """Oracle: the same records written to a --data file. ShareGPT rows go through the same format detection."""
+    records = FILES["sharegpt/test-00000-of-00001.parquet"]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = {}
+    for name, source in (("file", ["--data", str(data)]),
+                         ("hub", ["--dataset-name", REPO, "--dataset-config", "sharegpt", "--split", "test"])):
+        out = tmp_path / f"{name}.json"
+        proc = run_cli(["eval", "--model", tiny_model, *source, "--json-out", str(out)], hf_home)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(out.read_text())
+    assert results["file"]["perplexity/base"]["num_tokens"] > 0
+    assert results["hub"] == results["file"]
+
+
+def test_eval_data_source_errors_are_one_line_exit_2(hf_home, tiny_model, tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(sharegpt(1, 2)) + "\n")
+    cases = [
+        (["--dataset-name", "acme/missing"], "error: dataset acme/missing[train]: offline (HF_HUB_OFFLINE / "
+                                             "HF_DATASETS_OFFLINE) and not in the datasets cache"),
+        (["--data", str(data), "--dataset-name", REPO], "error: --data and --dataset-name: give one of them"),
+        ([], "error: no data: give --data FILE or --dataset-name ORG/NAME"),
+        (["--data", str(data), "--split", "test"], "error: --split needs --dataset-name"),
+    ]
+    for extra, line in cases:
+        out = tmp_path / "out.json"
+        proc = run_cli(["eval", "--model", tiny_model, *extra, "--json-out", str(out)], hf_home)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(line), (extra, proc.stderr[-3000:])
+        assert not out.exists()

@@ -6,13 +6,15 @@ import argparse
 import json
 
 from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_model_args
+from vllm_train.commands._data import add_source_args, data_source
 
 DESCRIPTION = """\
-Evaluate the base model and (with --adapter) the adapter on a JSONL file:
+Evaluate the base model and (with --adapter) the adapter on a data file (--data) or a split of a
+hub dataset (--dataset-name ORG/NAME [--dataset-config C] [--split S]), records in any format sft/dpo read:
   toy accuracy   greedy answers from vLLM checked against the known sums, for records
                  {"prompt", "answer"} (RL sets) or {"messages"} ending in the answer (SFT sets)
   perplexity     exp(mean NLL) over completion tokens, and next-token accuracy, for any SFT-shaped
-                 data ({"messages"} | {"prompt","completion"} | {"text"}), computed with the HF model
+                 data ({"messages"} | {"prompt","completion"} | {"text"} | ShareGPT | Alpaca), with the HF model
   reward acc.    for preference data {"prompt","chosen","rejected"}: how often the model's
                  log-prob ratio to the base prefers `chosen` (needs --adapter)
 """
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter to compare with the base model" + ADAPTER_HELP)
-    p.add_argument("--data", required=True, metavar="FILE", help="eval data (.jsonl/.json/.parquet)")
+    add_source_args(p, "eval data", split_use="to evaluate")
     p.add_argument("--metrics", default="auto",
                    help="comma list of toy,perplexity,reward (default: what fits the data)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -42,23 +44,24 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value < 1:
             raise VllmTrainError(f"{flag}: {value} is invalid (an integer >= 1)")
+    source = data_source(args)  # a path, or a HubDataset: what every reader below takes
     args.model = resolve_model_args(args)  # local directories from here on (eval saves nothing)
     if args.adapter:
         validate_adapter(args.adapter, args.model)
-    records = load_records(args.data, what="eval set")
+    records = load_records(source, what="eval set")
     wanted = _pick_metrics(args.metrics, records[0])
-    _check_records(args, wanted)
+    _check_records(args, source, wanted)
     results: dict[str, dict] = {}
     if "perplexity" in wanted:
-        results.update(_perplexity(args))
+        results.update(_perplexity(args, source))
     if "reward" in wanted:
         if not args.adapter:
             raise VllmTrainError("reward accuracy on preference data needs --adapter (the policy to compare)")
         from vllm_train.evaluation import preference_eval
 
-        results.update(preference_eval(args.model, args.adapter, args.data, args.max_length, args.batch_size))
+        results.update(preference_eval(args.model, args.adapter, source, args.max_length, args.batch_size))
     if "toy" in wanted:
-        results.update(_toy(args))
+        results.update(_toy(args, source))
     _print_table(results)
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_records(args, wanted: list[str]) -> None:
+def _check_records(args, source, wanted: list[str]) -> None:
     """Every record checked for what the metrics read, before any model loads (one-line errors)."""
     from vllm_train.data.causal_lm import check_sft_record
     from vllm_train.data.io import load_records
@@ -75,12 +78,12 @@ def _check_records(args, wanted: list[str]) -> None:
     from vllm_train.models import check_prompt_lengths
 
     if "perplexity" in wanted:
-        load_records(args.data, check_sft_record, what="eval set")
+        load_records(source, check_sft_record, what="eval set")
     if "reward" in wanted:
-        load_records(args.data, check_preference_record, what="eval set")
+        load_records(source, check_preference_record, what="eval set")
     if "toy" in wanted:
-        prompts = [prompt for prompt, _ in toy_problems(args.data)]
-        check_prompt_lengths(args.model, prompts, "record", args.data, TOY_MAX_TOKENS)
+        prompts = [prompt for prompt, _ in toy_problems(source)]
+        check_prompt_lengths(args.model, prompts, "record", str(source), TOY_MAX_TOKENS)
 
 
 def _pick_metrics(spec: str, first: dict) -> list[str]:
@@ -107,7 +110,7 @@ def _ends_in_integer(record: dict) -> bool:
     return toy.parse_answer(str(record["messages"][-1].get("content", ""))) is not None
 
 
-def _perplexity(args) -> dict:
+def _perplexity(args, source) -> dict:
     import torch
 
     from vllm_train.config import LoRATrainConfig
@@ -117,7 +120,7 @@ def _perplexity(args) -> dict:
 
     config = config_for_adapter(args.adapter) if args.adapter else LoRATrainConfig()
     model, tokenizer, injector = load_policy(args.model, config, args.adapter)
-    data = CausalLMDataset(args.data, tokenizer, args.max_length)
+    data = CausalLMDataset(source, tokenizer, args.max_length)
     out = {}
     with injector.disable_adapter(), torch.no_grad():
         out["base"] = lm_metrics(model, tokenizer, data, args.batch_size)
@@ -126,7 +129,7 @@ def _perplexity(args) -> dict:
     return {f"perplexity/{k}": v for k, v in out.items()}
 
 
-def _toy(args) -> dict:
+def _toy(args, source) -> dict:
     from vllm_train.config import engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.evaluation import toy_accuracy
@@ -135,9 +138,9 @@ def _toy(args) -> dict:
     rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))
-    out = {"toy/base": toy_accuracy(engine, args.data)}
+    out = {"toy/base": toy_accuracy(engine, source)}
     if args.adapter:
-        out["toy/adapter"] = toy_accuracy(engine, args.data, engine.load_adapter(args.adapter))
+        out["toy/adapter"] = toy_accuracy(engine, source, engine.load_adapter(args.adapter))
     return out
 
 
