@@ -187,6 +187,53 @@ def test_grpo_on_two_ranks_raises_heldout_accuracy(tmp_path):
     assert max(r["mismatch_abs_logp"] for r in records if "mismatch_abs_logp" in r) < MISMATCH_TOL
 
 
+TRAINABLE_SCRIPT = """
+import json, sys
+from vllm_train import distributed
+from vllm_train.assets import data_file
+from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
+from vllm_train.data.io import load_records
+from vllm_train.engine.llm import EngineOptions
+from vllm_train.trainers.trainable import TrainableEngine
+
+if __name__ == "__main__":
+    model, out = sys.argv[1], sys.argv[2]
+    config = LoRATrainConfig(rank=8, alpha=16, learning_rate=2e-4, target_modules=list(ALL_LINEAR_MODULES))
+    engine = TrainableEngine(model, config, EngineOptions(max_lora_rank=8, dtype="float32"))
+    records = load_records(data_file("sft_train.jsonl"))[:8]
+    stats = [engine.train_step(distributed.local_share(records[4 * (step % 2):4 * (step % 2) + 4]))
+             for step in range(3)]
+    text = engine.generate([records[0]["messages"][:1]], max_tokens=4, temperature=0.0)[0].outputs[0].text
+    engine.save_lora(out)
+    print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), "text": text,
+                                  "stats": stats}), flush=True)
+    engine.close()
+"""
+
+
+def test_trainable_engine_two_ranks_equal_one_process(tmp_path):
+    """`TrainableEngine` under torchrun: each rank trains on its half of every batch with its own vLLM
+    engine; the ranks' losses and the saved adapter equal one process's on the whole batches."""
+    script = tmp_path / "trainable_ranks.py"
+    script.write_text(TRAINABLE_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), MODEL, str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = _torchrun([str(script), MODEL, str(tmp_path / "two")])
+    single = [json.loads(x[7:]) for x in one.stdout.splitlines() if x.startswith("RESULT ")]
+    ranks = sorted((json.loads(x[7:]) for x in two.stdout.splitlines() if x.startswith("RESULT ")),
+                   key=lambda r: r["rank"])
+    assert [r["world"] for r in single + ranks] == [1, 2, 2]
+    for rank in ranks:  # every rank reports the whole batch's loss and token count
+        for got, want in zip(rank["stats"], single[0]["stats"], strict=True):
+            assert got["num_tokens"] == want["num_tokens"]
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert isinstance(rank["text"], str)
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < ADAPTER_TOL
+    assert single[0]["stats"][-1]["loss"] != single[0]["stats"][0]["loss"]  # the steps changed the adapter
+
+
 # ---- tensor parallel ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tp_model(tmp_path_factory):

@@ -13,6 +13,12 @@ H200 for a 0.5B model's r=16 all-linear adapter, no files).
     engine = TrainableEngine("path/to/model", LoRATrainConfig(rank=8))
     stats = engine.train_step([{"prompt": "2+2=", "completion": "4"}])   # {"loss": ..., ...}
     outputs = engine.generate(["2+2="], max_tokens=4)                     # vLLM RequestOutputs
+
+Under torchrun (``torchrun --nproc-per-node N script.py``) every rank makes its own TrainableEngine (its
+own vLLM engine, vLLM's external launcher) and passes its own share of each batch to `train_step`
+(`vllm_train.distributed.local_share`): the loss is normalised by the token count of all ranks' shares and
+the LoRA gradients are summed over ranks, so every rank holds the same adapter, the one a single process
+would train on the whole batch. `save_lora` writes from rank 0.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vllm_train import hub, models
+from vllm_train import distributed, hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
@@ -41,6 +47,7 @@ class TrainableEngine:
         self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
         self.model_path = models.resolve_model(model_name)  # the local directory HF and vLLM load
         self.config = train_config
+        distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before vLLM starts
         torch.manual_seed(train_config.seed)
         options = engine_options or EngineOptions(max_lora_rank=train_config.engine_max_lora_rank,
                                                   seed=train_config.seed)
@@ -78,14 +85,17 @@ class TrainableEngine:
         # chunked over the head where it allows: never the (B, T, V) logits of a 152k vocabulary
         logps, mask = models.label_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                             batch["labels"])  # (B, T-1) each
-        num_tokens = int(mask.sum())
+        # one loss over every rank's share (a single process: its batch): normalised by all their tokens,
+        # the gradients (and the loss) summed over ranks before the step
+        num_tokens = int(distributed.all_reduce_sum({"tokens": int(mask.sum())})["tokens"])
         loss = -logps.sum() / max(1, num_tokens)
         loss.backward()
+        loss_value, = distributed.all_reduce_grads(self.params, loss.item())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "num_tokens": num_tokens, "step": self.step}
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "num_tokens": num_tokens, "step": self.step}
 
     def current_adapter(self) -> AdapterRef:
         """The engine's handle on the newest weights (synced only when a step changed them)."""
@@ -101,8 +111,11 @@ class TrainableEngine:
         return self.engine.generate_raw(prompts, kwargs, self.current_adapter())
 
     def save_lora(self, path: str) -> str:
-        """Write the adapter in PEFT format (loads in PEFT, vLLM and `vllm serve --lora-modules`)."""
-        return str(self.injector.save(path, self.model_name))
+        """Write the adapter in PEFT format (loads in PEFT, vLLM and `vllm serve --lora-modules`). Under
+        torchrun rank 0 writes (every rank holds the same adapter) and the others wait for it."""
+        saved = self.injector.save(path, self.model_name)  # every rank calls it; rank 0 writes
+        distributed.barrier()  # the others return once the files exist
+        return str(saved)
 
     def close(self) -> None:
         self.engine.close()
