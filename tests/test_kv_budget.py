@@ -23,6 +23,9 @@ def test_bytes_per_token_counts_k_and_v_of_every_layer(qwen_32b_shape, tmp_path)
     # 2 (K, V) x 64 layers x 8 heads x 128 dims x 2 bytes = 262144 bytes = 256 KiB per token
     assert kv_budget.kv_bytes_per_token(qwen_32b_shape) == 262144
     assert kv_budget.kv_bytes_per_token(qwen_32b_shape, dtype_bytes=4) == 524288
+    # tensor parallel: 8 KV heads over 2 GPUs = 4 per GPU; over 16 GPUs vLLM replicates: 1 per GPU
+    assert kv_budget.kv_bytes_per_token(qwen_32b_shape, tensor_parallel_size=2) == 131072
+    assert kv_budget.kv_bytes_per_token(qwen_32b_shape, tensor_parallel_size=16) == 262144 // 8
     # no num_key_value_heads / head_dim: every head has K and V of hidden / heads dims
     llama = tmp_path / "llama"
     LlamaConfig(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=None,

@@ -17,14 +17,16 @@ PROMPT_TOKENS_ALLOWANCE = 1024  # per prompt: the RL trainer does not bound prom
 MARGIN = 1.25  # block rounding (16-token blocks), partly filled blocks, prompts longer than the allowance
 
 
-def kv_bytes_per_token(model_path: str, dtype_bytes: int = 2) -> int:
-    """Bytes of K and V one token takes over all layers of the model at `model_path` (full attention
-    assumed on every layer: sliding-window layers take less, so this is an upper bound)."""
+def kv_bytes_per_token(model_path: str, dtype_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
+    """Bytes of K and V one token takes on one GPU, over all layers of the model at `model_path` (full
+    attention assumed on every layer: sliding-window layers take less, so this is an upper bound). Under
+    tensor parallelism each GPU holds its share of the KV heads, at least one (vLLM replicates the heads
+    when there are fewer than GPUs)."""
     config = AutoConfig.from_pretrained(model_path).get_text_config()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return 2 * config.num_hidden_layers * max(1, kv_heads // tensor_parallel_size) * head_dim * dtype_bytes
 
 
 def max_sequence_tokens(model_path: str, max_model_len: int | None = None) -> int:
@@ -36,10 +38,11 @@ def max_sequence_tokens(model_path: str, max_model_len: int | None = None) -> in
 
 
 def rollout_kv_cache_gib(model_path: str, prompts: int, group_size: int, max_new_tokens: int,
-                         dtype_bytes: int = 2, max_model_len: int | None = None) -> float:
-    """GiB of KV cache for one RL rollout: each prompt's blocks once (vLLM's prefix caching shares them
-    across its group), each sample's new tokens, with a margin; at least one sequence of the engine's
+                         dtype_bytes: int = 2, max_model_len: int | None = None,
+                         tensor_parallel_size: int = 1) -> float:
+    """GiB of KV cache per GPU for one RL rollout: each prompt's blocks once (vLLM's prefix caching shares
+    them across its group), each sample's new tokens, with a margin; at least one sequence of the engine's
     maximum length."""
     tokens = prompts * PROMPT_TOKENS_ALLOWANCE + prompts * group_size * max_new_tokens
     tokens = max(int(tokens * MARGIN), max_sequence_tokens(model_path, max_model_len))
-    return tokens * kv_bytes_per_token(model_path, dtype_bytes) / GIB
+    return tokens * kv_bytes_per_token(model_path, dtype_bytes, tensor_parallel_size) / GIB
