@@ -47,5 +47,8 @@ def test_rl_engine_sizes_its_kv_cache_on_cuda_only(qwen_32b_shape, monkeypatch):
     monkeypatch.setattr(rl_rollouts, "on_cuda", lambda: True)
     monkeypatch.setattr(llm, "on_cuda", lambda: True)  # serving dtype bf16: 2 bytes per K/V value
     assert rl_rollouts.rollout_engine_options(config, None, qwen_32b_shape).kv_cache_gib == pytest.approx(5.0)
+    # two data-parallel ranks: each samples 4 of the 8 prompts (4 x 1024 + 4 x 8 x 128) x 1.25 x 256 KiB
+    monkeypatch.setattr(rl_rollouts.distributed, "world_size", lambda: 2)
+    assert rl_rollouts.rollout_engine_options(config, None, qwen_32b_shape).kv_cache_gib == pytest.approx(2.5)
     given = EngineOptions(gpu_memory_utilization=0.5)  # options the caller gives are taken as they are
     assert rl_rollouts.rollout_engine_options(config, given, qwen_32b_shape) is given

@@ -155,9 +155,10 @@ def rollout_engine_options(config: RLHFConfig, engine_options: EngineOptions | N
     lc = config.lora_config
     options = EngineOptions(max_lora_rank=lc.engine_max_lora_rank, seed=config.seed, extra=extra,
                             tensor_parallel_size=lc.tensor_parallel_size)
-    if on_cuda():  # all the step's prompts: under data parallelism a rank samples a share of them (safe)
+    if on_cuda():  # this rank's prompts: under data parallelism a share of the step's
         dtype_bytes = 4 if serving_dtype(options) == "float32" else 2
-        options.kv_cache_gib = rollout_kv_cache_gib(model_path, config.rollout_batch_size, config.group_size,
+        prompts = -(-config.rollout_batch_size // distributed.world_size())
+        options.kv_cache_gib = rollout_kv_cache_gib(model_path, prompts, config.group_size,
                                                     config.max_new_tokens, dtype_bytes,
                                                     tensor_parallel_size=lc.tensor_parallel_size)
     return options
