@@ -68,16 +68,15 @@ def workload(shape: str) -> dict:
     return p
 
 
-def trl_vllm_share(p: dict, n_params: int) -> float:
-    """TRL colocate's gpu_memory_utilization: the weights, the KV budget ours gets, 4 GiB of activations
-    and CUDA graphs; at least TRL's 0.3 default."""
+def trl_vllm_share(p: dict, n_params: int, model_dir: str) -> float:
+    """TRL colocate's gpu_memory_utilization: the weights, the KV budget ours gets (the RL trainer's own
+    sizing), 4 GiB of activations and CUDA graphs; at least TRL's 0.3 default."""
     import torch
 
-    from vllm_train.engine.kv_budget import GIB
+    from vllm_train.engine.kv_budget import GIB, rollout_kv_cache_gib
 
     total = torch.cuda.get_device_properties(0).total_memory
-    kv_gib = p["prompts"] * (1024 + p["generations"] * p["new_tokens"]) * 1.25 * (
-        2 * p["layers"] * p["kv_heads"] * p.get("head_dim", 64) * 2) / GIB
+    kv_gib = rollout_kv_cache_gib(model_dir, p["prompts"], p["generations"], p["new_tokens"])
     return round(max(0.3, (n_params * 2 + (kv_gib + 4) * GIB) / total), 3)
 
 
@@ -188,7 +187,7 @@ def main() -> None:
         n_params = reuse_model(Path(args.model_dir)) or build_model(p, Path(args.model_dir))
         (Path(args.model_dir) / BUILT).touch()
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        share = trl_vllm_share(p, n_params) if torch.cuda.is_available() else None
+        share = trl_vllm_share(p, n_params, args.model_dir) if torch.cuda.is_available() else None
         print("RESULT " + json.dumps({"params": n_params, "device": device, "trl_vllm_share": share,
                                       "torch": torch.__version__}), flush=True)
         return
