@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_step import PRESETS, build_model, prompt_records  # noqa: E402
+from grpo_step import PRESETS, _version, build_model, prompt_records  # noqa: E402
 
 # prompts x generations (vLLM's `n`) sequences of new_tokens each; `repeats` timed batches after one warm-up
 GENERATE_PRESETS = {
@@ -227,15 +227,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"  -> {out.relative_to(ROOT)}")
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
