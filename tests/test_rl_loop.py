@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from distributed_harness import run_ranks
 from fakes import FakeEngine
 
 from vllm_train.config import LoRATrainConfig, RLHFConfig
 from vllm_train.errors import VllmTrainError
+from vllm_train.losses.grpo import informative_groups
 from vllm_train.losses.ppo import truncated_importance_weights
 from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
-from vllm_train.trainers.rl_rollouts import Rollout
+from vllm_train.trainers.rl_rollouts import Rollout, check_rank_shares, keep_on_every_rank, refill_source
 
 
 def spread_reward(prompt, completion, example) -> float:
@@ -136,3 +139,117 @@ def test_resume_with_another_reward_is_refused(tiny_model, tmp_path, shipped):
     trainer.reward_fn = length_reward
     with pytest.raises(VllmTrainError, match="reward .*spread_reward.* -> .*length_reward"):
         trainer.train(shipped("rl_train.jsonl"), num_steps=3)
+
+
+# ---- dynamic sampling on 2 data-parallel ranks (gloo, fake engines) ----------------------------------------
+def agree_on_rank(rank: int, world_size: int, keeps: list, records: list[dict]) -> dict:
+    return {"kept": [keep_on_every_rank(torch.tensor(k[rank])).tolist() for k in keeps],
+            "refill": refill_source(records, 3, 0)(4)}
+
+
+def test_ranks_train_on_their_first_min_informative_groups():
+    """Ranks with 3 and 5 informative groups both keep their first 3; a rank with none makes both keep none.
+    Each rank refills from its own draws: rank 0's are a single process's, rank 1's others."""
+    three = [True, False, True, False, False, True]
+    five = [False, True, True, True, True, True]
+    none = [False] * 6
+    records = [{"prompt": str(i)} for i in range(1000)]
+    ranks = run_ranks(agree_on_rank, 2, [(three, five), (none, five)], records, timeout=120)
+    assert ranks[0]["kept"] == [three, none]
+    assert ranks[1]["kept"] == [[False, True, True, True, False, False], none]
+    assert keep_on_every_rank(torch.tensor(three)).tolist() == three  # one process: as is
+    assert ranks[0]["refill"] == refill_source(records, 3, 0)(4) != ranks[1]["refill"]
+
+
+def flat_or_spread_reward(prompt, completion, example) -> float:
+    """0 for every completion of a "flat" prompt (a group without signal), else `spread_reward`."""
+    return 0.0 if example.get("flat") else spread_reward(prompt, completion, example)
+
+
+def dynamic_sampling_rank(rank: int, world_size: int, tiny_model: str, out_dir: str, data: str) -> dict:
+    """Step 1: rank 0's 4 prompts have 2 informative groups and its one refill round (4 prompts) adds 1;
+    rank 1's 4 are all informative. Step 2: rank 1 finds none. Returns the stats, the adapter after each
+    step and the samples step 1 trained on (the first `groups_kept` informative groups of the rollouts)."""
+    trainer, _ = make_trainer(tiny_model, Path(out_dir) / f"rank-{rank}", dynamic_sampling=True,
+                              dynamic_sampling_rounds=1)
+    trainer.reward_fn = flat_or_spread_reward
+    records = load_prompt_records(data)
+    flat, varied = [{**r, "flat": True} for r in records[:8]], records[8:]
+    sampled = []
+    generate = trainer.generate_rollouts
+    trainer.generate_rollouts = lambda rs, seed=None: sampled.append(generate(rs, seed)) or sampled[-1]
+    if rank == 0:
+        share, refill = [flat[0], varied[0], flat[1], varied[1]], [flat[2], varied[2], flat[3], flat[4]]
+    else:
+        share, refill = varied[4:8], []
+    stats = [trainer.ppo_step(share, seed=rank, more_records=lambda k: refill[:k])]
+    after_1 = [p.detach().clone() for p in trainer.params]
+    rollout = sampled[0] if len(sampled) == 1 else sampled[0].extended(sampled[1])
+    rewards_GN = trainer.compute_rewards(rollout.prompts, rollout.completions, rollout.examples).view(-1, 4)
+    groups = informative_groups(rewards_GN).nonzero()[:, 0].tolist()[:stats[0]["groups_kept"]]
+    rows = [g * 4 + j for g in groups for j in range(4)]
+    kept = Rollout(*[[getattr(rollout, f)[i] for i in rows] for f in
+                     ("prompts", "examples", "prompt_ids", "completion_ids", "completions", "vllm_logps")],
+                   sync_ms=0.0, seconds=1.0)
+    share = varied[8:12] if rank == 0 else flat[4:8]
+    stats.append(trainer.ppo_step(share, seed=10 + rank, more_records=lambda k: flat[:k]))
+    return {"stats": stats, "after_1": after_1, "after_2": [p.detach() for p in trainer.params], "kept": kept,
+            "kept_groups": groups}
+
+
+def test_dynamic_sampling_on_two_ranks_equals_one_rank_on_the_kept_groups(tiny_model, tmp_path, shipped):
+    """The ranks agree on 3 groups each (rank 0 found 3 after its refill, rank 1 found 4): their adapters stay
+    equal and equal one process's step on the 6 kept groups; a step where one rank finds no informative group
+    is skipped by both."""
+    data = str(shipped("rl_train.jsonl"))
+    ranks = run_ranks(dynamic_sampling_rank, 2, tiny_model, str(tmp_path), data, timeout=300)
+    first = [r["stats"][0] for r in ranks]
+    assert [(s["groups_informative"], s["groups_kept"], s["refill_rounds"]) for s in first] == [(3, 3, 1), (4, 3, 0)]
+    assert ranks[0]["kept_groups"] == [1, 3, 5] and ranks[1]["kept_groups"] == [0, 1, 2]  # (5: the refill's 2nd)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["after_1"], ranks[1]["after_1"]))
+    assert first[0]["loss"] == first[1]["loss"] and first[0]["grad_norm"] == first[1]["grad_norm"] > 0
+
+    one, _ = make_trainer(tiny_model, tmp_path / "one")
+    one.reward_fn = flat_or_spread_reward
+    union = ranks[0]["kept"].extended(ranks[1]["kept"])
+    stats = one.ppo_step(union.examples[::4], rollout=union)
+    assert stats["groups_kept"] == 6 and "skipped" not in stats
+    assert stats["grad_norm"] == pytest.approx(first[0]["grad_norm"], rel=1e-5)
+    assert stats["loss"] == pytest.approx(first[0]["loss"], rel=1e-4, abs=1e-7)
+    diff = max((a - b).abs().max().item() for a, b in zip(one.params, ranks[0]["after_1"]))
+    print(f"\nDAPO step on 2 ranks vs 1 rank on the kept groups: max |adapter difference| = {diff:.2e}")
+    # AdamW's first step moves an element by lr * g / (|g| + eps): float32 rounding in g (other sum orders)
+    # shows only where |g| is near eps, as up to ~1e-3 of lr (measured 3.8e-6 at lr 1e-2); grad_norm above
+    # checks the normalisation, which AdamW's scaling hides in the weights
+    assert diff <= 1e-3 * one.config.lora_config.learning_rate
+
+    second = [r["stats"][1] for r in ranks]
+    assert second[0]["groups_informative"] > 0 == second[1]["groups_informative"]  # rank 0 had groups to train
+    assert [(s["groups_kept"], s.get("skipped")) for s in second] == [(0, 1), (0, 1)]
+    assert all(torch.equal(a, b) for r in ranks for a, b in zip(r["after_1"], r["after_2"]))  # no update anywhere
+
+
+def odd_answer_reward(prompt, completion, example) -> float:
+    """Flat for even answers (about half the groups carry no signal), else `spread_reward`."""
+    return spread_reward(prompt, completion, example) if example["answer"] % 2 else 0.0
+
+
+def train_rank(rank: int, world_size: int, tiny_model: str, out_dir: str, data: str) -> list[torch.Tensor]:
+    with pytest.raises(VllmTrainError, match="rollout_batch_size: 3 prompts do not split evenly over 2 ranks"):
+        check_rank_shares(3)
+    trainer, _ = make_trainer(tiny_model, Path(out_dir), dynamic_sampling=True, dynamic_sampling_rounds=2)
+    trainer.reward_fn = odd_answer_reward
+    trainer.train(data, num_steps=3)
+    return [p.detach() for p in trainer.params]
+
+
+def test_dynamic_sampling_trains_on_two_ranks(tiny_model, tmp_path, shipped):
+    """`train` with dynamic sampling on 2 ranks, each refilling its own 2 prompts: the ranks stay in step
+    (equal adapters, one metrics row per step with the agreed group count)."""
+    ranks = run_ranks(train_rank, 2, tiny_model, str(tmp_path), str(shipped("rl_train.jsonl")), timeout=300)
+    assert all(torch.equal(a, b) for a, b in zip(*ranks))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["groups_kept"] <= r["groups_informative"] <= 2 for r in rows)
+    assert any(r["refill_rounds"] % 1 for r in rows)  # (rank means) the ranks refilled different numbers of times
+    assert any("loss" in r for r in rows)
+    assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -146,6 +146,15 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, flat.tolist()))
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest of the ranks' values (a count they must agree on)."""
+    if world_size() == 1:
+        return value
+    flat = torch.tensor([value], dtype=torch.int64, device=_reduce_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.MIN, group=_data_parallel_group)
+    return int(flat.item())
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over ranks (for per-rank means over equal shares)."""
     summed = all_reduce_sum(values)

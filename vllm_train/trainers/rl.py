@@ -11,8 +11,9 @@ One loop for all of them. `train` runs steps; `ppo_step` reads top to bottom:
 * The algorithm (`rl_algorithms.make_algorithm`) and the policy's forward (`rl_policy.Policy`) are
   chosen once at setup; the step does not branch on the algorithm's name.
 * ``max_staleness=1`` overlaps the next rollout with the update (`rl_rollouts.RolloutPrefetcher`).
-* Data parallel (`vllm_train.distributed`): each rank samples its share of the step's prompts on its own
-  engine and seeds; global-count normalisation + one gradient all-reduce = one update. Stats: rank means.
+* Data parallel (`vllm_train.distributed`): each rank samples (and with dynamic sampling refills) its share
+  of the step's prompts on its own engine and seeds, then trains on as many groups as every other rank;
+  global-count normalisation + one gradient all-reduce = one update. Stats: rank means.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vllm_train.trainers.rl_rollouts import (
     Rollout,
     RolloutPrefetcher,
     check_rank_shares,
+    keep_on_every_rank,
     load_prompt_records,
     make_rollout_engine,
     rank_step_records,
@@ -108,7 +110,7 @@ class RLHFTrainer:
         c, lc = self.config, self.config.lora_config
         if num_steps < 1:
             raise VllmTrainError(f"num_steps: {num_steps} is invalid (an integer >= 1)")
-        check_rank_shares(c.rollout_batch_size, c.dynamic_sampling)
+        check_rank_shares(c.rollout_batch_size)
         records = load_prompt_records(prompt_dataset, "prompt dataset")
         eval_records = load_prompt_records(eval_dataset, "eval dataset") if eval_dataset is not None else None
         run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
@@ -188,22 +190,19 @@ class RLHFTrainer:
                  more_records: Callable[[int], Sequence[dict]] | None = None,
                  rollout: Rollout | None = None) -> dict:
         """One RL step on a batch of prompt records (the configured algorithm; named after the seed plan).
-        `rollout`: samples already taken for `records` (the prefetched, one-update-old rollout); by default
-        they are sampled now from the newest weights. With dynamic sampling, `more_records(k)` (k more prompt
-        records) lets the step refill the batch with informative groups, as DAPO does."""
+        `rollout`: samples already taken for `records` (the prefetched, one-update-old rollout), else sampled
+        now. With dynamic sampling, `more_records(k)` (k more records) refills the batch, as DAPO does."""
         c, t_start = self.config, time.perf_counter()
         rollout = rollout or self.generate_rollouts(records, seed)
         rewards_S = self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples)
         rewards_GN = rewards_S.view(-1, c.group_size)
-        keep_G = torch.ones(len(rewards_GN), dtype=torch.bool)
-        refill_rounds = 0
+        keep_G, dynamic = torch.ones(len(rewards_GN), dtype=torch.bool), {}
         if c.dynamic_sampling:  # train only on groups whose rewards differ; sample more prompts to refill
-            keep_G = grpo.informative_groups(rewards_GN)
-            if more_records is not None:
-                rollout, rewards_GN, keep_G, refill_rounds = self._refill(rollout, rewards_GN, keep_G, len(records),
-                                                                          more_records, seed)
+            rollout, rewards_GN, keep_G, rounds = self._refill(rollout, rewards_GN, len(records), more_records, seed)
+            dynamic = {"refill_rounds": rounds, "groups_informative": int(keep_G.sum())}  # this rank's
+            keep_G = keep_on_every_rank(keep_G)  # data parallel: as many groups on every rank (maybe none)
         stats = rollout_stats(rollout, rewards_GN.flatten(), self._version)
-        stats.update(groups_kept=int(keep_G.sum()), **({"refill_rounds": refill_rounds} if c.dynamic_sampling else {}))
+        stats.update(groups_kept=int(keep_G.sum()), **dynamic)
         keep = keep_G.repeat_interleave(c.group_size).nonzero()[:, 0].tolist()
         if keep:
             stats.update(self._learn(CompletionBatch.of(rollout, keep), rewards_GN, keep_G))
@@ -337,14 +336,14 @@ class RLHFTrainer:
             values = score_with_function(self.reward_fn, prompts, responses, examples)
         return torch.tensor(values, dtype=torch.float32)
 
-    def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, keep_G: torch.Tensor, target: int,
-                more_records: Callable[[int], Sequence[dict]], seed: int | None):
-        """DAPO's dynamic sampling: sample groups for more prompts until `target` groups have rewards
-        that differ (at most `dynamic_sampling_rounds` rounds). Each round asks for the missing number
-        divided by the share of informative groups so far. Returns the extended rollout, rewards,
-        the groups that train (the first `target` informative ones) and the rounds taken."""
-        rounds = 0
-        while int(keep_G.sum()) < target and rounds < self.config.dynamic_sampling_rounds:
+    def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, target: int,
+                more_records: Callable[[int], Sequence[dict]] | None, seed: int | None):
+        """DAPO's dynamic sampling: keep the groups whose rewards differ; with `more_records`, sample groups
+        for more prompts until `target` do (at most `dynamic_sampling_rounds` rounds; each asks for the missing
+        number / the informative share so far). Returns the extended rollout, rewards, the first `target`
+        informative groups, the rounds taken."""
+        keep_G, rounds = grpo.informative_groups(rewards_GN), 0
+        while more_records is not None and int(keep_G.sum()) < target and rounds < self.config.dynamic_sampling_rounds:
             rounds += 1
             missing = target - int(keep_G.sum())
             share = max(keep_G.float().mean().item(), 1.0 / target)

@@ -79,17 +79,22 @@ def rank_step_records(records: list[dict], step: int, batch_size: int, seed: int
     return distributed.local_share(step_records(records, step, batch_size, seed), "rollout_batch_size")
 
 
-def check_rank_shares(rollout_batch_size: int, dynamic_sampling: bool) -> None:
-    """Refuse, before any rollout, what data-parallel rollouts cannot do."""
+def check_rank_shares(rollout_batch_size: int) -> None:
+    """Refuse, before any rollout, a step's prompts that do not split evenly over the data-parallel ranks."""
     world = distributed.world_size()
-    if world == 1:
-        return
-    if rollout_batch_size % world:
+    if world > 1 and rollout_batch_size % world:
         raise VllmTrainError(f"rollout_batch_size: {rollout_batch_size} prompts do not split evenly over "
                              f"{world} ranks")
-    if dynamic_sampling:
-        raise VllmTrainError("dynamic_sampling: not supported with several ranks yet (a rank's refill would "
-                             "change the number of updates the ranks take together)")
+
+
+def keep_on_every_rank(keep_G: torch.Tensor) -> torch.Tensor:
+    """Dynamic sampling under data parallelism: each rank refilled its own share and found its own number
+    of informative groups; every rank trains on its first ``min over ranks`` of them (none anywhere: every
+    rank skips the update). Equal batches keep the ranks' updates in step -- the same collectives (loss
+    normaliser, gradient all-reduce) on every rank -- and each rank's share of the update equal.
+    One process: `keep_G` as is."""
+    agreed = distributed.all_reduce_min(int(keep_G.sum()))
+    return keep_G & (keep_G.cumsum(0) <= agreed)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -102,8 +107,9 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def refill_source(records: list[dict], step: int, seed: int) -> Callable[[int], list[dict]]:
-    """Extra prompts for dynamic sampling at `step`: random draws seeded by the step (resumable)."""
-    generator = torch.Generator().manual_seed(step_seed(seed, step) + 1)
+    """Extra prompts for dynamic sampling at `step`: random draws seeded by the step (resumable) and the
+    data-parallel rank (each rank refills its own share with other prompts)."""
+    generator = torch.Generator().manual_seed(step_seed(seed, step, distributed.rank()) + 1)
     return lambda k: [records[i] for i in torch.randint(len(records), (k,), generator=generator).tolist()]
 
 
