@@ -4,8 +4,9 @@ For each of `--syncs` training steps, on ONE in-process engine:
   fast   family "fast" (pinned slot): `sync_adapter` writes A and B*scaling into vLLM's slot buffers
   public family "public" (the engine keeps one slot unpinned, so this family always takes the public
          path): fresh PEFT dir on tmpfs + new LoRARequest; vLLM loads it into a slot on the next generate
-and times `sync` (sync_adapter returns; on CUDA after a device synchronize), `sync+gen` (sync and the
-next generate with the new version) and a plain generate of the same batch with an unchanged adapter.
+and times `sync` (the trainer's live LoRA state + sync_adapter; on CUDA after a device synchronize),
+`sync+gen` (sync and the next generate with the new version) and a plain generate of the same batch with
+an unchanged adapter.
 `overhead` = p50(sync+gen) - p50(plain): what a new version costs on top of the generate itself (the
 plain generate runs after a prefix-cache reset, so neither side gets cache hits on its prompts), and
 `fast_write_only` = the batched slot write alone.
@@ -110,10 +111,10 @@ def measure(args) -> dict:
     def generate(ref) -> None:
         engine.generate_raw(prompts, {"max_tokens": args.max_tokens, "temperature": 0.0, "detokenize": False}, ref)
 
-    def sync(family: str):
-        state = injector.peft_state_dict(live=True)
+    def sync(family: str):  # what the trainers time as sync_ms: the live state, then sync_adapter
         start = time.perf_counter()
-        ref = engine.sync_adapter(state, peft_config, family)
+        state, shards = injector.sync_states()
+        ref = engine.sync_adapter(state, peft_config, family, shards)
         if cuda:
             torch.cuda.synchronize()
         return ref, (time.perf_counter() - start) * 1e3

@@ -300,3 +300,26 @@ def test_our_save_gives_vllm_our_logprobs(tiny_model, engine, tmp_path):
         assert (expected - completion_logprobs(base_model, prompt_ids, completion_ids)).abs().max().item() > 1e-2
     finally:
         engine.remove_adapter(ref)
+
+
+def test_sync_states_are_the_live_parameters_rebuilt_only_when_storage_changes(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    injector = LoRAInjector(LoRATrainConfig(rank=4, target_modules=list(ALL_LINEAR_MODULES)))
+    injector.inject(model)
+    state, shards = injector.sync_states()
+    assert shards is None and state.keys() == injector.peft_state_dict().keys()
+    optimizer = torch.optim.SGD(injector.get_trainable_params(), lr=1.0)
+    for p in injector.get_trainable_params():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # in place: the same views now hold the new values
+    again, _ = injector.sync_states()
+    assert again is state
+    for key, value in injector.peft_state_dict().items():
+        assert torch.equal(again[key], value)
+    model.double()  # new storage: the views are built anew, on it
+    recast, _ = injector.sync_states()
+    assert recast is not state and all(t.dtype == torch.float64 for t in recast.values())
+    for key, value in injector.peft_state_dict().items():
+        assert torch.equal(recast[key].float(), value)

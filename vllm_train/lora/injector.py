@@ -29,6 +29,8 @@ class LoRAInjector:
     def __init__(self, config: LoRATrainConfig):
         self.config = config
         self.lora_layers: dict[str, TrainableLoRALinear] = {}
+        self._live_state: dict[str, torch.Tensor] = {}  # `sync_states`' live views, for these storages:
+        self._live_storage: list[int] = []
 
     def _new_lora(self, in_features: int, out_features: int, like: torch.Tensor | None) -> TrainableLoRALinear:
         c = self.config
@@ -118,10 +120,18 @@ class LoRAInjector:
     def sync_states(self):
         """(full, shards) for `VLLMEngine.sync_adapter`: the live tensors and None; under tensor
         parallelism a function that gathers the full tensors (called only for the public path) and this
-        rank's shards (which the fast path writes into this rank's vLLM slot)."""
-        if not any(isinstance(p, DTensor) for p in self.get_trainable_params()):
-            return self.peft_state_dict(live=True), None
-        return (lambda: self.peft_state_dict(live=True)), self.peft_state_dict(live=True, local=True)
+        rank's shards (which the fast path writes into this rank's vLLM slot).
+
+        The live tensors are views of the parameters' storage, which the optimizer updates in place, so
+        they are built once and rebuilt only when a parameter's storage changed (moved, re-cast): building
+        them took 0.85 ms a sync for 196 LoRA layers (2-core CPU), more than the slot write."""
+        params = self.get_trainable_params()
+        if any(isinstance(p, DTensor) for p in params):
+            return (lambda: self.peft_state_dict(live=True)), self.peft_state_dict(live=True, local=True)
+        storage = [p.data_ptr() for p in params]
+        if storage != self._live_storage:
+            self._live_state, self._live_storage = self.peft_state_dict(live=True), storage
+        return self._live_state, None
 
     def peft_config(self, base_model_name_or_path: str | None) -> dict:
         c = self.config
