@@ -205,8 +205,9 @@ if __name__ == "__main__":
              for step in range(3)]
     text = engine.generate([records[0]["messages"][:1]], max_tokens=4, temperature=0.0)[0].outputs[0].text
     engine.save_lora(out)
-    print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), "text": text,
-                                  "stats": stats}), flush=True)
+    # a file per rank: lines the ranks print at the same time can interleave in torchrun's stdout
+    with open(f"{out}.rank{distributed.rank()}.json", "w") as f:
+        json.dump({"rank": distributed.rank(), "world": distributed.world_size(), "text": text, "stats": stats}, f)
     engine.close()
 """
 
@@ -219,10 +220,9 @@ def test_trainable_engine_two_ranks_equal_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(script), MODEL, str(tmp_path / "one")], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr[-4000:]
-    two = _torchrun([str(script), MODEL, str(tmp_path / "two")])
-    single = [json.loads(x[7:]) for x in one.stdout.splitlines() if x.startswith("RESULT ")]
-    ranks = sorted((json.loads(x[7:]) for x in two.stdout.splitlines() if x.startswith("RESULT ")),
-                   key=lambda r: r["rank"])
+    _torchrun([str(script), MODEL, str(tmp_path / "two")])
+    single = [json.loads((tmp_path / "one.rank0.json").read_text())]
+    ranks = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in single + ranks] == [1, 2, 2]
     for rank in ranks:  # every rank reports the whole batch's loss and token count
         for got, want in zip(rank["stats"], single[0]["stats"], strict=True):
