@@ -10,6 +10,8 @@ that needs more than the budget is still served correctly: vLLM queues or preemp
 
 from __future__ import annotations
 
+import functools
+
 from transformers import AutoConfig
 
 GIB = 1 << 30
@@ -17,12 +19,18 @@ PROMPT_TOKENS_ALLOWANCE = 1024  # per prompt: the RL trainer does not bound prom
 MARGIN = 1.25  # block rounding (16-token blocks), partly filled blocks, prompts longer than the allowance
 
 
+@functools.lru_cache(maxsize=8)
+def _text_config(model_path: str):
+    """The model's (text) config, read once: the RL trainer sizes its engine's options more than once."""
+    return AutoConfig.from_pretrained(model_path).get_text_config()
+
+
 def kv_bytes_per_token(model_path: str, dtype_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
     """Bytes of K and V one token takes on one GPU, over all layers of the model at `model_path` (full
     attention assumed on every layer: sliding-window layers take less, so this is an upper bound). Under
     tensor parallelism each GPU holds its share of the KV heads, at least one (vLLM replicates the heads
     when there are fewer than GPUs)."""
-    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    config = _text_config(model_path)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -33,7 +41,7 @@ def max_sequence_tokens(model_path: str, max_model_len: int | None = None) -> in
     """The longest sequence the engine accepts: vLLM refuses to start unless one fits in its KV cache."""
     if max_model_len:
         return max_model_len
-    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    config = _text_config(model_path)
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
