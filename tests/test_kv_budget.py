@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
@@ -52,3 +54,33 @@ def test_rl_engine_sizes_its_kv_cache_on_cuda_only(qwen_32b_shape, monkeypatch):
     assert rl_rollouts.rollout_engine_options(config, None, qwen_32b_shape).kv_cache_gib == pytest.approx(2.5)
     given = EngineOptions(gpu_memory_utilization=0.5)  # options the caller gives are taken as they are
     assert rl_rollouts.rollout_engine_options(config, given, qwen_32b_shape) is given
+
+
+def test_fixed_kv_size_asks_vllm_only_for_the_memory_free_at_startup(qwen_32b_shape, monkeypatch):
+    gib = 1 << 30
+    # the H200 of the 7B run: a 7B training copy left 124.88 of 139.8 GiB free, vLLM's 0.92 wanted 128.62
+    assert kv_budget.startup_memory_share(int(124.88 * gib), int(139.8 * gib)) == 0.893
+    assert kv_budget.startup_memory_share(int(139.0 * gib), int(139.8 * gib)) == 0.92  # never above vLLM's own
+    assert kv_budget.startup_memory_share(0, int(139.8 * gib)) == 0.001
+
+    # what VLLMEngine._build hands vLLM on a (pretended) GPU: the fixed KV size and the free share
+    built = {}
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    monkeypatch.setattr(llm, "on_cuda", lambda: True)
+    monkeypatch.setattr(llm.torch.cuda, "mem_get_info", lambda: (int(124.88 * gib), int(139.8 * gib)))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # _build sets vLLM's process variables
+    engine = object.__new__(llm.VLLMEngine)  # _build alone: no tokenizer, no adapters
+    engine.model_path, engine.options = qwen_32b_shape, EngineOptions(kv_cache_gib=5.0)
+    engine._build()
+    assert built["kv_cache_memory_bytes"] == 5 * gib and built["gpu_memory_utilization"] == 0.893
+    built.clear()
+    engine.options = EngineOptions(gpu_memory_utilization=0.3)
+    engine._build()
+    assert built["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in built

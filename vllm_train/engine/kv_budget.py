@@ -54,3 +54,14 @@ def rollout_kv_cache_gib(model_path: str, prompts: int, group_size: int, max_new
     tokens = prompts * PROMPT_TOKENS_ALLOWANCE + prompts * group_size * max_new_tokens
     tokens = max(int(tokens * MARGIN), max_sequence_tokens(model_path, max_model_len))
     return tokens * kv_bytes_per_token(model_path, dtype_bytes, tensor_parallel_size) / GIB
+
+
+def startup_memory_share(free_bytes: int, total_bytes: int, vllm_default: float = 0.92) -> float:
+    """The `gpu_memory_utilization` to give vLLM next to a fixed KV size (`kv_cache_memory_bytes`).
+
+    With a fixed KV size vLLM skips its memory profiling and the share sizes nothing, but it still refuses to
+    start unless that share of the GPU is free at startup. Its default (0.92) is not free once a training
+    copy of the base sits on the GPU (a 7B base in bf16 leaves 124.9 of 139.8 GiB): ask for what is free
+    now, rounded down to 1/1000, and let the weights and the KV cache fail on their own if they do not fit.
+    """
+    return max(0.001, min(vllm_default, int(1000 * free_bytes / total_bytes) / 1000))
