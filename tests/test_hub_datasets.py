@@ -28,6 +28,12 @@ configs:
     path: sharegpt/train-*
   - split: test
     path: sharegpt/test-*
+- config_name: prompts
+  data_files:
+  - split: train
+    path: prompts/train-*
+  - split: test
+    path: prompts/test-*
 - config_name: broken
   data_files:
   - split: train
@@ -41,7 +47,13 @@ def sharegpt(a: int, b: int) -> dict:
     return {"conversations": [{"from": "human", "value": f"What is {a} + {b}?"}, {"from": "gpt", "value": str(a + b)}]}
 
 
+def rl_prompt(a: int, b: int) -> dict:  # chat messages + the field the reward reads
+    return {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+
+
 FILES = {
+    "prompts/train-00000-of-00001.parquet": [rl_prompt(a, 5) for a in range(6)],
+    "prompts/test-00000-of-00001.parquet": [rl_prompt(a, 3) for a in range(2)],
     "sharegpt/train-00000-of-00001.parquet": [sharegpt(a, 7) for a in range(8)],
     "sharegpt/test-00000-of-00001.parquet": [sharegpt(a, 9) for a in range(3)],
     "broken/train-00000-of-00001.parquet": [sharegpt(1, 2), {"conversations": [{"from": "human", "value": "hi"},
@@ -143,3 +155,29 @@ def test_eval_data_source_errors_are_one_line_exit_2(hf_home, tiny_model, tmp_pa
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(line), (extra, proc.stderr[-3000:])
         assert not out.exists()
+
+
+def test_rl_prompts_from_a_hub_dataset_equal_the_same_records_in_a_file(hf_home, tmp_path):
+    """grpo/ppo's data path (`data_sources` -> `load_prompt_records`) on --dataset-name, offline, against the
+    same rows written to --prompts files (oracle: the file reader); the reward's extra field comes along."""
+    from vllm_train.trainers.rl_rollouts import load_prompt_records
+
+    script = f"""
+import argparse, json
+from vllm_train.commands._data import data_sources
+from vllm_train.trainers.rl_rollouts import load_prompt_records
+args = argparse.Namespace(prompts=None, eval_prompts=None, dataset_name={REPO!r}, dataset_config="prompts",
+                          split="train", eval_split="test")
+train, held_out = data_sources(args, "prompts", "eval_prompts")
+print(json.dumps([load_prompt_records(train, "prompts"), load_prompt_records(held_out, "eval prompts")]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HF_DATASETS_CACHE")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hub_train, hub_test = json.loads(proc.stdout.strip().splitlines()[-1])
+    for split, hub in (("train", hub_train), ("test", hub_test)):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in FILES[f"prompts/{split}-00000-of-00001.parquet"]))
+        assert hub == load_prompt_records(path, "prompts")
+    assert len(hub_train) == 6 and hub_train[0]["answer"] == "5" and hub_train[0]["prompt"][0]["role"] == "user"
