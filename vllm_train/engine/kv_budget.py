@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 GIB = 1 << 30
 PROMPT_TOKENS_ALLOWANCE = 1024  # per prompt: the RL trainer does not bound prompt lengths
+STARTUP_HEADROOM_GIB = 2
 MARGIN = 1.25  # block rounding (16-token blocks), partly filled blocks, prompts longer than the allowance
 
 
@@ -62,6 +63,9 @@ def startup_memory_share(free_bytes: int, total_bytes: int, vllm_default: float 
     With a fixed KV size vLLM skips its memory profiling and the share sizes nothing, but it still refuses to
     start unless that share of the GPU is free at startup. Its default (0.92) is not free once a training
     copy of the base sits on the GPU (a 7B base in bf16 leaves 124.9 of 139.8 GiB): ask for what is free
-    now, rounded down to 1/1000, and let the weights and the KV cache fail on their own if they do not fit.
+    now less STARTUP_HEADROOM_GIB (what vLLM's own processes take before it looks: a CUDA context each,
+    NCCL buffers), rounded down to 1/1000, and let the weights and the KV cache fail on their own if they
+    do not fit.
     """
-    return max(0.001, min(vllm_default, int(1000 * free_bytes / total_bytes) / 1000))
+    share = (free_bytes - STARTUP_HEADROOM_GIB * GIB) / total_bytes
+    return max(0.001, min(vllm_default, int(1000 * share) / 1000))
