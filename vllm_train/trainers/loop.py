@@ -62,6 +62,21 @@ def run_evaluation(evaluate: Callable[[], dict], logger: MetricsLogger, step: in
     return metrics
 
 
+def optimizer_step(stats: dict[str, float], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   scheduler, max_grad_norm: float, step: int, run_dir: Path) -> tuple[dict[str, float], torch.Tensor]:
+    """One update after an accumulation group: sum gradients and stats over ranks, clip, refuse a non-finite
+    loss or gradient norm (naming `step`, before the weights take it), step. Returns (stats, grad norm)."""
+    stats = dict(zip(stats, distributed.all_reduce_grads(params, *stats.values())))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        stop_if_not_finite(step, stats["loss"], grad_norm, run_dir)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm
+
+
 class _Window:
     """Stats summed over the optimizer steps since the last log line."""
 
@@ -126,15 +141,8 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
             for g in range(start_group if epoch == start_epoch else 0, len(groups)):
                 stats = step_fn([distributed.local_share(micro) for micro in groups[g]],
                                 sum(len(micro) for micro in groups[g]))
-                stats = dict(zip(stats, distributed.all_reduce_grads(params, *stats.values())))
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    stop_if_not_finite(step + 1, stats["loss"], grad_norm, run_dir)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
+                stats, grad_norm = optimizer_step(stats, params, optimizer, scheduler, c.max_grad_norm, step, run_dir)
                 window.add(stats)
                 bar.update(1)
                 if step % c.logging_steps == 0 or step == total_steps:
