@@ -801,3 +801,27 @@ def test_serve_leaves_no_process_after_sigterm(served):
     left = [(pid, state) for pid, state in _processes_in_sessions(sessions) if state != "Z"]
     assert left == [], left
     assert any("servers stopped" in line for line in served.lines)
+
+
+def test_watch_replicas_warns_once_per_exited_replica_and_stops_when_none_is_left(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from vllm_train.commands import serve
+    from vllm_train.errors import VllmTrainError
+
+    polls = {"n": 0}
+
+    def replica(index: int, exits_after: int):  # alive for `exits_after` polls of the watch loop
+        return SimpleNamespace(index=index, url=f"http://127.0.0.1:800{index}", process=SimpleNamespace(returncode=3),
+                               alive=lambda: polls["n"] < exits_after, log_tail=lambda n: f"tail of {index}")
+
+    def one_poll(seconds):
+        polls["n"] += 1
+
+    monkeypatch.setattr(serve.time, "sleep", one_poll)
+    with pytest.raises(VllmTrainError, match="every server replica has exited"):
+        serve.watch_replicas([replica(0, 2), replica(1, 5)])
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == ["warning: replica 0 (http://127.0.0.1:8000) exited with code 3; log tail: tail of 0",
+                        "warning: replica 1 (http://127.0.0.1:8001) exited with code 3; log tail: tail of 1"]
+    assert polls["n"] == 5  # it kept serving with replica 1 until that one exited too

@@ -93,6 +93,22 @@ def _raise_stop(signum, frame):  # SIGTERM -> leave the wait loop and clean up
     raise _Stop()
 
 
+def watch_replicas(replicas) -> None:
+    """Until every replica has exited: warn once, with its log's tail, for each one that exits."""
+    from vllm_train.errors import VllmTrainError
+
+    reported: set[int] = set()
+    while True:
+        for r in replicas:
+            if not r.alive() and r.index not in reported:
+                reported.add(r.index)
+                print(f"warning: replica {r.index} ({r.url}) exited with code {r.process.returncode}; "
+                      f"log tail: {r.log_tail(4)}", file=sys.stderr, flush=True)
+        if len(reported) == len(replicas):
+            raise VllmTrainError("every server replica has exited")
+        time.sleep(0.5)
+
+
 def run(args: argparse.Namespace) -> int:
     from vllm_train import hub
     from vllm_train.engine.gateway import API_KEY_ENV
@@ -141,16 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ready in {time.perf_counter() - t0:.0f}s. Publish a version: vllm-train push --server {urls} "
               f"--adapter DIR --name NAME", flush=True)
         print("Ctrl-C or SIGTERM stops the servers.", flush=True)
-        while True:
-            alive = [r for r in group.replicas if r.alive()]
-            for r in group.replicas:
-                if not r.alive() and not getattr(r, "_reported", False):
-                    r._reported = True
-                    print(f"warning: replica {r.index} ({r.url}) exited with code {r.process.returncode}; "
-                          f"log tail: {r.log_tail(4)}", file=sys.stderr, flush=True)
-            if not alive:
-                raise VllmTrainError("every server replica has exited")
-            time.sleep(0.5)
+        watch_replicas(group.replicas)
     except (KeyboardInterrupt, _Stop):
         print("stopping servers ...", flush=True)
         return 0
