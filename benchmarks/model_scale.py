@@ -92,22 +92,26 @@ def reuse_model(model_dir: Path) -> int | None:
     return sum(t.numel() for t in model.parameters())
 
 
+def gpu_memory_used_mib() -> int:
+    """memory.used of this process's (first visible) GPU, the whole device, from nvidia-smi; 0 without it."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    query = ["nvidia-smi", "-i", index, "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    out = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
 class GpuMemoryPoll:
-    """Peak memory.used of this process's GPU (nvidia-smi, MiB) while the `with` block runs."""
+    """Peak `gpu_memory_used_mib` while the `with` block runs."""
 
     def __init__(self):
-        self.index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         self.peak_mib = 0
         self._stop = threading.Event()
 
-    def _used(self) -> int:
-        query = ["nvidia-smi", "-i", self.index, "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-        out = subprocess.run(query, capture_output=True, text=True).stdout.strip()
-        return int(out) if out.isdigit() else 0
-
     def _loop(self):
         while not self._stop.wait(0.25):
-            self.peak_mib = max(self.peak_mib, self._used())
+            self.peak_mib = max(self.peak_mib, gpu_memory_used_mib())
 
     def __enter__(self):
         self.available = shutil.which("nvidia-smi") is not None

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 from grpo_step import ROOT, build_model
-from model_scale import SHAPES, GpuMemoryPoll, reuse_model
+from model_scale import SHAPES, gpu_memory_used_mib, reuse_model
 
 ROLLOUT = dict(prompts=16, generations=8, new_tokens=256)
 
 
 def used_gib() -> float:
-    return GpuMemoryPoll()._used() / 1024
+    return gpu_memory_used_mib() / 1024
 
 
 def timed(fn) -> float:

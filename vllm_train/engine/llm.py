@@ -180,8 +180,8 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int((0.5 if o.kv_cache_gib is None else o.kv_cache_gib) * (1 << 30))
-        if cuda and o.kv_cache_gib is not None:
-            kwargs["gpu_memory_utilization"] = startup_memory_share(*torch.cuda.mem_get_info())
+            if cuda:  # a fixed KV size: vLLM still checks that its share of the GPU is free at startup
+                kwargs["gpu_memory_utilization"] = startup_memory_share(*torch.cuda.mem_get_info())
         if cuda and not o.in_process:
             # this process may have touched CUDA already (the training copy, a seed): a forked engine
             # core cannot initialize it again ("Cannot re-initialize CUDA in forked subprocess")
