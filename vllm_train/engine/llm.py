@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from vllm_train import distributed, hub
+from vllm_train.engine import cpu_lora_ops
 from vllm_train.engine.kv_budget import startup_memory_share
 from vllm_train.errors import VllmTrainError
 
@@ -45,7 +46,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     in_process: bool = True  # needed for the fast adapter sync and `apply_model`
     fast_sync: bool = True  # write new adapter versions into vLLM's slot buffers (engine/fast_sync.py)
-    cpu_lora_fast_ops: bool = True  # CPU: one matmul per LoRA op when a batch uses one adapter (fast_sync.py)
+    cpu_lora_fast_ops: bool = True  # CPU, in-process: one matmul per LoRA op when a batch uses one adapter
     tensor_parallel_size: int = 1  # GPUs (ranks) one engine spans
     # CUDA, in-process: the training copy's frozen base weights are views of this engine's (shared_base.py)
     share_base_weights: bool = True
@@ -186,18 +187,20 @@ class VLLMEngine:
             # this process may have touched CUDA already (the training copy, a seed): a forked engine
             # core cannot initialize it again ("Cannot re-initialize CUDA in forked subprocess")
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if not cuda and o.enable_lora and not o.in_process:
+            # the engine core is another process: vLLM imports our CPU LoRA ops there (cpu_lora_ops.py)
+            kwargs["worker_extension_cls"] = cpu_lora_ops.WORKER_EXTENSION
         kwargs.update(o.extra)
         llm = LLM(**kwargs)
-        from vllm_train.engine import fast_sync
-
-        # Why vLLM's own CPU LoRA ops are in use (None: the single-adapter fast path is installed; it is
-        # process-wide, like the engine it serves: one engine per process).
-        if cuda or not o.enable_lora or not o.in_process:
-            self.cpu_lora_fast_ops_unavailable = "not a CPU engine with LoRA in this process"
-        elif not o.cpu_lora_fast_ops:
-            self.cpu_lora_fast_ops_unavailable = "disabled in EngineOptions"
+        # Why vLLM's own CPU LoRA ops are in use (None: ours are, cpu_lora_ops.py: base rows of a mixed batch
+        # get no adapter, one adapter is one matmul; process-wide, like the engine: one engine per process).
+        if cuda or not o.enable_lora:
+            self.cpu_lora_ops_unavailable = "not a CPU engine with LoRA"
+        elif o.in_process:
+            cpu_lora_ops.single_slot_matmul = o.cpu_lora_fast_ops
+            self.cpu_lora_ops_unavailable = cpu_lora_ops.install(vllm_version())
         else:
-            self.cpu_lora_fast_ops_unavailable = fast_sync.install_cpu_single_adapter_lora_ops(vllm_version())
+            self.cpu_lora_ops_unavailable = llm.collective_rpc("vllm_train_cpu_lora_ops")[0]
         return llm
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -366,9 +369,12 @@ class VLLMEngine:
         if tmp is not None:
             tmp.cleanup()
 
-    def _request(self, adapter: AdapterRef | None):
+    def _request(self, adapter: AdapterRef | Sequence[AdapterRef | None] | None):
+        """vLLM's LoRARequest of `adapter`, or a list of them (one per prompt) for a list of adapters."""
         if adapter is None:
             return None
+        if not isinstance(adapter, AdapterRef):
+            return [self._request(a) for a in adapter]
         from vllm.lora.request import LoRARequest
 
         return LoRARequest(adapter.name, adapter.id, adapter.path)
