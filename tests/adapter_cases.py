@@ -20,6 +20,9 @@ BAD_VALUE_CASES = {
     "int64_tensor": f"tensor {Q_A} has dtype int64",
     "wrong_shape": f"tensor {K_B} has shape (128, 8) but",
     "one_by_n": f"tensor {Q_A} has shape (1, 128) but adapter_config.json says rank 8",
+    # finite, but it overflows every activation it touches (issue #31: it made every model on a server answer
+    # HTTP 400): refused by magnitude, ||scaling B A|| against the base weight's norm
+    "huge_values": "the adapter's update has norm",
 }
 
 
@@ -37,6 +40,8 @@ def make_bad_adapter(good: Path, out: Path, case: str) -> Path:
         state[Q_A] = (state[Q_A] * 100).long()
     elif case == "wrong_shape":
         state[K_B] = torch.zeros(128, 8)  # k_proj of the tiny model has 64 outputs (one KV head)
+    elif case == "huge_values":
+        state = {k: v * 1e30 if ".lora_B." in k else v for k, v in state.items()}
     elif case == "one_by_n":
         state[Q_A], state[Q_B] = state[Q_A][:1].clone(), state[Q_B][:, :1].clone()
     else:

@@ -36,6 +36,7 @@ CLI = [sys.executable, "-m", "vllm_train.cli"]
 API_KEY = "test-key-" + os.urandom(8).hex()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PASSTHROUGH = ["--max-num-seqs", "8"]  # vLLM arguments after `--` of the shared server
+BASE_NAME = TINY_MODEL.name  # the base model's served name
 
 
 # ---- adapters ------------------------------------------------------------------------------------
@@ -98,6 +99,23 @@ def expected(engine, adapters) -> list[dict]:
             assert results[i]["text"] != results[j]["text"] or \
                 max(abs(x - y) for x, y in zip(a, b)) > 100 * TOL, (i, j)
     return results
+
+
+@pytest.fixture(scope="module")
+def expected_base(engine) -> dict:
+    """The base model's greedy answer (the in-process engine's tokens) and its log-probs from the HF
+    forward, the oracle every base-model answer of the servers is held to (fp32, 1e-4)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_train.evaluation import completion_logprobs
+
+    sample = engine.generate([MESSAGES], None, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=True)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), dtype=torch.float32)
+    with torch.no_grad():
+        hf = completion_logprobs(model, engine.prompt_token_ids(MESSAGES), sample.token_ids).tolist()
+    assert max(abs(a - b) for a, b in zip(hf, sample.logprobs)) < TOL
+    return {"text": sample.text, "logprobs": hf}
 
 
 # ---- the shared server -----------------------------------------------------------------------------
@@ -541,7 +559,10 @@ def test_push_then_openai_client_matches_in_process_engine(served, adapters, exp
         assert model == "live-v2" and text == expected[1]["text"] and _matches(lps, expected[1])
 
 
-def test_load_while_pushing_five_versions(served, adapters, expected):
+def test_load_while_pushing_five_versions(served, adapters, expected, expected_base):
+    """Clients ask for the newest version, and every fifth request for the base model, while five versions
+    are pushed: every answer carries exactly the weights of the model it names. (Base answers computed with
+    an adapter's weights were issue #31: vLLM's CPU LoRA ops read a base row's index -1 as the last slot.)"""
     from vllm_train.engine.publish import AdapterPublisher
 
     n_threads, per_thread, n_pushes = 4, 50, 5
@@ -559,7 +580,8 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
             url = served.urls[(k + i) % len(served.urls)]
             try:
                 t0 = time.perf_counter()
-                current = resolver.current("live")  # the newest version every replica serves
+                # the newest version every replica serves, or the base model
+                current = BASE_NAME if (k + i) % 5 == 4 else resolver.current("live")
                 t1 = time.perf_counter()
                 model, _, lps = _ask(url, current)
                 with lock:
@@ -599,8 +621,9 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
     inconsistent = []
     for model, lps in results:
         matching = [i for i in range(N_VERSIONS) if _matches(lps, expected[i])]
+        matching += ["base"] if _matches(lps, expected_base) else []
         seen[model] = seen.get(model, 0) + 1
-        if matching != [served.content.get(model)]:
+        if matching != [served.content.get(model, "base" if model == BASE_NAME else None)]:
             inconsistent.append((model, matching))
     print(f"\nload test: {len(results)} ok, {len(failures)} failed, {elapsed:.1f}s, pushed {pushed}, "
           f"responses per version {dict(sorted(seen.items()))}, inconsistent {len(inconsistent)}; mean per request: "
@@ -610,7 +633,7 @@ def test_load_while_pushing_five_versions(served, adapters, expected):
     assert len(results) == n_threads * per_thread
     assert pushed == [f"live-v{i}" for i in range(3, 3 + n_pushes)]
     assert inconsistent == []
-    assert len(seen) >= 3  # the clients really saw versions change under them
+    assert len(seen) >= 4 and seen[BASE_NAME] >= 30  # versions changed under the clients; base requests among them
     for url in served.urls:
         assert set(_loaded(url)) == {pushed[-2], pushed[-1]}
     assert _assert_serves(served, expected) == pushed[-1]
@@ -634,6 +657,42 @@ def test_bad_adapter_is_rejected_and_nothing_changes(served, adapters, expected,
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert [_loaded(url) for url in served.urls] == before  # nothing half-published
     assert _assert_serves(served, expected) == current
+
+
+def test_push_whose_canary_is_not_finite_changes_no_answer(served, adapters, expected, expected_base):
+    """The huge-values adapter with the magnitude check off (--max-delta-ratio inf) reaches the first replica;
+    its canary completion is not finite, so it is unloaded there and no other replica is touched. Clients
+    asking for the base model and the current version meanwhile, and afterwards, get exactly their weights."""
+    before = [_loaded(url) for url in served.urls]
+    current = _assert_serves(served, expected)
+    answers: list[tuple[str, str, list[float]]] = []
+    pushing = threading.Event()
+    pushing.set()
+
+    def client(url: str) -> None:
+        while pushing.is_set() or len(answers) < 8:
+            for model in (BASE_NAME, current):
+                answers.append((model, *_ask(url, model)))
+
+    threads = [threading.Thread(target=client, args=(url,)) for url in served.urls]
+    for t in threads:
+        t.start()
+    result = served.cli("push", "--server", ",".join(served.urls), "--adapter", str(adapters["huge_values"]),
+                        "--name", "live", "--max-delta-ratio", "inf")
+    pushing.clear()
+    for t in threads:
+        t.join(timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == "" and len(lines) == 1, result.stderr
+    assert "the canary completion through live-v" in lines[0] and f"{current} is still served" in lines[0]
+    assert [_loaded(url) for url in served.urls] == before
+    assert _assert_serves(served, expected) == current
+    for url in served.urls:
+        answers.append((BASE_NAME, *_ask(url, BASE_NAME)))
+        answers.append((current, *_ask(url, "live")))
+    for model, answered, _, lps in answers:
+        assert answered == model
+        assert _matches(lps, expected_base if model == BASE_NAME else expected[served.content[model]]), model
 
 
 def _unload(url: str, served_name: str, alias: str | None = None) -> None:

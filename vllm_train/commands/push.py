@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vllm_train.config import MAX_DELTA_RATIO
+
 DESCRIPTION = """\
 Publish a PEFT adapter directory to every replica of a running vLLM OpenAI server (started by
 `vllm-train serve`, or any vLLM server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora) as a
@@ -12,10 +14,12 @@ new version NAME-vN, and print that served name.
 
 Before any replica is touched the directory is validated, by value: config sane (rank, finite alpha,
 target modules), tensors floating point and finite, shapes those of the base model the servers serve,
-rank within the servers' --max-lora-rank; and every replica must serve only versions of NAME that this
-publisher loaded for these --server URLs. The files are copied to this server group's immutable staging
+rank within the servers' --max-lora-rank, each module's update (scaling * B A) at most --max-delta-ratio
+times the norm of the base weight it adds to; and every replica must serve only versions of NAME that
+this publisher loaded for these --server URLs. The files are copied to this server group's immutable staging
 directory (under --stage-dir; the servers must be able to read it), loaded on the first replica, then
-on the others; then NAME (the stable alias clients may query) points at the new version. If any replica
+on the others, each replica answering a short greedy completion through it with finite log-probs (a
+canary); then NAME (the stable alias clients may query) points at the new version. If any replica
 fails, the new version is unloaded from those that loaded it and the previous version keeps serving;
 the exit status is then non-zero. After success, versions older than the --keep newest are unloaded,
 and every replica is checked to serve exactly the expected versions. Names are never reused for new
@@ -45,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or /dev/shm/vllm-train-adapters-UID)")
     p.add_argument("--api-key", metavar="KEY", help="the servers' API key (default: $VLLM_TRAIN_API_KEY; prefer "
                    "the variable, command lines are visible to local users)")
+    p.add_argument("--max-delta-ratio", type=float, default=MAX_DELTA_RATIO, metavar="R",
+                   help="refuse an adapter whose update of a module is more than R times the base weight's norm "
+                        f"(default: {MAX_DELTA_RATIO:g}; inf: no magnitude check, the canary still runs)")
     p.add_argument("--timeout", type=float, default=120, metavar="S", help="per HTTP call (default: 120)")
     p.add_argument("--verbose", action="store_true", help="also print timings and unloaded versions (stderr)")
     p.set_defaults(run=run)
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     validate_adapter(args.adapter)  # the files first (against the served base once the servers answer)
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
-                                 stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key)
+                                 stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key,
+                                 max_delta_ratio=args.max_delta_ratio)
     result = publisher.publish_detailed(hub.resolve(args.adapter, what="--adapter"), args.name)
     print(result.served_name, flush=True)
     if args.verbose:

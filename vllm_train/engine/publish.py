@@ -2,7 +2,8 @@
 
 Validate the adapter directory first (`lora.validate`), check that every replica serves only versions
 this publisher published, copy the adapter to the server group's staging directory (`engine.staging`),
-load it under a new served name ``NAME-vN`` on every replica (the first replica is a canary), point the
+load it under a new served name ``NAME-vN`` on every replica (the first replica is a canary), ask each
+replica for a short greedy completion through it (`CANARY`: its log-probs must be finite), point the
 alias ``NAME`` at it (servers started by `vllm-train serve`), and only then report it published. Any
 failure unloads what was loaded, so the previous version keeps serving. Afterwards every replica is
 checked again: it must serve exactly the versions the publisher expects. Served names are never
@@ -14,6 +15,7 @@ a new version's log-probs right. The servers hold the state (``GET /v1/models``)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_train.config import MAX_DELTA_RATIO
 from vllm_train.engine.gateway import API_KEY_ENV
 from vllm_train.engine.http_client import (
     VERSION_RE,
@@ -36,6 +39,11 @@ from vllm_train.engine.http_client import (
 from vllm_train.engine.staging import StageDir, default_stage_root
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.validate import validate_adapter
+
+# A completion asked of every new version on every replica before the alias moves: an adapter that passed
+# validation by value can still turn activations non-finite (vLLM then answers HTTP 400 "Out of range float
+# values are not JSON compliant", or NaN log-probs), and no client may be pointed at it.
+CANARY = {"prompt": "1 + 1 =", "max_tokens": 4, "temperature": 0.0, "logprobs": 1}
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -74,12 +82,13 @@ class AdapterPublisher:
     root under which each server group's immutable copies go; it must be readable by the servers
     (default: $VLLM_TRAIN_STAGE_DIR, or /dev/shm/vllm-train-adapters-UID). `api_key`: sent to the servers
     (default: $VLLM_TRAIN_API_KEY, else $VLLM_API_KEY). `on_loaded(url, served_name)` is called after
-    each replica loads a version (e.g. for logging).
+    each replica loads a version (e.g. for logging). `max_delta_ratio`: the adapter's update may be at most
+    this many times the base weight's norm, per module (`lora.validate`; inf: unchecked, the canary still runs).
     """
 
     def __init__(self, urls: str | Sequence[str], *, keep: int = 2, max_lora_rank: int | None = None,
                  stage_dir: str | Path | None = None, timeout: float = 120.0, api_key: str | None = None,
-                 on_loaded: Callable[[str, str], None] | None = None):
+                 on_loaded: Callable[[str, str], None] | None = None, max_delta_ratio: float = MAX_DELTA_RATIO):
         self.urls = parse_urls(urls)
         if not isinstance(keep, int) or keep < 1:
             raise VllmTrainError(f"keep: {keep!r} is invalid (an integer >= 1)")
@@ -89,6 +98,7 @@ class AdapterPublisher:
         self.timeout = timeout
         self.api_key = api_key if api_key is not None else default_api_key()
         self.on_loaded = on_loaded
+        self.max_delta_ratio = max_delta_ratio
 
     # ---- reading state -------------------------------------------------------------------------
     def states(self, consequence: str = "nothing was published") -> list[ReplicaState]:
@@ -158,7 +168,7 @@ class AdapterPublisher:
         if max_rank is None:
             known = [info["max_lora_rank"] for info in infos if info and info.get("max_lora_rank")]
             max_rank = min(known) if known else None
-        validate_adapter(adapter_dir, bases.pop(), max_rank, check_base_name=True)
+        validate_adapter(adapter_dir, bases.pop(), max_rank, check_base_name=True, max_delta_ratio=self.max_delta_ratio)
         return [u for u, info in zip(self.urls, infos) if info is not None]
 
     def _check_only_ours(self, states: list[ReplicaState], name: str, consequence: str) -> None:
@@ -239,7 +249,27 @@ class AdapterPublisher:
         self._check_only_ours(after, name, consequence)
 
     def _load(self, url: str, served: str, path: Path) -> None:
+        """Load on one replica and run the canary there; a failed canary unloads the version again."""
         self._post(url, "/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)})
+        try:
+            self._canary(url, served)
+        except BaseException:
+            self._rollback([url], served)
+            raise
+
+    def _canary(self, url: str, served: str) -> None:
+        try:
+            body = request("POST", f"{url}/v1/completions", {"model": served, **CANARY}, timeout=self.timeout,
+                           api_key=self.api_key)
+        except HTTPFailure as exc:
+            raise HTTPFailure(url, f"the canary completion through {served} failed ({exc}): its log-probs are "
+                                   f"not finite, or it cannot serve", exc.status) from None
+        try:
+            logprobs = body["choices"][0]["logprobs"]["token_logprobs"]
+        except (TypeError, KeyError, IndexError):
+            raise HTTPFailure(url, f"the canary completion through {served} returned no log-probs") from None
+        if not logprobs or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in logprobs):
+            raise HTTPFailure(url, f"{served} answers the canary prompt with log-probs {logprobs} (not finite)")
 
     def _post(self, url: str, route: str, payload: dict) -> None:
         request("POST", f"{url}{route}", payload, timeout=self.timeout, api_key=self.api_key)

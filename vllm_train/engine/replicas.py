@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_train.config import VLLM_MAX_LORA_RANKS
-from vllm_train.engine import gateway
+from vllm_train.engine import cpu_lora_ops, gateway
 from vllm_train.engine.http_client import healthy
 from vllm_train.engine.server_args import check_passthrough, cpu_binding, gpu_assignment
 from vllm_train.errors import VllmTrainError
@@ -170,7 +170,10 @@ def _replica_command(c: ServerConfig, port: int, cuda: bool, gpu_share: float) -
     if cuda:
         cmd += ["--gpu-memory-utilization", f"{gpu_share:.3f}"]
     else:
-        cmd += ["--kv-cache-memory-bytes", str(int(c.kv_cache_gib * (1 << 30)))]
+        cmd += ["--kv-cache-memory-bytes", str(int(c.kv_cache_gib * (1 << 30))),
+                # vLLM's CPU LoRA ops give base-model rows of a mixed batch an adapter's weights: the engine's
+                # worker imports ours (engine/cpu_lora_ops.py)
+                "--worker-extension-cls", cpu_lora_ops.WORKER_EXTENSION]
     return cmd + list(c.extra_args)
 
 

@@ -18,7 +18,8 @@ RESERVED_FLAGS: dict[str, str | None] = {
     "--logprobs-mode": "--logprobs-mode", "--gpu-memory-utilization": "--gpu-memory-utilization",
     "--device-memory-utilization": "--gpu-memory-utilization", "--kv-cache-memory-bytes": "--kv-cache-gib",
     "--api-key": "--api-key or $" + gateway.API_KEY_ENV,
-    "--enable-lora": None, "--middleware": None, "--disable-uvicorn-access-log": None, "--disable-log-stats": None,
+    "--enable-lora": None, "--middleware": None, "--worker-extension-cls": None, "--disable-uvicorn-access-log": None,
+    "--disable-log-stats": None,
     # Left at 1: one engine and one API server per replica (the gateway's aliases live in that process,
     # and the replica sees only its own GPUs); more of them are more replicas.
     "--data-parallel-size": "--replicas", "-dp": "--replicas", "--api-server-count": "--replicas", "-asc": "--replicas",

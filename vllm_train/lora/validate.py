@@ -7,6 +7,11 @@ configured, the module targeted) and, with a base model, each pair's shape again
 config.json (hidden / intermediate / head sizes; vLLM's fused ``qkv_proj`` / ``gate_up_proj`` are the sums
 of their parts) and its layer index. The first problem is raised as one `VllmTrainError` line naming the
 file and the field or tensor. No vLLM import here: commands check an adapter before starting an engine.
+
+With a base model the adapter is also checked by magnitude: finite values can still be absurd (a diverged
+run's weights of 1e4, an adapter scaled by 1e30) and overflow every activation they touch. Per adapted
+module, the update's norm ||scaling * B A||_F must stay within `MAX_DELTA_RATIO` times the base weight's
+||W||_F. A trained adapter's update is a fraction of W (random rank-8 test adapters: ~4x on the tiny model).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vllm_train.config import VLLM_MAX_LORA_RANKS
+from vllm_train.config import MAX_DELTA_RATIO, VLLM_MAX_LORA_RANKS
 from vllm_train.errors import VllmTrainError
 from vllm_train.hub import repo_id_of
 from vllm_train.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir
@@ -28,13 +33,17 @@ LORA_KEY_RE = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<mod>.+)\.lora_(?P<ab>[A
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+BASE_ROWS_READ = 256  # rows of each base weight read to estimate its norm (an order-of-magnitude check)
+
+
 def validate_adapter(adapter_dir: str | Path, base_model: str | None = None, max_lora_rank: int | None = None,
-                     *, check_base_name: bool = False) -> dict:
+                     *, check_base_name: bool = False, max_delta_ratio: float = MAX_DELTA_RATIO) -> dict:
     """Check a PEFT adapter directory before anything loads it; returns its adapter config.
 
     `base_model`: a local model directory whose config.json gives the expected tensor shapes.
     `max_lora_rank`: the serving engine's limit. `check_base_name`: also require that the adapter's
-    ``base_model_name_or_path`` names `base_model` (servers, where the adapter reaches other users)."""
+    ``base_model_name_or_path`` names `base_model` (servers, where the adapter reaches other users).
+    `max_delta_ratio`: the magnitude bound, with a base model (inf: unchecked)."""
     path = Path(adapter_dir)
     config, state = read_adapter_dir(path)
     where, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
@@ -60,6 +69,7 @@ def validate_adapter(adapter_dir: str | Path, base_model: str | None = None, max
                 raise VllmTrainError(f"{where}: adapter was trained on base model '{trained_on}' but the server "
                                      f"serves '{base_model}'")
         _check_base_shapes(pairs, weights, base_model)
+        _check_magnitude(config, state, pairs, weights, Path(base_model), max_delta_ratio)
     return config
 
 
@@ -143,6 +153,56 @@ def _check_base_shapes(pairs: dict[str, dict[str, torch.Size]], weights: Path, b
             if tuple(ab[half]) != want:
                 raise VllmTrainError(f"{weights}: tensor {_key(mod, half)} has shape {_shape(ab[half])} but "
                                      f"'{base_model}' needs {want}: adapter is for another base model")
+
+
+def _check_magnitude(config: dict, state: dict[str, torch.Tensor], pairs: dict, weights: Path, base_model: Path,
+                     max_ratio: float) -> None:
+    """Refuse a module whose update ||scaling * B A||_F exceeds `max_ratio` x ||W||_F of its base weight.
+    ||B A||_F^2 = sum((B^T B) * (A A^T)) costs r x r; W's norm is estimated from its first rows."""
+    if not math.isfinite(max_ratio):
+        return
+    base_norms = _base_weight_norms(base_model, [f"{mod}.weight" for mod in pairs])
+    alphas = config.get("alpha_pattern") or {}
+    for mod in pairs:
+        w_norm = base_norms.get(f"{mod}.weight")
+        if not w_norm:
+            continue  # not in the base's files (or unreadable): the loader reports it
+        a, b = state[_key(mod, "A")].double(), state[_key(mod, "B")].double()
+        alpha = next((v for pattern, v in alphas.items() if _pattern_matches(mod, pattern)),
+                     config.get("lora_alpha", 8))
+        scaling = alpha / (math.sqrt(a.shape[0]) if config.get("use_rslora") else a.shape[0])
+        delta = scaling * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))
+        if not delta <= max_ratio * w_norm:
+            raise VllmTrainError(f"{weights}: module {mod}: the adapter's update has norm {delta:.3g}, "
+                                 f"{delta / w_norm:.3g}x that of the base weight ({w_norm:.3g}); more than "
+                                 f"{max_ratio:g}x is refused (weights of a diverged run?)")
+
+
+def _base_weight_norms(model_dir: Path, names: list[str]) -> dict[str, float]:
+    """Frobenius norm of each named weight of a safetensors model directory, estimated from its first
+    `BASE_ROWS_READ` rows (only those are read); {} when the files cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            where = json.loads(index.read_text())["weight_map"]
+        else:
+            where = {}
+            for file in sorted(model_dir.glob("*.safetensors")):
+                with safe_open(str(file), "pt") as handle:
+                    where.update(dict.fromkeys(handle.keys(), file.name))
+        norms = {}
+        for file in sorted({where[n] for n in names if n in where}):
+            with safe_open(str(model_dir / file), "pt") as handle:
+                for name in (n for n in names if where.get(n) == file):
+                    part = handle.get_slice(name)
+                    rows = part.get_shape()[0]
+                    block = part[:min(rows, BASE_ROWS_READ)].double()
+                    norms[name] = float(block.norm()) * math.sqrt(rows / max(1, block.shape[0]))
+        return norms
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return {}
 
 
 def _text_config(config_file: Path) -> dict:
