@@ -84,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     args = parser.parse_args()
     import torch
     from openai import OpenAI
@@ -100,9 +101,15 @@ def main() -> None:
     client = OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
     base = TINY_MODEL.name
 
-    def ask(model: str) -> tuple[str, list[int], list[float]]:
-        resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0.0,
-                                              logprobs=True)
+    def ask(model: str) -> tuple[str, list[str] | None, list[float] | str]:
+        """(the model the answer names, its tokens, their log-probs), or (model asked, None, the error)."""
+        from openai import APIStatusError
+
+        try:
+            resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0.0,
+                                                  logprobs=True)
+        except APIStatusError as exc:
+            return model, None, f"HTTP {exc.status_code}: {exc.message}"[:200]
         content = resp.choices[0].logprobs.content
         return resp.model, [t.token for t in content], [t.logprob for t in content]
 
@@ -112,6 +119,7 @@ def main() -> None:
         for i, path in enumerate(weights):  # each weight set alone, then unloaded again
             served = publisher.publish(path, f"fp{i}")
             fingerprints[i] = ask(served)[1:]
+            assert fingerprints[i][0] is not None, fingerprints[i]
             client.post("/unload_lora_adapter", body={"lora_name": served}, cast_to=object)
         content = {base: "base"}
         live = AdapterPublisher([url], keep=2)
@@ -164,23 +172,28 @@ def main() -> None:
                 return differ, sum(abs(a - b) for a, b in zip(fp[1], lps)) / max(1, min(len(lps), len(fp[1])))
             return min(fingerprints, key=lambda k: distance(fingerprints[k]))
 
-        def mixed(group):
-            return sum(nearest(toks, lps) != content.get(model, "?") for model, toks, lps in group)
+        def mixed(group):  # answers carrying another model's weights
+            return sum(toks is not None and nearest(toks, lps) != content.get(model, "?") for model, toks, lps in group)
+
+        def errors(group):  # answers that are an HTTP error (e.g. 400 for non-finite log-probs)
+            return sum(toks is None for _, toks, _ in group)
 
         per_model: dict[str, int] = {}
         for model, _, _ in answers:
             per_model[model] = per_model.get(model, 0) + 1
         result = {"device": device, "torch": torch.__version__, "requests": len(answers), "clients": args.clients,
                   "seconds": round(elapsed, 2), "answers_per_model": per_model,
-                  "mixed_under_pushes": mixed(answers), "bad_pushes": bad_pushes,
-                  "answers_during_bad_pushes": len(during), "mixed_during_bad_pushes": mixed(during),
-                  "mixed_after": mixed(after), "fingerprints_distinct": len({json.dumps(v) for v in
-                                                                             fingerprints.values()})}
+                  "mixed_under_pushes": mixed(answers), "errors_under_pushes": errors(answers),
+                  "bad_pushes": bad_pushes, "answers_during_bad_pushes": len(during),
+                  "mixed_during_bad_pushes": mixed(during), "errors_during_bad_pushes": errors(during),
+                  "mixed_after": mixed(after), "errors_after": errors(after),
+                  "first_error": next((lps for _, toks, lps in answers + during + after if toks is None), None),
+                  "fingerprints_distinct": len({json.dumps(v) for v in fingerprints.values()})}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / f"serve_isolation_{device}.json"
+    out = ROOT / "benchmarks" / "results" / f"serve_isolation_{device}{args.tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out.relative_to(ROOT)}")
 

@@ -684,7 +684,8 @@ def test_push_whose_canary_is_not_finite_changes_no_answer(served, adapters, exp
         t.join(timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and result.stdout == "" and len(lines) == 1, result.stderr
-    assert "the canary completion through live-v" in lines[0] and f"{current} is still served" in lines[0]
+    assert "the canary completion through live-v" in lines[0] and "; unloaded there;" in lines[0]
+    assert f"{current} is still served" in lines[0]
     assert [_loaded(url) for url in served.urls] == before
     assert _assert_serves(served, expected) == current
     for url in served.urls:
@@ -819,7 +820,7 @@ def test_replica_down_mid_push_rolls_back(served, adapters, expected):
 
     publisher = AdapterPublisher(served.urls, keep=2, on_loaded=kill_replica_1)
     with pytest.raises(VllmTrainError, match=rf"failed on {re.escape(served.urls[1])}.*rolled back on 1 "
-                                             rf"replica\(s\), {current} is still served") as info:
+                                             rf"replica\(s\) that had loaded it, {current} is still served") as info:
         publisher.publish(adapters["v1"], "live")
     attempted = int(re.search(r"publishing live-v(\d+)", str(info.value))[1])
     assert attempted == int(current.rsplit("-v", 1)[1]) + 2  # the name vLLM rejected before is not reused

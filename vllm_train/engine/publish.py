@@ -227,7 +227,8 @@ class AdapterPublisher:
             still = f"{previous} is still served" if previous else f"no version of {name} was served"
             extra = f"; could not unload it from {', '.join(failed_unloads)}" if failed_unloads else ""
             raise VllmTrainError(f"publishing {served} failed on {exc.url}: {exc}; rolled back on "
-                                 f"{len(done) - len(failed_unloads)} replica(s), {still}{extra}") from None
+                                 f"{len(done) - len(failed_unloads)} replica(s) that had loaded it, {still}{extra}") \
+                from None
 
     def _check_after(self, before: list[ReplicaState], name: str, served: str, unloaded: dict[str, set[int]],
                      guarded: list[str]) -> None:
@@ -253,6 +254,10 @@ class AdapterPublisher:
         self._post(url, "/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)})
         try:
             self._canary(url, served)
+        except HTTPFailure as exc:
+            unloaded = not self._rollback([url], served)
+            raise HTTPFailure(url, f"{exc}; {'unloaded' if unloaded else 'could not unload it'} there",
+                              exc.status) from None
         except BaseException:
             self._rollback([url], served)
             raise
