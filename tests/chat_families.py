@@ -1,9 +1,11 @@
-"""Tokenizers with the real chat templates of model families, built offline for the agent tests.
+"""Tokenizers dressed as model families' chat formats, built offline for the agent tests.
 
 Nothing is downloaded: each family is the shipped toy byte-level BPE tokenizer plus that family's
-special tokens (single ids, as in the real vocabularies) and its published chat template, copied into
-`tests/chat_templates/`. Token-exactness depends on where the template puts special tokens and
-separators, which these reproduce; the toy vocabulary only changes how plain text splits.
+special tokens (single ids, as in the real vocabularies) and a chat template in `tests/chat_templates/`.
+The templates are our own, written here -- not copies of the published ones: each reproduces only its
+family's token layout (special tokens, separators, where tool schemas, tool calls and tool results go,
+Qwen3's reasoning blocks), which is what token-exactness depends on; the toy vocabulary only changes how
+plain text splits.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bridge tokens against the chat templates themselves: prompt + model turn + bridge + next turn, as ids,
 is the template's rendering of the whole conversation, for every family's template (the architecture
-matrix's families all ship the toy template; the real Qwen2.5, Qwen3, Llama 3.1 and Gemma 2 templates
-come from tests/chat_templates)."""
+matrix's families all ship the toy template; tests/chat_templates holds our own templates reproducing the
+Qwen2.5, Qwen3, Llama 3.1 and Gemma 2 token layouts)."""
 
 from __future__ import annotations
 
