@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
     ("toy", "assets"),
     ("data",),
+    ("agents",),  # multi-turn episodes as token arrays, bridge tokens, environments, tool calls (no engine)
     ("losses",),
     ("lora",),
     ("models",),  # loading a policy / tokenizer / adapter, and the forward passes every layer above reads
@@ -49,6 +50,7 @@ LAYERS: list[tuple[str, ...]] = [
 PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
+    "agents": [("episode", "bridge", "tool_calls", "environment"), ("turns",)],
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],

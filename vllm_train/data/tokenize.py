@@ -37,6 +37,11 @@ def apply_template(tokenizer, messages: Messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
+def active_chat_template(tokenizer) -> str | None:
+    """The Jinja text chat messages are rendered with: the --chat-template override, else the tokenizer's own."""
+    return _TEMPLATE_OVERRIDE["template"] or getattr(tokenizer, "chat_template", None)
+
+
 def has_chat_template(tokenizer) -> bool:
     """Whether chat messages can be rendered: a --chat-template override, or the tokenizer's own template."""
     return bool(_TEMPLATE_OVERRIDE["template"] or getattr(tokenizer, "chat_template", None))
