@@ -27,6 +27,8 @@ PACKAGE = "vllm_train"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
+    ("run_manifest",),  # what a run directory's run wrote: the paths --overwrite may remove
+    ("outputs",),  # atomic, finite-checked writes of weights and text (noted in the run manifest)
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
     ("config",),
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
@@ -56,7 +58,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("loader", "reward", "publish", "shared_base"), ("remote",)],
     "trainers": [("run_files", "shared_policy"), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
-    "commands": [("_common", "_data"), ("_rl",),
+    "commands": [("_common", "_data", "_output"), ("_rl",),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from vllm_train import distributed
-    from vllm_train.commands._common import NewOutputDir
+    from vllm_train.commands._output import NewOutputDir
 
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint

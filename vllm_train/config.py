@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
 
-from vllm_train import distributed
+from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import report_backends
 
@@ -380,7 +380,8 @@ def load_config_file(path: str | Path) -> dict:
 
 def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:
     """Write the config as it was actually used (defaults filled in) next to a run's outputs (rank 0
-    alone in a data-parallel run, with the world size recorded)."""
+    alone in a data-parallel run, with the world size recorded); it is the run marker, and the run's
+    manifest starts beside it (`vllm_train.run_manifest`)."""
     out = Path(out_dir)
     if not distributed.is_main():
         return out / name
@@ -391,4 +392,6 @@ def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolve
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(target)
+    run_manifest.start(out)  # from here on the run's writes are listed beside its marker
+    run_manifest.note(target)
     return target

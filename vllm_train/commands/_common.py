@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file
 from vllm_train.errors import VllmTrainError
 
@@ -281,73 +279,6 @@ def config_from_args(args: argparse.Namespace, config_cls: type = LoRATrainConfi
         if value is not None:
             set_path(values, path, value)
     return config_from_dict(config_cls, values, source=getattr(args, "config", None) or "flags")
-
-
-def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse to mix a new run into a non-empty directory unless resuming or told to overwrite.
-
-    ``--resume-from latest`` continues the run in `path` (a fresh start when `path` is empty); a non-empty
-    `path` without a checkpoint is refused, so resuming never rewrites another run's or a user's files.
-    ``--overwrite`` (not resuming) clears an earlier run's files first (`run_files.clear_run`; rank 0)."""
-    from vllm_train.trainers import common, run_files
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise VllmTrainError(f"--output-dir {path} exists and is not a directory")
-    not_empty = path.is_dir() and any(path.iterdir())
-    if not_empty and not resume_from and not overwrite:
-        raise VllmTrainError(f"--output-dir {path} is not empty (pass --overwrite, or --resume-from latest "
-                             f"to continue that run)")
-    resumes = resume_from and (resume_from != "latest" or common.list_checkpoints(path))
-    if not_empty and resume_from == "latest" and not resumes and not overwrite:
-        raise VllmTrainError(f"--resume-from latest: --output-dir {path} is not empty but holds no checkpoint "
-                             f"to resume (pass --overwrite to start a new run there)")
-    if not_empty and overwrite and not resumes:
-        run_files.clear_run(path)
-    distributed.barrier()  # under torchrun: every rank has looked (rank 0 has cleared) before rank 0 writes
-
-
-@dataclasses.dataclass
-class NewOutputDir:
-    """The --output-dir a command starts in: removed again when the command fails before its first
-    checkpoint (`remove_failed`), so a failed start never leaves a half-made run behind."""
-
-    path: Path
-    existed: bool  # an empty directory the user made: emptied, not removed
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> NewOutputDir | None:
-        """None when the command has no --output-dir or the directory already holds files (a resume, an
-        --overwrite: that run's files are not this command's to remove)."""
-        value = getattr(args, "output_dir", None)
-        if value is None:
-            return None
-        path = Path(value)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            return None
-        return cls(path, path.exists())
-
-    def remove_failed(self) -> None:
-        from vllm_train.trainers.common import list_checkpoints
-
-        if not distributed.is_main() or not self.path.is_dir() or list_checkpoints(self.path):
-            return
-        if not self.existed:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        for child in self.path.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink()
-
-
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", required=True, metavar="DIR", help="directory for the adapter and run files")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run in a non-empty --output-dir: its checkpoints, metrics, TensorBoard "
-                             "logs, plots and adapter files are deleted first (other files stay)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ---- models and adapters by hub id (vllm_train/hub.py) -----------------------------------------------
