@@ -29,7 +29,7 @@ from vllm_train.errors import VllmTrainError
 # parallelism) may change too, as long as the global batch stays: it is fingerprinted instead.
 RESUMABLE_FIELDS = frozenset({"output_dir", "resume_from", "max_steps", "num_steps", "logging_steps", "save_steps",
                               "eval_steps", "save_total_limit", "tensor_parallel_size", "batch_size", "report_to",
-                              "rollout_servers"})
+                              "rollout_servers", "stop_on_divergence"})
 
 # Where a new run of each kind writes (beside the files of every run): --overwrite refuses to start a run
 # that would write over a file the earlier run did not write (`run_manifest.plan_overwrite`). Over-wide on
