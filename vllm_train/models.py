@@ -97,7 +97,8 @@ def check_safetensors(path: Path) -> dict[str, dict]:
 
 INTEGER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")  # safetensors' names
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight", "output_layer.weight")
+# An output head by the names models give it (a sequence classifier's, as `vllm-train rm` saves, included).
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight", "output_layer.weight", "score.weight")
 
 
 def check_weights_match_config(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
