@@ -210,6 +210,27 @@ def test_overwrite_never_deletes_an_input_of_the_same_command(tiny_model, cli_ru
     assert snapshot(run) == {**before, "train.jsonl": data.read_bytes()}
 
 
+def test_reward_model_overwrite_keeps_the_users_adapter_notes(tiny_model, tmp_path, capsys):
+    """rm writes adapter/ files and a model directory beside them: --overwrite replaces those and keeps a
+    note of the user's in adapter/; the saved reward model is a model directory `--model` accepts."""
+    from vllm_train.assets import data_file
+    from vllm_train.models import resolve_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(data_file("prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    run = tmp_path / "rm"
+    args = ["rm", "--model", tiny_model, "--data", str(data), "--output-dir", str(run), "--max-steps", "1",
+            "--batch-size", "4", "--rank", "2", "--target-modules", "q_proj", "--no-progress"]
+    assert main(args) == 0
+    resolve_model(str(run))
+    (run / "adapter" / "my_notes.txt").write_text("notes")
+    old_weights = (run / "model.safetensors").read_bytes()
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0
+    assert (run / "adapter" / "my_notes.txt").read_text() == "notes"
+    assert (run / "model.safetensors").read_bytes() != old_weights
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_and_overwrite_keep_what_they_resume(cli_run, tmp_path):
     run = copy_run(cli_run, tmp_path / "run")
     check_output_dir(run, "latest", overwrite=True).prepare()  # --overwrite with a resume keeps its run
