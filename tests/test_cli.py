@@ -216,15 +216,12 @@ def test_vllm_logs_only_with_verbose(tiny_model):
 def _config_of(argv, config_cls=None, fixed_output=True):
     """The config `argv` resolves to, through the real parser and the one flag mechanism (config file too)."""
     from vllm_train.cli import build_parser
-    from vllm_train.commands._common import CONFIG_FILE_VALUES, config_from_args, run_options_from_config
+    from vllm_train.commands._common import config_from_args
+    from vllm_train.commands._parse import parse_command_line
     from vllm_train.commands._rl import rl_config_from_args
     from vllm_train.config import DPOConfig, LoRATrainConfig
 
-    parser = build_parser()
-    argv, file_values = run_options_from_config(parser, argv)
-    args = parser.parse_args(argv)
-    if file_values is not None:
-        setattr(args, CONFIG_FILE_VALUES, file_values)
+    args = parse_command_line(build_parser(), argv)
     if argv[0] in ("grpo", "ppo"):
         return args, rl_config_from_args(args, "ppo" if argv[0] == "ppo" else None)
     cls = {"sft": LoRATrainConfig, "dpo": DPOConfig}[argv[0]]
@@ -271,6 +268,69 @@ def test_config_keys_dashes_aliases_and_flat_rl(tmp_path):
                                     "target-modules": "all-linear"}))
     _, c = _config_of(SFT_BASE + ["--config", str(sft_file)])
     assert (c.batch_size, c.gradient_accumulation_steps, c.target_modules) == (2, 1, ["all-linear"])
+
+
+# ---- one value per setting -------------------------------------------------------------------------------
+@pytest.mark.parametrize("base,first,second", [
+    (SFT_BASE, ["--lora-r", "4"], ["--rank", "16"]),
+    (RL_BASE, ["--beta", "0.5"], ["--kl-coef", "0.1"]),
+    (SFT_BASE, ["--per-device-train-batch-size", "2"], ["--batch-size", "8"]),
+    (SFT_BASE, ["--lora-alpha", "8"], ["--alpha", "32"]),
+    (SFT_BASE, ["--lora-dropout", "0.1"], ["--dropout", "0.2"]),
+    (SFT_BASE, ["--num-train-epochs", "1"], ["--num-epochs", "3"]),
+    (SFT_BASE, ["--lr-scheduler-type", "linear"], ["--lr-scheduler", "cosine"]),
+    (SFT_BASE, ["--max-seq-length", "64"], ["--max-length", "128"]),
+    (SFT_BASE, ["--lora-target-modules", "q_proj"], ["--target-modules", "v_proj"]),
+    (RL_BASE, ["--num-generations", "4"], ["--group-size", "8"]),
+    (RL_BASE, ["--max-completion-length", "8"], ["--max-new-tokens", "16"]),
+    (RL_BASE, ["--micro-batch-size", "4"], ["--batch-size", "8"]),
+    (RL_BASE, ["--max-steps", "5"], ["--num-steps", "10"]),
+    (SFT_BASE, ["--split", "train"], ["--dataset-train-split", "other"]),
+])
+def test_two_spellings_with_different_values_are_refused(base, first, second, capsys):
+    code, err = run_cli(base + first + second, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert " ".join(first) in err[0] and " ".join(second) in err[0] and "give one" in err[0]
+    _config_of(base + first + [second[0], first[1]])  # the same value twice is fine
+
+
+@pytest.mark.parametrize("text,first,second", [
+    ("lora_r: 4\nrank: 16\n", "lora_r: 4", "rank: 16"),
+    ("learning-rate: 0.001\nlearning_rate: 0.01\n", "learning-rate: 0.001", "learning_rate: 0.01"),
+    ("num_steps: 5\nmax_steps: 10\n", "num_steps: 5", "max_steps: 10"),
+    ("rank: 4\nlora_config:\n  rank: 16\n", "rank: 4", "lora_config.rank: 16"),
+    ("beta: 0.5\nkl_coef: 0.1\n", "beta: 0.5", "kl_coef: 0.1"),
+])
+def test_two_keys_for_one_setting_in_a_config_file_are_refused(tmp_path, capsys, text, first, second):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    code, err = run_cli(RL_BASE + ["--config", str(cfg)], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert first in err[0] and second in err[0] and str(cfg) in err[0]
+
+
+def test_a_flag_still_overrides_the_files_spelling(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rank: 4\nnum_steps: 5\nlora_alpha: 8\nalpha: 8.0\n")  # one value twice: fine
+    args, config = _config_of(RL_BASE + ["--config", str(cfg), "--lora-r", "16", "--max-steps", "7"])
+    assert (config.lora_config.rank, config.lora_config.alpha, args.num_steps) == (16, 8.0, 7)
+
+
+@pytest.mark.parametrize("where,text", [
+    ("file", "overwrite: maybe\n"), ("file", "use_rslora: maybe\n"), ("file", "use_rslora: 2\n"),
+    ("flag", "maybe"), ("flag", "on"),
+])
+def test_booleans_are_true_false_yes_no_1_0_and_nothing_else(tmp_path, capsys, where, text):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text if where == "file" else "rank: 4\n")
+    argv = SFT_BASE + ["--config", str(cfg)] + (["--use-rslora", text] if where == "flag" else [])
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1 and "is not a boolean (true/false, yes/no, 1/0)" in err[0], err
+    for word, expected in (("yes", True), ("NO", False), ("1", True), ("0", False), ("True", True)):
+        assert _config_of(SFT_BASE + ["--use-rslora", word])[1].use_rslora is expected
+    cfg.write_text("overwrite: no\nuse_rslora: yes\n")
+    args, config = _config_of(SFT_BASE + ["--config", str(cfg)])
+    assert args.overwrite is False and config.use_rslora is True
 
 
 def test_one_yaml_holds_a_whole_run_and_flags_win(tiny_model, tmp_path, shipped, capsys):

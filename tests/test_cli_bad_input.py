@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_train.assets import TINY_MODEL, data_file
 from vllm_train.cli import main
@@ -56,6 +57,7 @@ def bad(tmp_path_factory) -> dict[str, str]:
     (root / "model_config" / "config.json").write_text('{"model_type": "llama", ')
     weights = root / "model_weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _models_that_cannot_be_right(root)
     adapter = root / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
@@ -63,7 +65,32 @@ def bad(tmp_path_factory) -> dict[str, str]:
     out = {name: str(root / name) for name in files}
     out.update(model_config=str(root / "model_config"), model_weights=str(root / "model_weights"),
                adapter=str(adapter), rewards=str(root), root=str(root))
+    out.update({name: str(root / name) for name in BROKEN_MODELS})
     return out
+
+
+# Model directories whose config.json and weights disagree: refused before anything loads them.
+BROKEN_MODELS = {
+    "model_int": "model.safetensors: tensor lm_head.weight is I32 (integers), but",
+    "model_layers": "config.json: num_hidden_layers is 8, but the weights hold layers 0..3",
+    "model_heads": "tensor model.layers.0.self_attn.q_proj.weight has shape (128, 128), but",
+    "model_no_head": "config.json: tie_word_embeddings is false, but the weights hold no output head",
+}
+
+
+def _models_that_cannot_be_right(root: Path) -> None:
+    """Copies of the tiny model, each with one thing wrong (`BROKEN_MODELS`)."""
+    from safetensors.torch import load_file, save_file
+
+    for name in BROKEN_MODELS:
+        shutil.copytree(TINY_MODEL, root / name)
+    weights = load_file(str(TINY_MODEL / "model.safetensors"))
+    save_file({k: (v * 100).to(torch.int32) for k, v in weights.items()}, str(root / "model_int" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"},
+              str(root / "model_no_head" / "model.safetensors"))
+    for name, field, value in (("model_layers", "num_hidden_layers", 8), ("model_heads", "num_attention_heads", 4)):
+        config = json.loads((TINY_MODEL / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, field: value}))
 
 
 def train(command: str, data: str, *extra: str, model: str = str(TINY_MODEL)) -> list[str]:
@@ -94,6 +121,14 @@ CASES = [
        "model_config/config.json:1: malformed JSON") for c in TRAINERS],
     *[(f"{c}-model-weights", lambda b, c=c: train(c, data_for(c), model=b["model_weights"]),
        "model.safetensors: truncated or corrupt") for c in TRAINERS],
+    *[(f"{c}-{m}", lambda b, c=c, m=m: train(c, data_for(c), model=b[m]), named) for m, named in BROKEN_MODELS.items()
+      for c in ("sft", "grpo")],
+    *[(f"{c}-model-layers", lambda b, c=c, more=more: [c, "--model", b["model_layers"], *more(b)],
+       BROKEN_MODELS["model_layers"])
+      for c, more in (("eval", lambda b: ["--data", str(SFT)]), ("generate", lambda b: ["--prompt", "hi"]),
+                      ("serve", lambda b: []), ("merge", lambda b: ["--adapter", b["adapter"]]),
+                      ("dpo", lambda b: ["--data", str(PREFS), *TINY]),
+                      ("rm", lambda b: ["--data", str(PREFS), *TINY]))],
     ("eval-model-config-json", lambda b: ["eval", "--model", b["model_config"], "--data", str(SFT)],
      "config.json:1: malformed JSON"),
     ("generate-model-config-json", lambda b: ["generate", "--model", b["model_config"], "--prompt", "hi"],

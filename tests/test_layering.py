@@ -27,6 +27,9 @@ PACKAGE = "vllm_train"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
+    ("run_manifest",),  # what a run directory's run wrote: the paths --overwrite may remove
+    ("outputs",),  # atomic, finite-checked writes of weights and text (noted in the run manifest)
+    ("user_files",),  # reading what users give: UTF-8 text and JSON, one-line errors
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
     ("config",),
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
@@ -57,9 +60,9 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "engine": [("fast_sync", "cpu_lora_ops", "gateway", "staging", "kv_budget"),
                ("http_client", "server_args", "cpu_lora_worker"), ("llm", "replicas"),
                ("loader", "reward", "publish", "shared_base"), ("remote",)],
-    "trainers": [("run_files", "shared_policy"), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
-                 ("sft", "dpo", "rm", "rl", "trainable")],
-    "commands": [("_common", "_data"), ("_rl",),
+    "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
+                 ("rl_policy",), ("sft", "dpo", "rm", "rl", "trainable")],
+    "commands": [("_common", "_data", "_output"), ("_rl", "_parse"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 

@@ -14,6 +14,7 @@ from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
 from vllm_train.trainers.sft import LoRATrainer
 
 TEXT = "What is 47 + 38? 85"
+PROGRESS_BARS = ("Loading weights", "Writing model")  # transformers' own, on stderr
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +66,69 @@ def test_vllm_serves_the_merged_model(tiny_model, adapter, tmp_path, run_result_
     assert result["max_abs_diff"] < EXACT_TOL, result
 
 
-def test_merge_refuses_a_non_empty_output_dir_unless_overwrite(tiny_model, adapter, tmp_path, capsys):
+def merge_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith(PROGRESS_BARS)]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_overwrite_replaces_only_an_earlier_merge(tiny_model, adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     args = ["merge", "--model", tiny_model, "--adapter", adapter[0], "--output-dir", str(out)]
     assert cli_main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not empty" in err[0]
+    assert "is not empty" in merge_error(capsys)
+    assert cli_main([*args, "--overwrite"]) == 2  # not a vllm-train output: nothing is written into it
+    assert "holds no vllm-train run" in merge_error(capsys)
+    assert snapshot(out) == {"keep.txt": b"x"}
+    (out / "keep.txt").unlink()
+    assert cli_main(args) == 0
+    (out / "keep.txt").write_text("x")  # the user's file beside the merged model
     assert cli_main([*args, "--overwrite"]) == 0
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file() and (out / "keep.txt").read_text() == "x"
+    assert not list(tmp_path.glob(".merged.merge-tmp-*"))
+
+
+def test_merge_overwrite_never_deletes_its_own_adapter(tiny_model, adapter, tmp_path, capsys):
+    import shutil
+
+    from vllm_train import run_manifest
+
+    run = Path(shutil.copytree(adapter[0], tmp_path / "run"))  # an adapter in a run directory, as sft leaves it
+    run_manifest.start(run)
+    for path in run.iterdir():
+        run_manifest.note(path)
+    before = snapshot(run)
+    assert cli_main(["merge", "--model", tiny_model, "--adapter", str(run), "--output-dir", str(run),
+                     "--overwrite"]) == 2
+    assert f"--adapter {run} is in --output-dir" in merge_error(capsys)
+    assert snapshot(run) == before
+
+
+def test_merge_refuses_weights_that_are_not_finite(tiny_model, adapter, tmp_path, capsys):
+    """A finite adapter x 1e30: B @ A overflows fp32. Nothing is written; an earlier merge stays whole."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    huge = Path(shutil.copytree(adapter[0], tmp_path / "huge"))
+    state = {k: v * 1e30 for k, v in load_file(str(huge / "adapter_model.safetensors")).items()}
+    assert all(torch.isfinite(v).all() for v in state.values())
+    save_file(state, str(huge / "adapter_model.safetensors"))
+    out = tmp_path / "merged"
+    args = ["merge", "--model", tiny_model, "--adapter", str(huge), "--output-dir", str(out)]
+    assert cli_main(args) == 2
+    assert "non-finite value" in merge_error(capsys) and not out.exists()
+    assert cli_main([*args[:4], adapter[0], *args[5:]]) == 0
+    before = snapshot(out)
+    assert cli_main([*args, "--overwrite"]) == 2
+    assert "model.safetensors: not written" in merge_error(capsys)
+    assert snapshot(out) == before and not list(tmp_path.glob(".merged.merge-tmp-*"))
 
 
 def _vllm_vs_hf(model_dir: str) -> dict:

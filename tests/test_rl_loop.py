@@ -25,9 +25,9 @@ def spread_reward(prompt, completion, example) -> float:
     return len(set(completion)) + 0.01 * len(completion)  # differs between a group's (hot-sampled) completions
 
 
-def make_trainer(tiny_model, tmp_path, **kw) -> tuple[RLHFTrainer, FakeEngine]:
-    lora = LoRATrainConfig(rank=4, alpha=8, learning_rate=1e-2, batch_size=64, warmup_ratio=0.0,
-                           lr_scheduler="constant", output_dir=str(tmp_path))
+def make_trainer(tiny_model, tmp_path, lora_kw: dict | None = None, **kw) -> tuple[RLHFTrainer, FakeEngine]:
+    lora = LoRATrainConfig(**{"rank": 4, "alpha": 8, "learning_rate": 1e-2, "batch_size": 64, "warmup_ratio": 0.0,
+                              "lr_scheduler": "constant", "output_dir": str(tmp_path), **(lora_kw or {})})
     # temperature 3: the trained toy model's samples differ within a group, so advantages are not all zero
     config = RLHFConfig(lora_config=lora, rollout_batch_size=4, group_size=4, max_new_tokens=6, temperature=3.0,
                         seed=0, **kw)
@@ -123,6 +123,21 @@ def test_non_finite_loss_stops_the_step_before_the_optimizer(tiny_model, tmp_pat
     trainer.reward_model = NanScorer()
     with pytest.raises(VllmTrainError, match="reward model nan-rm scored nan .* scores must be finite"):
         trainer.compute_rewards(["p", "q"], ["1", "2"])
+
+
+def test_rl_divergence_is_warned_once_logged_and_stopped_when_asked(tiny_model, tmp_path, shipped, capsys):
+    """--learning-rate 1e4 (grpo): the weights grow by orders of magnitude in the first step. Every step logs
+    diverged 1 and one warning line is printed; with stop_on_divergence the run stops at step 1."""
+    trainer, _ = make_trainer(tiny_model, tmp_path / "warned", {"learning_rate": 1e4})
+    trainer.train(shipped("rl_train.jsonl"), num_steps=2)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step 1: training is diverging" in warnings[0], warnings
+    logged = [json.loads(line) for line in (tmp_path / "warned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["diverged"] for r in logged] == [1, 1]
+    trainer, _ = make_trainer(tiny_model, tmp_path / "stopped", {"learning_rate": 1e4, "stop_on_divergence": True})
+    with pytest.raises(VllmTrainError, match=r"^step 1: training diverged: .*\(--stop-on-divergence\)"):
+        trainer.train(shipped("rl_train.jsonl"), num_steps=2)
+    assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
 
 
 def length_reward(prompt, completion, example) -> float:

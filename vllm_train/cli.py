@@ -34,11 +34,13 @@ Run `vllm-train <command> --help` for each command's options.
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
+    from vllm_train.commands._parse import CommandParser
+
     parser = argparse.ArgumentParser(
         prog="vllm-train", description="Fine-tune LoRA adapters (SFT, DPO, reward models, PPO/GRPO) and "
         "serve them with vLLM the moment they are trained.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"vllm_train.commands.{name}")
@@ -96,24 +98,21 @@ def silence_rank() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_train.commands._common import CONFIG_FILE_VALUES, run_options_from_config
+    from vllm_train.commands._parse import parse_command_line
     from vllm_train.data.tokenize import use_chat_template
 
     parser = build_parser()
     try:  # a --config file may name the run's model, data, output dir, ... (flags still win)
-        argv, file_values = run_options_from_config(parser, list(sys.argv[1:] if argv is None else argv))
+        args = parse_command_line(parser, list(sys.argv[1:] if argv is None else argv))
     except VllmTrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
-    if file_values is not None:
-        setattr(args, CONFIG_FILE_VALUES, file_values)  # the file is read once
     quiet_libraries(args.command, getattr(args, "verbose", False))  # library users keep their own settings
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     from vllm_train import distributed
-    from vllm_train.commands._common import NewOutputDir
+    from vllm_train.commands._output import NewOutputDir
 
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint

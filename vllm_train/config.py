@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
 
-from vllm_train import distributed
+from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import report_backends
+from vllm_train.user_files import json_problem, read_text
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -74,6 +75,7 @@ class LoRATrainConfig:
     eval_steps: int = 0  # evaluate on the eval set every N optimizer steps (0 = at the end of each epoch)
     save_total_limit: int = 2
     resume_from: str | None = None  # a checkpoint dir, or "latest" for the newest under output_dir
+    stop_on_divergence: bool = False  # stop (exit status 2) where a divergence warning would be printed
 
     # Output
     output_dir: str = "./lora_output"
@@ -156,8 +158,9 @@ class RewardModelConfig(LoRATrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
-               self.head_learning_rate, "None or > 0")
+        head_lr = self.head_learning_rate
+        _check(head_lr is None or (head_lr > 0 and math.isfinite(head_lr)), "head_learning_rate", head_lr,
+               "None or a finite number > 0")
         _check(self.base_preference_coef >= 0, "base_preference_coef", self.base_preference_coef, "must be >= 0")
 
     @property
@@ -295,6 +298,19 @@ def config_from_dict(cls: type[ConfigT], values: dict, source: str = "config") -
         raise VllmTrainError(f"{source}: {exc}") from None
 
 
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_bool(value: Any, what: str = "value") -> bool:
+    """A boolean as a flag or config file gives it: true/false, yes/no, 1/0 (any case; YAML's booleans and
+    the integers 1 and 0 too). Anything else is refused: ``maybe`` is no answer, and reading it as false
+    would run what the user did not ask for."""
+    word = str(value).strip().lower() if isinstance(value, (str, bool, int)) else None
+    if word not in BOOLEANS:
+        raise VllmTrainError(f"{what}: {value!r} is not a boolean (true/false, yes/no, 1/0)")
+    return BOOLEANS[word]
+
+
 def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
     """Turn YAML/JSON/CLI values into the field's type; nested config dataclasses too."""
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
@@ -306,13 +322,7 @@ def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
         if value is None:
             return None
         if hint is bool or text == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
+            return parse_bool(value, f"{source}: config field '{name}'")
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -330,33 +340,7 @@ def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
     return value
 
 
-# ---- reading user files ----------------------------------------------------------------------
-BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (some editors write one): accepted, not part of the data
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text of `path` (a leading BOM dropped); one-line error for bytes that are not UTF-8."""
-    raw = path.read_bytes()
-    return decode_utf8(raw[3:] if raw.startswith(BOM) else raw, str(path))
-
-
-def decode_utf8(raw: bytes, where: str) -> str:
-    """`raw` as UTF-8 text; one-line error naming `where` and the first bad byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        place = f"line {line}, " if raw.count(b"\n", 0, len(raw) - 1) else ""
-        raise VllmTrainError(f"{where}: not valid UTF-8 ({place}byte {exc.start + 1}: "
-                             f"{raw[exc.start:exc.end]!r}); save the file as UTF-8") from None
-
-
-def json_problem(exc: json.JSONDecodeError) -> str:
-    """json's message with its position: "Expecting value at column 5" (its messages for an unterminated
-    string end in "at", which the column completes)."""
-    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
-
-
+# ---- config files -----------------------------------------------------------------------------
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict (one-line errors for missing or malformed files)."""
     path = Path(path)
@@ -382,7 +366,8 @@ def load_config_file(path: str | Path) -> dict:
 
 def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:
     """Write the config as it was actually used (defaults filled in) next to a run's outputs (rank 0
-    alone in a data-parallel run, with the world size recorded)."""
+    alone in a data-parallel run, with the world size recorded); it is the run marker, and the run's
+    manifest starts beside it (`vllm_train.run_manifest`)."""
     out = Path(out_dir)
     if not distributed.is_main():
         return out / name
@@ -393,4 +378,6 @@ def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolve
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(target)
+    run_manifest.start(out)  # from here on the run's writes are listed beside its marker
+    run_manifest.note(target)
     return target

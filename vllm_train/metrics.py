@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_train import distributed
+from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
 
 REPORT_BACKENDS = ("tensorboard", "wandb")  # metrics.jsonl is always written
@@ -54,16 +54,19 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
+        run_manifest.note(self.path, fingerprint=False)  # appended to while the run lives
         self._tb = None
         if tensorboard and "tensorboard" in report_to:  # tensorboard=False: the trainers' switch to turn it off
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
+                run_manifest.note(self.run_dir / "tb")
             except ImportError:  # tensorboard is a dependency, but a logger must never stop training
                 self._tb = None
         if "wandb" in report_to:
             self._wandb = _start_wandb(self.run_dir, resumed=resume_step is not None)
+            run_manifest.note(self.run_dir / "wandb")
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is None:
@@ -166,6 +169,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_png)
+    run_manifest.note(out_png)
     return out_png
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from vllm_train import distributed, hub
-from vllm_train.config import LoRATrainConfig, json_problem, read_text
+from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -28,6 +29,7 @@ from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.causal_lm import shifted_token_logprobs, token_logprobs
 from vllm_train.losses.dpo import sequence_logps
+from vllm_train.user_files import json_problem, read_text
 
 
 def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
@@ -63,16 +65,18 @@ def resolve_model(model_name: str, revision: str | None = None) -> str:
         raise VllmTrainError(f"{path / 'config.json'}:{exc.lineno}: malformed JSON ({json_problem(exc)})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise VllmTrainError(f"{path / 'config.json'}: not a Hugging Face model config (no 'model_type')")
-    for weights in sorted(path.glob("*.safetensors")):
-        check_safetensors(weights)
+    tensors = {name: (info, weights) for weights in sorted(path.glob("*.safetensors"))
+               for name, info in check_safetensors(weights).items()}
+    check_weights_match_config(path / "config.json", config, tensors)
     return local
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, dict]:
     """The file's header parses and the file holds every byte the header promises: a truncated or
-    overwritten weights file fails here with one line, not deep inside a loader."""
+    overwritten weights file fails here with one line, not deep inside a loader. Returns the header's
+    tensors (name -> {"dtype", "shape", "data_offsets"})."""
     size = path.stat().st_size
-    problem = None
+    problem, tensors = None, {}
     with open(path, "rb") as f:
         head = f.read(8)
         header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -80,14 +84,78 @@ def check_safetensors(path: Path) -> None:
             problem = "no valid header"
         else:
             try:
-                header = json.loads(f.read(header_len))
-                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+                tensors = {k: t for k, t in json.loads(f.read(header_len)).items() if k != "__metadata__"}
+                end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
                 if 8 + header_len + end > size:
                     problem = f"{size} bytes, the header describes {8 + header_len + end}"
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 problem = "unreadable header"
     if problem:
         raise VllmTrainError(f"{path}: truncated or corrupt safetensors weights ({problem})")
+    return tensors
+
+
+INTEGER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")  # safetensors' names
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# An output head by the names models give it (a sequence classifier's, as `vllm-train rm` saves, included).
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight", "output_layer.weight", "score.weight")
+
+
+def check_weights_match_config(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
+    """Refuse, in one line naming the file and the field, a model directory whose safetensors weights (their
+    headers: nothing is loaded) cannot be what its config.json describes: integer weights without a
+    quantization_config, another number of layers, attention projections or embeddings of other sizes, no
+    output head although tie_word_embeddings is false. A loader would train or serve such a model anyway,
+    on random or garbage weights. Multimodal configs (text_config) are checked for dtypes only."""
+    if not tensors:
+        return  # .bin weights, or a hub id whose files are not here yet: the loader checks those
+    if "quantization_config" not in config:
+        for name, (info, file) in tensors.items():
+            if info.get("dtype") in INTEGER_DTYPES and name.endswith((".weight", ".bias")):
+                raise VllmTrainError(f"{file}: tensor {name} is {info['dtype']} (integers), but {config_path} "
+                                     f"describes a floating-point model (no quantization_config)")
+    if "text_config" in config:
+        return
+    _check_layers(config_path, config, {name for name in tensors})
+    _check_shapes(config_path, config, tensors)
+    if config.get("tie_word_embeddings") is False and not any(name.endswith(OUTPUT_HEADS) for name in tensors):
+        raise VllmTrainError(f"{config_path}: tie_word_embeddings is false, but the weights hold no output head "
+                             f"(lm_head.weight): the model would answer with a random one")
+
+
+def _check_layers(config_path: Path, config: dict, names: set[str]) -> None:
+    layers = config.get("num_hidden_layers")
+    found = {int(m.group(1)) for name in names if (m := LAYER_RE.search(name))}
+    if not isinstance(layers, int) or not found:
+        return
+    extra = config.get("num_nextn_predict_layers") or 0  # DeepSeek's multi-token-prediction layers follow
+    missing = sorted(set(range(layers)) - found)
+    if missing or max(found) + 1 not in (layers, layers + extra):
+        raise VllmTrainError(f"{config_path}: num_hidden_layers is {layers}, but the weights hold layers "
+                             f"{min(found)}..{max(found)}" + (f" without {missing[0]}" if missing else ""))
+
+
+def _check_shapes(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
+    """Embeddings against hidden_size; q_proj / k_proj against num_attention_heads / num_key_value_heads x
+    head_dim (not for latent attention, whose projections are shaped otherwise)."""
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not (isinstance(hidden, int) and isinstance(heads, int)) or "kv_lora_rank" in config:
+        return
+    head_dim = config.get("head_dim") or hidden // heads
+    expected = {"embed_tokens.weight": (None, hidden, "vocabulary, hidden_size"),
+                "self_attn.q_proj.weight": (heads * head_dim, hidden, "num_attention_heads x head_dim, hidden_size"),
+                "self_attn.k_proj.weight": (config.get("num_key_value_heads", heads) * head_dim, hidden,
+                                            "num_key_value_heads x head_dim, hidden_size")}
+    for name, (info, file) in tensors.items():
+        suffix = next((s for s in expected if name.endswith(s)), None)
+        if suffix is None:
+            continue
+        rows, cols, field = expected[suffix]
+        shape = info.get("shape") or []
+        if len(shape) == 2 and (shape[1] != cols or rows not in (None, shape[0])):
+            want = f"({rows}, {cols})" if rows else f"(vocabulary, {cols})"
+            raise VllmTrainError(f"{file}: tensor {name} has shape {tuple(shape)}, but {config_path} says {want} "
+                                 f"({field})")
 
 
 def context_length(model_name: str) -> int | None:

@@ -9,19 +9,17 @@ the same way, without a prefix. `FLAG_NAMES` renames the few flags whose name di
 at the top level or under its name) < flags < what the command fixes (e.g. ``output_dir`` from
 ``--output-dir``). A ``--config`` file may hold a whole run: its keys that name one of the command's own
 options (``model``, ``data``, ``output_dir``, ...) become those options, and flags still win
-(`run_options_from_config`).
+(`_parse.run_options_from_config`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from vllm_train import distributed
-from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file
+from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file, parse_bool
 from vllm_train.errors import VllmTrainError
 
 DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field's dotted path
@@ -73,6 +71,9 @@ FIELD_HELP = {
     "save_steps": "checkpoint every N steps (0: at the end of each epoch)",
     "save_total_limit": "checkpoints to keep",
     "resume_from": "checkpoint dir to resume from, or 'latest' (newest under the output dir)",
+    "stop_on_divergence": "stop (exit status 2, checkpoints kept) when the training diverges: the loss far above "
+                          "its best for 5 logged steps, or the weights grown 100x; without it a warning is "
+                          "printed and the metric 'diverged' logged",
     # DPO (DPOConfig)
     "beta": "how strongly to stay near the reference; larger = sharper preference",
     "loss_type": "preference loss: sigmoid (DPO) | ipo | hinge",
@@ -193,72 +194,66 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type = LoRATrai
 
 def config_values(args: argparse.Namespace, config_cls: type = LoRATrainConfig) -> dict:
     """The config fields the user gave, as a nested dict: the --config file (read here, once; or its config
-    fields as `run_options_from_config` left them) with keys as `config_cls` names them, overlaid with the
+    fields as `_parse.run_options_from_config` left them) with keys as `config_cls` names them, overlaid with the
     config flags."""
     values = getattr(args, CONFIG_FILE_VALUES, None)
     if values is None:
         values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    values = canonical_keys(values, config_cls)
+    values = canonical_keys(values, config_cls, getattr(args, "config", None) or "--config")
     for dest, value in vars(args).items():
         if dest.startswith(DEST_PREFIX) and value is not None:
             set_path(values, dest[len(DEST_PREFIX):], value)
     return values
 
 
-def canonical_keys(values: dict, config_cls: type) -> dict:
+def canonical_keys(values: dict, config_cls: type, source: str = "--config") -> dict:
     """Config-file keys as `config_cls` names its fields: dashes read as underscores, TRL's names as ours
     (`TRL_ALIASES`), and the fields of a nested config (RLHFConfig.lora_config) given at the top level (a flat
-    file, like the flags) moved under it. Unknown keys stay, for `config_from_dict` to name."""
+    file, like the flags) moved under it. Two keys for one field with different values (``lora_r`` and
+    ``rank``, ``learning-rate`` and ``learning_rate``) are refused in one line naming both. Unknown keys stay,
+    for `config_from_dict` to name."""
+    out: dict = {}
+    spelled: dict[str, tuple[str, Any]] = {}  # dotted field path -> (the key that set it, its value)
+    for path, key, value in _field_items(values, config_cls):
+        if path in spelled and not same_value(spelled[path][1], value):
+            raise VllmTrainError(f"{source}: '{spelled[path][0]}: {spelled[path][1]}' and '{key}: {value}' set the "
+                                 f"same field ({path}); keep one")
+        spelled.setdefault(path, (key, value))
+        set_path(out, path, value)
+    return out
+
+
+def _field_items(values: dict, config_cls: type, prefix: str = ""):
+    """(dotted field path, key as written, value) of each key of a config file (see `canonical_keys`)."""
     hints = get_type_hints(config_cls)
     own = {f.name for f in dataclasses.fields(config_cls)}
     nested = {f.name: hints[f.name] for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(hints[f.name])}
-    out: dict = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in own and name in TRL_ALIASES:
             name = TRL_ALIASES[name]
         if name in nested and isinstance(value, dict):
-            out.setdefault(name, {}).update(canonical_keys(value, nested[name]))
+            for path, inner, inner_value in _field_items(value, nested[name], f"{prefix}{key}."):
+                yield f"{name}.{path}", inner, inner_value
             continue
         home = next((n for n, cls in nested.items() if name not in own and name in
                      {f.name for f in dataclasses.fields(cls)}), None)
-        if home is not None:
-            out.setdefault(home, {})[name] = value
-        else:
-            out[name] = value
-    return out
+        yield f"{home}.{name}" if home is not None else name, f"{prefix}{key}", value
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two spellings' values say the same (4 and "4", 0.001 and "1e-3", true and "yes" do)."""
+    if a == b or str(a).strip() == str(b).strip():
+        return True
+    for read in (parse_bool, float):
+        try:
+            return read(a) == read(b)
+        except (TypeError, ValueError, VllmTrainError):
+            continue
+    return False
 
 
 CONFIG_FILE_VALUES = "config_file_values"  # args attribute: the --config file's config fields, read once
-
-
-def run_options_from_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], dict | None]:
-    """One --config file may hold a whole run. Its keys that name an option of the command (``model``,
-    ``data``, ``eval_data``, ``prompts``, ``output_dir``, ``adapter``, ``reward``, ``num_steps`` /
-    ``max_steps`` of RL, ...; dashes or underscores) become that option, put before the command line's own
-    options so that a flag still wins. Returns (argv, the file's remaining keys: its config fields), or
-    (argv, None) when there is no --config (or --help is asked)."""
-    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if not argv or subparsers is None or argv[0] not in subparsers.choices or {"-h", "--help"} & set(argv):
-        return argv, None
-    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
-        return argv, None
-    values = load_config_file(path)
-    options = {o[2:].replace("-", "_"): a for a in subparsers.choices[argv[0]]._actions for o in a.option_strings
-               if o.startswith("--") and not a.dest.startswith(DEST_PREFIX) and a.dest not in ("help", "config")}
-    front: list[str] = []
-    for key in [k for k in values if str(k).replace("-", "_") in options]:
-        action, value = options[str(key).replace("-", "_")], values.pop(key)
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # store_true: --overwrite, --no-progress, ...
-            front += [flag] if str(value).lower() in ("true", "1", "yes") else []
-        elif isinstance(value, list):
-            front += [flag, *map(str, value)] if action.nargs in ("+", "*") else [flag, ",".join(map(str, value))]
-        elif value is not None:
-            front += [flag, str(value)]
-    return [argv[0], *front, *argv[1:]], values
 
 
 def set_path(values: dict, path: str, value: Any) -> None:
@@ -281,73 +276,6 @@ def config_from_args(args: argparse.Namespace, config_cls: type = LoRATrainConfi
         if value is not None:
             set_path(values, path, value)
     return config_from_dict(config_cls, values, source=getattr(args, "config", None) or "flags")
-
-
-def check_output_dir(path: str | Path, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse to mix a new run into a non-empty directory unless resuming or told to overwrite.
-
-    ``--resume-from latest`` continues the run in `path` (a fresh start when `path` is empty); a non-empty
-    `path` without a checkpoint is refused, so resuming never rewrites another run's or a user's files.
-    ``--overwrite`` (not resuming) clears an earlier run's files first (`run_files.clear_run`; rank 0)."""
-    from vllm_train.trainers import common, run_files
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise VllmTrainError(f"--output-dir {path} exists and is not a directory")
-    not_empty = path.is_dir() and any(path.iterdir())
-    if not_empty and not resume_from and not overwrite:
-        raise VllmTrainError(f"--output-dir {path} is not empty (pass --overwrite, or --resume-from latest "
-                             f"to continue that run)")
-    resumes = resume_from and (resume_from != "latest" or common.list_checkpoints(path))
-    if not_empty and resume_from == "latest" and not resumes and not overwrite:
-        raise VllmTrainError(f"--resume-from latest: --output-dir {path} is not empty but holds no checkpoint "
-                             f"to resume (pass --overwrite to start a new run there)")
-    if not_empty and overwrite and not resumes:
-        run_files.clear_run(path)
-    distributed.barrier()  # under torchrun: every rank has looked (rank 0 has cleared) before rank 0 writes
-
-
-@dataclasses.dataclass
-class NewOutputDir:
-    """The --output-dir a command starts in: removed again when the command fails before its first
-    checkpoint (`remove_failed`), so a failed start never leaves a half-made run behind."""
-
-    path: Path
-    existed: bool  # an empty directory the user made: emptied, not removed
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> NewOutputDir | None:
-        """None when the command has no --output-dir or the directory already holds files (a resume, an
-        --overwrite: that run's files are not this command's to remove)."""
-        value = getattr(args, "output_dir", None)
-        if value is None:
-            return None
-        path = Path(value)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            return None
-        return cls(path, path.exists())
-
-    def remove_failed(self) -> None:
-        from vllm_train.trainers.common import list_checkpoints
-
-        if not distributed.is_main() or not self.path.is_dir() or list_checkpoints(self.path):
-            return
-        if not self.existed:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        for child in self.path.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink()
-
-
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", required=True, metavar="DIR", help="directory for the adapter and run files")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run in a non-empty --output-dir: its checkpoints, metrics, TensorBoard "
-                             "logs, plots and adapter files are deleted first (other files stay)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ---- models and adapters by hub id (vllm_train/hub.py) -----------------------------------------------

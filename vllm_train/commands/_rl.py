@@ -8,13 +8,12 @@ from vllm_train.commands._common import (
     ADAPTER_HELP,
     add_config_args,
     add_model_args,
-    add_output_args,
-    check_output_dir,
     config_from_args,
     config_values,
     resolve_model_args,
 )
 from vllm_train.commands._data import add_data_args, data_sources
+from vllm_train.commands._output import add_output_args, check_output_dir, command_inputs
 
 # LoRATrainConfig fields RL does not use (it runs --num-steps rollout steps; seed/saving are RL fields).
 RL_UNUSED_LORA_FIELDS = tuple(f"lora_config.{name}" for name in (
@@ -62,7 +61,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         raise VllmTrainError(f"--num-steps: {args.num_steps} is invalid (an integer >= 1)")
     prompts, eval_prompts = data_sources(args, "prompts", "eval_prompts")
     model_dir = resolve_model_args(args)  # --model, --adapter and --reward-model: local directories or hub ids
-    check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite)
+    output = check_output_dir(args.output_dir, config.lora_config.resume_from, args.overwrite, "adapter",
+                              command_inputs(args, model_dir))
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
     reward_model = getattr(args, "reward_model", None)
@@ -80,6 +80,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
                           progress=not args.no_progress, revision=args.revision)
     try:
+        output.prepare()  # every input read and checked: only now may --overwrite clear the earlier run
         before = trainer.evaluate(eval_records) if eval_records is not None else None
         final = trainer.train(records, args.num_steps)
         after = trainer.evaluate(eval_records) if eval_records is not None else None

@@ -29,14 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_train.assets import TINY_MODEL, data_file
-    from vllm_train.commands._common import check_output_dir
+    from vllm_train.commands._output import check_output_dir
     from vllm_train.config import LoRATrainConfig
     from vllm_train.engine.llm import vllm_version
     from vllm_train.evaluation import toy_accuracy
+    from vllm_train.outputs import write_text
     from vllm_train.trainers.sft import LoRATrainer
 
     out = Path(args.output_dir)
-    check_output_dir(out, None, args.overwrite)  # --overwrite: clears the earlier run's files
+    output = check_output_dir(out, None, args.overwrite)  # --overwrite: clears the earlier run's files ...
     config = LoRATrainConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"],
                              learning_rate=3e-3, batch_size=32, gradient_accumulation_steps=1,
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     eval_file = data_file("sft_eval.jsonl")
     trainer = LoRATrainer(str(TINY_MODEL), config, progress=not args.no_progress)
     trainer.setup_training()
+    output.prepare()  # ... once the model has loaded
     t0 = time.perf_counter()
     engine = trainer.engine
     print(f"[1/4] vLLM {vllm_version()} engine up in {time.perf_counter() - t0:.1f}s; "
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"base_accuracy": before, "adapter_accuracy": after, "train_seconds": round(train_secs, 1),
                "steps": trainer.global_step, "final_loss": final.get("loss"), "eval_loss": final.get("eval_loss"),
                "max_abs_logprob_diff_vllm_vs_trainer": max_diff, "adapter_dir": str(out)}
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n  toy accuracy (held-out)   base {before:.1%}  ->  adapter {after:.1%}")
     print(f"  SFT: {trainer.global_step} steps in {train_secs:.0f}s, final loss {final.get('loss', 0):.4f}")
     print(f"  vLLM vs trainer log-probs: max |diff| = {max_diff:.2e} (fp32)")

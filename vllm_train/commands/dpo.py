@@ -8,12 +8,11 @@ from vllm_train.commands._common import (
     ADAPTER_HELP,
     add_config_args,
     add_model_args,
-    add_output_args,
-    check_output_dir,
     config_from_args,
     resolve_model_args,
 )
 from vllm_train.commands._data import add_data_args, data_sources
+from vllm_train.commands._output import add_output_args, check_output_dir, command_inputs
 from vllm_train.config import DPOConfig
 
 DESCRIPTION = """\
@@ -75,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, DPOConfig, {"output_dir": args.output_dir})
     train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
-    check_output_dir(args.output_dir, config.resume_from, args.overwrite)
+    output = check_output_dir(args.output_dir, config.resume_from, args.overwrite, "adapter",
+                              command_inputs(args, model_dir))
     tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(train_source, tokenizer, config.max_length)  # validates every record first
     eval_set = PreferenceDataset(eval_source, tokenizer, config.max_length) if eval_source else None
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = DPOTrainer(args.model, config, adapter=args.adapter, progress=not args.no_progress,
                          revision=args.revision)
     trainer.setup_training()
+    output.prepare()  # every input read and checked: only now may --overwrite clear the earlier run
     final = trainer.train(train_set, eval_set)
     print(f"adapter written to {args.output_dir} ({trainer.global_step} steps, loss {final.get('loss', 0):.4f}, "
           f"train reward accuracy {final.get('rewards/accuracy', 0):.3f})")

@@ -10,7 +10,8 @@ DESCRIPTION = """\
 Merge a PEFT LoRA adapter into its base model and write a full Hugging Face model directory
 (safetensors + config + tokenizer) that transformers and vLLM load without PEFT or LoRA support. The
 merge is computed in fp32 and saved in the base checkpoint's dtype unless --dtype says otherwise; the
-files go to a temporary directory first, so an interrupted merge leaves nothing half-written.
+files go to a temporary directory first, so an interrupted merge leaves nothing half-written. Weights that
+are not finite after the cast (an adapter that overflows the dtype) are refused and nothing is written.
 """
 
 EXAMPLE = """\
@@ -28,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the merged model goes")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the base checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge (or run) in --output-dir: "
+                   "the files its run_manifest.json lists, once the new model is complete; other files stay")
     p.set_defaults(run=run)
 
 

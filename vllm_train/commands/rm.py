@@ -10,12 +10,11 @@ from vllm_train.commands._common import (
     ADAPTER_HELP,
     add_config_args,
     add_model_args,
-    add_output_args,
-    check_output_dir,
     config_from_args,
     resolve_model_args,
 )
 from vllm_train.commands._data import add_data_args, data_sources
+from vllm_train.commands._output import add_output_args, check_output_dir, command_inputs
 from vllm_train.config import RewardModelConfig
 
 DESCRIPTION = """\
@@ -84,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                              "ranks); train under torchrun, then score in one process")
     train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
-    check_output_dir(args.output_dir, config.resume_from, args.overwrite)
+    output = check_output_dir(args.output_dir, config.resume_from, args.overwrite, "reward_model",
+                              command_inputs(args, model_dir))
     tokenizer = load_tokenizer(model_dir)
     train_set = PreferenceDataset(train_source, tokenizer, config.max_length)  # validates every record first
     eval_set = PreferenceDataset(eval_source, tokenizer, config.max_length) if eval_source else None
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             check_examples_fit(model_dir, data, str(source))
     trainer = RewardModelTrainer(args.model, config, progress=not args.no_progress, revision=args.revision)
     trainer.setup_training(adapter=args.adapter)
+    output.prepare()  # every input read and checked: only now may --overwrite clear the earlier run
     final = trainer.train(train_set, eval_set)
     print(f"reward model written to {args.output_dir} (adapter: {args.output_dir}/adapter; "
           f"{trainer.global_step} steps, loss {final.get('loss', 0):.4f})")
@@ -110,6 +111,7 @@ def vllm_check(trainer, eval_set, out_dir) -> dict:
     import torch
 
     from vllm_train.engine.reward import RewardModelScorer
+    from vllm_train.outputs import write_text
     from vllm_train.trainers.rm import pair_scores
 
     hf_c, hf_r = pair_scores(trainer.model, eval_set, trainer.tokenizer.pad_token_id, trainer.config.batch_size)
@@ -123,5 +125,5 @@ def vllm_check(trainer, eval_set, out_dir) -> dict:
               "vllm": {"accuracy": (v_c > v_r).float().mean().item(), "max_abs_diff_vs_hf": diff},
               "scores": {"hf_chosen": hf_c.tolist(), "hf_rejected": hf_r.tolist(),
                          "vllm_chosen": v_c.tolist(), "vllm_rejected": v_r.tolist()}}
-    Path(out_dir, "rm_eval.json").write_text(json.dumps(report) + "\n")
+    write_text(Path(out_dir, "rm_eval.json"), json.dumps(report) + "\n")
     return report

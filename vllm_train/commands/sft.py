@@ -8,12 +8,11 @@ from vllm_train.commands._common import (
     ADAPTER_HELP,
     add_config_args,
     add_model_args,
-    add_output_args,
-    check_output_dir,
     config_from_args,
     resolve_model_args,
 )
 from vllm_train.commands._data import add_data_args, data_sources
+from vllm_train.commands._output import add_output_args, check_output_dir, command_inputs
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on supervised data and write it in PEFT format to --output-dir
@@ -64,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, fixed={"output_dir": args.output_dir})
     train_source, eval_source = data_sources(args)
     model_dir = resolve_model_args(args)
-    check_output_dir(args.output_dir, config.resume_from, args.overwrite)
+    output = check_output_dir(args.output_dir, config.resume_from, args.overwrite, "adapter",
+                              command_inputs(args, model_dir))
     tokenizer = load_tokenizer(model_dir)
     train_set = CausalLMDataset(train_source, tokenizer, config.max_length)  # validates every record first
     eval_set = CausalLMDataset(eval_source, tokenizer, config.max_length) if eval_source else None
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = LoRATrainer(args.model, config, progress=not args.no_progress,
                           on_save=_push_hook(args), revision=args.revision)
     trainer.setup_training(adapter=args.adapter)
+    output.prepare()  # every input read and checked: only now may --overwrite clear the earlier run
     final = trainer.train(train_set, eval_set)
     print(f"adapter written to {args.output_dir} ({trainer.global_step} steps, "
           f"final loss {final.get('loss', float('nan')):.4f})")

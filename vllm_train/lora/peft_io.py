@@ -9,15 +9,14 @@ B unscaled. vLLM (``LoRARequest``), PEFT (``PeftModel.from_pretrained``) and ``v
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vllm_train.config import json_problem, read_text
 from vllm_train.errors import VllmTrainError
+from vllm_train.outputs import save_weights, write_text
+from vllm_train.user_files import json_problem, read_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -74,22 +73,12 @@ def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def write_adapter_dir(path: str | Path, state: dict[str, torch.Tensor], config: dict,
                       card: str | None = None) -> Path:
     """Write the adapter files into `path`, each to a temp file first and then renamed into place, so a
-    reader never sees a half-written file. Weights go first: a config always finds its weights."""
+    reader never sees a half-written file. Weights go first, checked finite (`outputs.save_weights`: NaN or
+    inf fails the save and keeps the previous adapter whole): a config always finds its weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    files = [(ADAPTER_WEIGHTS, None), (ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")]
+    save_weights(state, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     if card:
-        files.append(("README.md", card))
-    for name, text in files:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
-        os.close(fd)
-        try:
-            if text is None:
-                save_file(state, tmp, metadata={"format": "pt"})
-            else:
-                Path(tmp).write_text(text)
-            os.replace(tmp, path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(path / "README.md", card)
     return path

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from vllm_train import distributed
+from vllm_train import distributed, run_manifest
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
+from vllm_train.outputs import save_weights
 from vllm_train.trainers import run_files
 
 
@@ -101,7 +102,8 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimizer, scheduler, state: dict,
                     base_model: str, keep: int) -> Path:
-    """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`.
+    """Write run_dir/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`; every
+    tensor is checked finite first (a non-finite one fails the save and keeps the checkpoints there are).
     Under torchrun every rank calls it: with tensor parallelism the adapter and the optimizer moments
     are gathered from the ranks' shards (collectives); rank 0 alone writes."""
     root = Path(run_dir) / "checkpoints"
@@ -115,8 +117,8 @@ def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimize
     try:
         injector.save(tmp / "adapter", base_model)
         tensors, opt_meta = _optimizer_tensors(optimizer, injector.get_trainable_params())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_weights(tensors, tmp / "optimizer.safetensors")
+        save_weights({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         meta = {**state, "step": step, "scheduler_last_epoch": scheduler.last_epoch, "optimizer": opt_meta}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
@@ -125,8 +127,10 @@ def save_checkpoint(run_dir: Path, step: int, injector: Checkpointable, optimize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    run_manifest.note(final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+        run_manifest.forget(old)
     return final
 
 

@@ -4,8 +4,9 @@ Epochs of shuffled accumulation groups (the order depends only on seed and epoch
 sees the batches the interrupted one would have), one optimizer step per group, resume from a
 checkpoint, logging every `logging_steps` (metrics.jsonl, TensorBoard, progress bar), atomic
 checkpoints every `save_steps` (or at each epoch end), evaluation every `eval_steps` (or after each
-epoch), and a stop when the loss or the gradient norm stops being finite -- before the optimizer step
-would spread it into the weights.
+epoch), a stop when the loss or the gradient norm stops being finite -- before the optimizer step
+would spread it into the weights -- or when the step made the weights non-finite, and a divergence
+watch at every logged step (`guards`: the metric ``diverged``, a warning, a stop if asked).
 
 What differs between trainers is passed in: `step_fn(group, group_examples) -> stats` runs
 forward/backward over this rank's share of one accumulation group (micro-batches of example indices;
@@ -31,10 +32,10 @@ from tqdm.auto import tqdm
 
 from vllm_train import distributed
 from vllm_train.config import LoRATrainConfig, write_resolved_config
-from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import MetricsLogger
 from vllm_train.trainers import common, run_files
 from vllm_train.trainers.common import Checkpointable
+from vllm_train.trainers.guards import DivergenceWatch, guarded_step, stop_if_not_finite
 
 StepFn = Callable[[list[list[int]], int], dict[str, float]]
 Summarize = Callable[[dict[str, float], int, float], dict[str, float]]
@@ -43,15 +44,6 @@ Summarize = Callable[[dict[str, float], int, float], dict[str, float]]
 def mean_per_step(sums: dict[str, float], steps: int, seconds: float) -> dict[str, float]:
     """Each stat's mean over the window's optimizer steps, and steps per second."""
     return {**{k: v / steps for k, v in sums.items()}, "steps_per_sec": steps / max(seconds, 1e-9)}
-
-
-def stop_if_not_finite(step: int, loss: float, grad_norm: float | torch.Tensor, run_dir: str | Path) -> None:
-    """Raise `VllmTrainError` naming the step when the loss or gradient norm is NaN or infinite."""
-    for name, value in (("loss", float(loss)), ("grad_norm", float(grad_norm))):
-        if not math.isfinite(value):
-            kept = common.list_checkpoints(run_dir)
-            where = f"The last good checkpoint is kept: {kept[-1]}" if kept else "No checkpoint was written yet."
-            raise VllmTrainError(f"step {step}: {name} is {value}; stopping. {where}")
 
 
 def run_evaluation(evaluate: Callable[[], dict], logger: MetricsLogger, step: int, model: torch.nn.Module) -> dict:
@@ -65,13 +57,14 @@ def run_evaluation(evaluate: Callable[[], dict], logger: MetricsLogger, step: in
 def optimizer_step(stats: dict[str, float], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    scheduler, max_grad_norm: float, step: int, run_dir: Path) -> tuple[dict[str, float], torch.Tensor]:
     """One update after an accumulation group: sum gradients and stats over ranks, clip, refuse a non-finite
-    loss or gradient norm (naming `step`, before the weights take it), step. Returns (stats, grad norm)."""
+    loss or gradient norm (naming `step`, before the weights take it), step, refuse weights the step made
+    non-finite. Returns (stats, grad norm)."""
     stats = dict(zip(stats, distributed.all_reduce_grads(params, *stats.values())))
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         stop_if_not_finite(step, stats["loss"], grad_norm, run_dir)
-    optimizer.step()
+    guarded_step(optimizer, step, params, run_dir)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return stats, grad_norm
@@ -119,6 +112,7 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
         meta = common.load_checkpoint(resume, trainable, optimizer, scheduler, fingerprint)
         start_epoch, start_group, step = meta["epoch"], meta["next_group"], meta["step"]
     write_resolved_config(c, run_dir, model=model_name, kind=kind, total_steps=total_steps, **(resolved or {}))
+    watch = DivergenceWatch(params, c.stop_on_divergence, run_dir)
 
     def checkpoint(epoch: int, next_group: int) -> None:
         path = common.save_checkpoint(run_dir, step, trainable, optimizer, scheduler,
@@ -148,6 +142,7 @@ def run_epochs(step_fn: StepFn, *, model: torch.nn.Module, trainable: Checkpoint
                 if step % c.logging_steps == 0 or step == total_steps:
                     last = {**summarize(window.sums, window.steps, window.seconds()), "lr": scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm), "epoch": epoch + (g + 1) / len(groups)}
+                    last.update(watch.check(step, last["loss"]))
                     logger.log(step, last)
                     bar.set_postfix(postfix(last))
                     window = _Window()

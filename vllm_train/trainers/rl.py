@@ -37,8 +37,9 @@ from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import pick_device_and_dtype, resolve_model
 from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
+from vllm_train.rewards.model import RewardModelScorer
 from vllm_train.trainers import common, run_files
-from vllm_train.trainers.loop import stop_if_not_finite
+from vllm_train.trainers.guards import DivergenceWatch, guarded_step, stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import global_batch_size, make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead, zero_value_head
 from vllm_train.trainers.rl_rollouts import (
@@ -81,7 +82,9 @@ class RLHFTrainer:
         if (reward_model_name is None) == (reward_fn is None):
             raise VllmTrainError("give exactly one of a reward model (reward_model_name) or a reward function")
         self.reward_fn = load_reward_function(reward_fn) if isinstance(reward_fn, str) else reward_fn
-        self.reward_model = _load_reward_model(reward_model_name) if reward_model_name else None
+        # a hub id as the reward model: its snapshot directory
+        self.reward_model = RewardModelScorer(hub.resolve(reward_model_name, what="reward model")) \
+            if reward_model_name else None
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
@@ -117,6 +120,7 @@ class RLHFTrainer:
         write_resolved_config(c, run_dir, model=self.model_name, kind=c.algorithm, num_steps=num_steps,
                               prompts=len(records), reward=self._reward_label())
         logger = MetricsLogger(run_dir, lc.report_to, step or None, tensorboard=self.tensorboard)
+        watch = DivergenceWatch(self.params, lc.stop_on_divergence, run_dir)  # the policy loss says nothing of it
         last: dict = {}
         if eval_records is not None and step == 0:
             logger.log(step, last := {f"eval_{k}": v for k, v in self.evaluate(eval_records).items()})
@@ -131,7 +135,7 @@ class RLHFTrainer:
                     if prefetcher is not None:
                         prefetcher.wait()  # one thread drives vLLM at a time
                     stats.update({f"eval_{k}": v for k, v in self.evaluate(eval_records).items()})
-                logger.log(step, last := stats)
+                logger.log(step, last := {**stats, **watch.check(step)})
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", len=f"{stats['response_len']:.1f}",
                                 sync=f"{stats['sync_ms']:.0f}ms")
@@ -262,7 +266,7 @@ class RLHFTrainer:
                 losses.append(minibatch_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.lora_config.max_grad_norm)
                 stop_if_not_finite(self.global_step + 1, minibatch_loss, grad_norm, c.output_dir)
-                self.optimizer.step()
+                guarded_step(self.optimizer, self.global_step + 1, self.params, c.output_dir)
                 self.optimizer.zero_grad(set_to_none=True)
                 self._version += 1
         if self.scheduler is not None:
@@ -391,9 +395,3 @@ class RLHFTrainer:
             elif self._served is not None:
                 self._engine.remove_adapter(self._served[1])
         self._engine, self._served = None, None
-
-
-def _load_reward_model(path: str):
-    from vllm_train.rewards.model import RewardModelScorer
-
-    return RewardModelScorer(hub.resolve(path, what="reward model"))  # a hub id: its snapshot directory

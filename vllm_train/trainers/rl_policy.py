@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from vllm_train import distributed
 from vllm_train.losses.causal_lm import token_logprobs
 from vllm_train.models import autocast_for, chunkable_head
+from vllm_train.outputs import save_weights
 from vllm_train.trainers.rl_rollouts import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -146,8 +147,8 @@ class PolicyAndValueHead:
         out = self.injector.save(path, base_model_name_or_path, **kwargs)
         if not distributed.is_main():  # the injector wrote nothing either
             return out
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(Path(out) / VALUE_HEAD_FILE))
+        save_weights({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                     Path(out) / VALUE_HEAD_FILE)
         return out
 
     @torch.no_grad()

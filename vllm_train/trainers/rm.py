@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from vllm_train import distributed, hub, models
+from vllm_train import distributed, hub, models, run_manifest
 from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
@@ -38,6 +37,7 @@ from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.dpo import base_preference_loss, bradley_terry_loss
 from vllm_train.metrics import plot_curves
 from vllm_train.models import pair_logps, pooled_hidden
+from vllm_train.outputs import save_weights
 from vllm_train.trainers import loop
 from vllm_train.trainers.common import Checkpointable, make_optimizer
 
@@ -234,25 +234,28 @@ class RewardModelTrainer:
 
     def save_reward_model(self, path: str | Path) -> Path:
         """Write the merged sequence-classification model into `path` and the PEFT adapter into
-        `path/adapter` (each file written to a temp name first, then renamed into place). Rank 0 alone
-        writes in a data-parallel run."""
+        `path/adapter` (each file written to a temp name first, then renamed into place). The merged
+        weights are written (to a temp dir, checked finite) before anything replaces the previous files,
+        so a non-finite model fails the save and keeps the earlier ones. Rank 0 alone writes in a
+        data-parallel run."""
         path = Path(path)
         if not distributed.is_main():
             return path
         path.mkdir(parents=True, exist_ok=True)
-        self.params.save(path / "adapter", self.model_name, card=RM_CARD.format(base=self.model_name))
         tmp = Path(tempfile.mkdtemp(prefix=".merged.tmp-", dir=path))
         try:
-            save_file(merged_state_dict(self.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_weights(merged_state_dict(self.model), tmp / "model.safetensors", metadata={"format": "pt"})
             config = self.model.config
             config.architectures = [type(self.model).__name__]
             config.use_cache = True
             config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            self.params.save(path / "adapter", self.model_name, card=RM_CARD.format(base=self.model_name))
             names = sorted(p.name for p in tmp.iterdir())
             for name in ["model.safetensors"] + [n for n in names if n not in ("model.safetensors", "config.json")] \
                     + ["config.json"]:  # weights first, config last: a config always finds its weights
                 os.replace(tmp / name, path / name)
+                run_manifest.note(path / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path

@@ -6,11 +6,10 @@ and evaluates, and how the global batch is split over ranks). Resuming from a ch
 fingerprint is refused, naming what differs; a checkpoint written before fingerprints resumes with a
 warning.
 
-``--overwrite`` over an earlier run clears the files a run writes (its checkpoints above all, which would
-otherwise shadow the new run's on a later ``--resume-from latest``); files vllm-train does not write are
-left where they are. A directory without ``resolved_config.json`` is not a run, and nothing in it is
-deleted. Leftovers of a killed run (temp dirs of an interrupted save) are removed when the next run starts.
-Under torchrun rank 0 alone deletes.
+``--overwrite`` over an earlier run removes exactly the paths its manifest lists (its checkpoints above all,
+which would otherwise shadow the new run's on a later ``--resume-from latest``; `vllm_train.run_manifest`);
+`RUN_WRITES` says where a new run writes, which must hold no file of the user's. Leftovers of a killed run
+(temp dirs of an interrupted save) are removed when the next run starts. Under torchrun rank 0 alone deletes.
 """
 
 from __future__ import annotations
@@ -30,13 +29,20 @@ from vllm_train.errors import VllmTrainError
 # parallelism) may change too, as long as the global batch stays: it is fingerprinted instead.
 RESUMABLE_FIELDS = frozenset({"output_dir", "resume_from", "max_steps", "num_steps", "logging_steps", "save_steps",
                               "eval_steps", "save_total_limit", "tensor_parallel_size", "batch_size", "report_to",
-                              "rollout_servers"})
+                              "rollout_servers", "stop_on_divergence"})
 
-RUN_MARKER = "resolved_config.json"  # written first by every run: a directory holding it is a run
-# What a run writes into its directory (trainers, `save_lora`, the reward model's merged copy).
-RUN_FILES = ("checkpoints", "tb", "metrics.jsonl", "resolved_config.json", "loss.png", "curves.png",
-             "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md",
-             "adapter", "model.safetensors", "config.json", "wandb")
+# Where a new run of each kind writes (beside the files of every run): --overwrite refuses to start a run
+# that would write over a file the earlier run did not write (`run_manifest.plan_overwrite`). Over-wide on
+# purpose: a name here that a run does not write only makes --overwrite stricter.
+EVERY_RUN_WRITES = ("resolved_config.json", "metrics.jsonl", "tb", "wandb", "checkpoints", "loss.png", "curves.png")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+RUN_WRITES = {
+    "adapter": (*EVERY_RUN_WRITES, "adapter_config.json", "adapter_model.safetensors", "README.md",
+                "value_head.safetensors", "demo_summary.json"),
+    "reward_model": (*EVERY_RUN_WRITES, "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "adapter/README.md", "model.safetensors", "config.json", "rm_eval.json", *TOKENIZER_FILES),
+}
 LEFTOVER_PATTERNS = ("checkpoints/.step-*.tmp-*", ".merged.tmp-*", "metrics.tmp", "*.tmp.png")
 
 
@@ -87,28 +93,6 @@ def _flat(values: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = value
     return out
-
-
-def is_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file()
-
-
-def clear_run(path: Path) -> list[str]:
-    """Delete the files an earlier run wrote into `path` (rank 0; only in a run directory). Returns the
-    names deleted; other files stay."""
-    if not distributed.is_main() or not is_run(path):
-        return []
-    removed = []
-    for name in RUN_FILES:
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        else:
-            continue
-        removed.append(name)
-    return removed
 
 
 def clean_leftovers(run_dir: Path) -> None:
