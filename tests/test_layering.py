@@ -26,6 +26,7 @@ PACKAGE = "vllm_train"
 # Lowest first. Names are top-level modules or subpackages of vllm_train.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("files",),  # users' text files: UTF-8, JSON error positions, YAML/JSON config files
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
     ("config",),
