@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import report_backends
+from vllm_train.schedules import check_optimizer, check_schedule, scheduler_kwargs
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -59,7 +60,10 @@ class LoRATrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"  # ours, or any transformers.get_scheduler name (vllm_train/schedules.py)
+    lr_scheduler_kwargs: dict | None = None  # its extra arguments (transformers' schedules), e.g. min_lr_rate
+    warmup_steps: float | None = None  # > 0: warmup steps (< 1: a ratio), in place of warmup_ratio (TRL's key)
+    optim: str | None = None  # TRL's optimizer name; AdamW only: None, adamw_torch or adamw_torch_fused
     max_length: int = 512
     max_steps: int = -1  # optimizer steps; -1 = run num_epochs
     seed: int = 0
@@ -97,8 +101,9 @@ class LoRATrainConfig:
                "a finite number > 0")
         _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay", self.weight_decay,
                "a finite number >= 0")
-        _check(self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", self.lr_scheduler,
-               "one of cosine, linear, constant")
+        self.lr_scheduler_kwargs = scheduler_kwargs(self.lr_scheduler_kwargs) or None
+        check_schedule(self.lr_scheduler, self.lr_scheduler_kwargs or {}, self.warmup_steps)
+        check_optimizer(self.optim)
         _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or >= 1")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
