@@ -27,6 +27,7 @@ PACKAGE = "vllm_train"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("files",),  # users' text files: UTF-8, JSON error positions, YAML/JSON config files
+    ("loading",),  # the one boundary: a library's exception about a user's file -> one VllmTrainError line
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
     ("schedules",),  # learning-rate schedules by name (ours + transformers'), the optimizer names accepted
@@ -36,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("losses",),
     ("lora",),
+    ("model_dir",),  # a model directory checked up front (config vs weights, tokenizer, chat template)
     ("models",),  # loading a policy / tokenizer / adapter, and the forward passes every layer above reads
     ("merging",),  # base + adapter -> one plain model directory
     ("rewards",),

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from vllm_train.errors import VllmTrainError
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_train import distributed
     from vllm_train.commands._common import NewOutputDir
     from vllm_train.commands._trl import apply_trl_options
+    from vllm_train.files import check_can_write
 
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         silence_rank()
     try:
         apply_trl_options(args)  # TRL's bf16, eval_strategy, resume_from_checkpoint, ... as our settings
+        if getattr(args, "output_dir", None):  # under a file, in /proc, no permission: refused before any work
+            check_can_write(Path(args.output_dir), "--output-dir")
         if distributed.requested() and args.command not in DISTRIBUTED_COMMANDS:
             raise VllmTrainError(f"{args.command} runs in one process; under torchrun only "
                                  f"{', '.join(DISTRIBUTED_COMMANDS)} do (WORLD_SIZE={os.environ['WORLD_SIZE']})")

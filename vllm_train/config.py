@@ -43,6 +43,19 @@ def _check(ok: bool, field_name: str, value: Any, rule: str) -> None:
         raise VllmTrainError(f"config field '{field_name}': {value!r} is invalid ({rule})")
 
 
+MAX_SEED = 2**32 - 1  # numpy's and vLLM's seeds are 32-bit; a larger one overflows deep inside a run
+
+
+def _check_numbers(config: Any) -> None:
+    """Every float field finite (inf is meaningless for each of them: a clip range, a cap, a learning rate)
+    and the seed in range, so neither fails or silently disables something mid-run."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+    _check(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED, "seed", config.seed,
+           f"an integer from 0 to {MAX_SEED}")
+
+
 @dataclass
 class LoRATrainConfig:
     # LoRA settings
@@ -83,6 +96,7 @@ class LoRATrainConfig:
     output_dir: str = "./lora_output"
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         self.target_modules = list(self.target_modules)
         _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
         engine_max_lora_rank(self.rank)  # > 512 cannot be served by vLLM
@@ -230,6 +244,7 @@ class RLHFConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.lora_config, LoRATrainConfig), "lora_config", self.lora_config,
                "a LoRATrainConfig (or a mapping of its fields)")
+        _check_numbers(self)
         _check(self.algorithm in RL_ALGORITHMS, "algorithm", self.algorithm, f"one of {', '.join(RL_ALGORITHMS)}")
         _check(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
         min_group = 1 if self.algorithm == "ppo" else 2

@@ -22,13 +22,15 @@ from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
 from vllm_train.files import json_problem, read_text
-from vllm_train.lora.injector import LoRAInjector
+from vllm_train.loading import library_errors
+from vllm_train.lora.injector import LoRAInjector, check_targets
 from vllm_train.lora.layers import SHARED_WEIGHT
 from vllm_train.lora.peft_io import read_adapter_dir
 from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.causal_lm import shifted_token_logprobs, token_logprobs
 from vllm_train.losses.dpo import sequence_logps
+from vllm_train.model_dir import meta_model
 
 
 def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
@@ -159,7 +161,9 @@ def check_lora_servable(model_name: str, on_cuda: bool) -> None:
 def load_tokenizer(model_name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name, revision))
+    path = resolve_model(model_name, revision)
+    with library_errors(f"{path}: tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -182,6 +186,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     model_name = resolve_model(model_name, revision)
     adapter = hub.resolve(adapter, what="adapter") if adapter else None  # a hub id: its snapshot directory
     tokenizer = load_tokenizer(model_name)
+    check_targets(meta_model(model_name), set(config.target_modules))  # a misspelt target: before the weights load
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
@@ -189,7 +194,8 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     device, dtype = pick_device_and_dtype(config.precision)
     # Loaded on the CPU first: with tensor parallelism the sharding moves each rank's shards to its GPU
     # (no GPU ever holds the whole model); with `base_views` only the weights not shared move
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    with library_errors(model_name):  # a config that does not describe the weights, a truncated file, ...
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if base_views is not None:
         if mesh is not None:
             raise VllmTrainError("base_views: a tensor-parallel training copy cannot share an engine's weights")

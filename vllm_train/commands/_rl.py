@@ -39,7 +39,8 @@ def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
     from vllm_train.errors import VllmTrainError
 
     values = config_values(args, RLHFConfig)
-    if "max_length" in (values.get("lora_config") or {}):
+    lora = values.get("lora_config")
+    if isinstance(lora, dict) and "max_length" in lora:  # lora_config not a mapping: RLHFConfig names it
         # RLHFTrainer does not truncate yet: a max_length would be silently ignored, so it is refused.
         raise VllmTrainError("--max-length (lora_config.max_length) is not supported by RL yet: completions are "
                              "capped by --max-new-tokens and prompts are used whole")
