@@ -256,3 +256,31 @@ def test_the_shipped_model_passes_the_checks_unchanged(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(TINY_MODEL, copy)
     check_model_dir(copy, Path(TINY_MODEL) / "chat_template.jinja")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["eval", "--model", str(TINY_MODEL), "--data", SFT], "eval runs in one process"),
+    (sft(SFT, "--tensor-parallel-size", "3"), "tensor_parallel_size: 3 does not divide the 2 rank(s)"),
+    (sft(RL), "rl_train.jsonl:1: missing field 'completion'"),
+])
+def test_under_torchrun_a_refusal_is_one_line_per_rank_and_names_the_cause_in_torchruns_report(tmp_path, argv, line):
+    """Each rank prints its one line and exits 2, without a traceback of its own; torchrun's failure report
+    (its own, printed by the launcher) shows that line, written to the error file torchrun reads."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    argv = [*argv, "--output-dir", str(out)] if argv[0] == "sft" else argv
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "vllm_train", *argv], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("[rank ")]
+    ours.sort()
+    # rank 1 may be stopped by torchrun (SIGTERM) before it prints: one or two lines, each the cause
+    assert 1 <= len(ours) <= 2 and all(o.split("] ", 1)[1].startswith("error: ") and line in o for o in ours), \
+        proc.stderr[-3000:]
+    frames = [f for f in proc.stderr.splitlines() if f.strip().startswith('File "')]
+    assert frames and not [f for f in frames if "vllm_train" in f]  # only torchrun's own launcher traceback
+    assert "traceback : [rank 0] error: " in proc.stderr
+    assert not out.exists()

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if new_output is not None:
             new_output.remove_failed()
         print(f"{where}error: {exc}", file=sys.stderr)
+        distributed.record_error(f"{where}error: {exc}")  # torchrun's failure report then names the cause
         return 2
     except Exception:
         if new_output is not None:
