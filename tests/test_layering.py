@@ -26,6 +26,7 @@ PACKAGE = "vllm_train"
 # Lowest first. Names are top-level modules or subpackages of vllm_train.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("quiet",),  # vLLM / torch / transformers noise folded for library and CLI use (VLLM_TRAIN_VERBOSE=1 shows it)
     ("files",),  # users' text files: UTF-8, JSON error positions, YAML/JSON config files
     ("loading",),  # the one boundary: a library's exception about a user's file -> one VllmTrainError line
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes

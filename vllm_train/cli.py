@@ -7,7 +7,6 @@ input print one line (`error: ...`) on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -65,21 +64,16 @@ LOGS_TO_FILES = ("serve",)
 
 
 def quiet_libraries(command: str | None, verbose: bool) -> None:
-    """Command-line use: vLLM, torch and Python warnings are folded to errors (vLLM's start-up info and
-    warnings are not actionable for a user of these commands) unless --verbose; our progress bars and
-    summaries stay. Runs before torch or vLLM is imported (parsing the command line imports neither):
-    both read these settings once, and vLLM's engine processes inherit them. A level the user exported
-    wins."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
-    if not verbose:  # `datasets` (--dataset-name): no bars for turning downloaded files into its cache
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if command in LOGS_TO_FILES:
-        return
-    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
-    logging.getLogger("vllm").setLevel(level.upper())  # also covers messages sent before vLLM configures logging
-    if not verbose:
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    """Command-line use: the libraries' info, warnings and loading bars folded as for any library user
+    (`vllm_train.quiet`), and every FutureWarning and DeprecationWarning off, in vLLM's engine processes
+    too, unless --verbose (or VLLM_TRAIN_VERBOSE=1); our progress bars and summaries stay. Runs before torch
+    or vLLM is imported (parsing the command line imports neither): both read these settings once. A level
+    the user exported wins."""
+    from vllm_train import quiet
+
+    verbose = verbose or quiet.verbose_requested()
+    quiet.quiet_libraries(verbose, logs_to_files=command in LOGS_TO_FILES)
+    if not verbose and command not in LOGS_TO_FILES:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

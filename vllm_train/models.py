@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_train import distributed, hub
+from vllm_train import distributed, hub, quiet
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
@@ -194,6 +194,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     device, dtype = pick_device_and_dtype(config.precision)
     # Loaded on the CPU first: with tensor parallelism the sharding moves each rank's shards to its GPU
     # (no GPU ever holds the whole model); with `base_views` only the weights not shared move
+    quiet.settle()  # transformers is imported now: its weight-loading bars follow the quiet setting
     with library_errors(model_name):  # a config that does not describe the weights, a truncated file, ...
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if base_views is not None:

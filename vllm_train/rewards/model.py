@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vllm_train import quiet
 from vllm_train.errors import VllmTrainError
 from vllm_train.files import parse_json, read_text
 from vllm_train.loading import library_errors
@@ -41,6 +42,7 @@ class RewardModelScorer:
         labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers' default: 2
         if labels != 1:  # checked before loading: a 2-label config over a 1-row score head fails to load
             raise VllmTrainError(f"reward model {path / 'config.json'}: {labels} labels, expected 1 (a scalar score)")
+        quiet.settle()  # transformers is imported now: its weight-loading bars follow the quiet setting
         with library_errors(f"reward model {path}"):
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             if self.tokenizer.pad_token_id is None:
