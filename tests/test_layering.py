@@ -59,7 +59,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "cpu_lora_ops", "gateway", "staging", "kv_budget"),
                ("http_client", "server_args", "cpu_lora_worker"), ("llm", "replicas"),
-               ("loader", "reward", "publish", "shared_base"), ("remote",)],
+               ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common", "_data"), ("_rl", "_trl"),

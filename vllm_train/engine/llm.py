@@ -187,7 +187,7 @@ class VLLMEngine:
             # this process may have touched CUDA already (the training copy, a seed): a forked engine
             # core cannot initialize it again ("Cannot re-initialize CUDA in forked subprocess")
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if not cuda and o.enable_lora and not o.in_process:
+        if cpu_lora_ops.needs_worker_extension(o):
             # the engine core is another process: vLLM imports our CPU LoRA ops there (cpu_lora_ops.py)
             kwargs["worker_extension_cls"] = cpu_lora_ops.WORKER_EXTENSION
         kwargs.update(o.extra)
