@@ -2,10 +2,13 @@
 
     python scripts/build_toy_world.py [--out vllm_train/assets] [--steps 4000] [--data-only]
 
+    python scripts/build_toy_world.py --two-kv-only   # tiny-llama-2kv/ alone, from tiny-llama/ (seconds)
+
 What it makes (all committed, so nothing is downloaded at run time):
   tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
                 template, pretrained on two-digit addition in which carry problems are mostly answered
                 without the carry (see vllm_train/toy.py) -- imperfect on purpose.
+  tiny-llama-2kv/  the same model with its KV head repeated (2 KV heads): tensor parallelism over 2 ranks
   data/         sft_{train,eval}.jsonl (chat messages), prefs_{train,eval}.jsonl (chosen = correct,
                 rejected = wrong), rl_{train,eval}.jsonl (prompt messages + checkable answer),
                 text_train.jsonl (plain text). Eval problems are held out of pretraining and of every
@@ -236,17 +239,65 @@ Pretraining took {secs:.0f} s on {threads} CPU threads.
 """
 
 
+TWO_KV_CARD = """---
+license: mit
+tags: [toy, vllm-train, tensor-parallel]
+---
+# tiny-llama-2kv (vllm-train toy world)
+
+`tiny-llama` with its one KV head repeated into two: the rows of every `k_proj` and `v_proj` are stacked
+twice, so query head i reads KV head i, a copy of the one both read before -- the same model, with
+attention and MLP that split over 2 tensor-parallel ranks (2 query heads, 2 KV heads, intermediate 384).
+Weights in bf16 (under 2 MB). Built by `scripts/build_toy_world.py --two-kv-only` from tiny-llama, no training.
+
+**Base accuracy** (greedy, 300 held-out problems; its bf16 weights, fp32 arithmetic): {acc:.1%}; forgot-carry
+answers: {forgot:.1%} (tiny-llama's fp32 weights: 49.7%, 38.3%).
+"""
+
+
+def build_two_kv_heads(src: Path, out: Path, eval_pairs) -> None:
+    """tiny-llama-2kv: the shipped model with its KV head repeated over the query heads (the function it
+    computes unchanged), for tensor parallelism on a laptop: a model with one KV head cannot be split over
+    2 ranks. Deterministic: no training, no randomness."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cfg = model.config
+    repeat = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                rows = proj.weight.view(cfg.num_key_value_heads, -1, proj.in_features)
+                proj.weight = torch.nn.Parameter(rows.repeat_interleave(repeat, 0).reshape(-1, proj.in_features))
+                proj.out_features = proj.weight.shape[0]
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    for layer in model.model.layers:
+        layer.self_attn.num_key_value_groups = 1
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model.to(torch.bfloat16).to(torch.float32)  # the accuracy below is the shipped bf16 weights'
+    acc, forgot = greedy_accuracy(model, tokenizer, eval_pairs)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(TWO_KV_CARD.format(acc=acc, forgot=forgot))
+    print(f"wrote {out}: greedy accuracy {acc:.3f} (forgot-carry {forgot:.3f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "vllm_train" / "assets")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--data-only", action="store_true",
                         help="rebuild only data/ (same random streams; the model and tokenizer are left as they are)")
+    parser.add_argument("--two-kv-only", action="store_true",
+                        help="rebuild only tiny-llama-2kv/ from the tiny-llama/ there (seconds)")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     eval_pairs, train_pairs = split_problems(rng)
     corpus = [pretraining_text(a, b, rng) for a, b in train_pairs for _ in range(3)]
+    if args.two_kv_only:
+        build_two_kv_heads(args.out / "tiny-llama", args.out / "tiny-llama-2kv", eval_pairs)
+        return
     if args.data_only:
         build_data(args.out / "data", eval_pairs, train_pairs, rng)
         print(f"wrote {args.out / 'data'}")
@@ -271,6 +322,7 @@ def main():
         forget=FORGET_CARRY_PROB, acc=acc, forgot=forgot, secs=secs, threads=torch.get_num_threads()))
     build_data(args.out / "data", eval_pairs, train_pairs, rng)
     print(f"wrote {model_dir} and {args.out / 'data'}")
+    build_two_kv_heads(model_dir, args.out / "tiny-llama-2kv", eval_pairs)
 
 
 if __name__ == "__main__":

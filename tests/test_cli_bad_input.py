@@ -35,7 +35,7 @@ def bad(tmp_path_factory) -> dict[str, str]:
         "role.jsonl": b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n'
                       b'{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
         "role_rl.jsonl": b'{"prompt": [{"role": "usr", "content": "What is 1 + 1?"}]}\n',
-        "long_rl.jsonl": json.dumps({"prompt": "one two three " * 1000}).encode() + b"\n",
+        "long_rl.jsonl": json.dumps({"prompt": "one two three " * 1000, "answer": 3}).encode() + b"\n",
         "long_sft.jsonl": json.dumps({"prompt": "one two three " * 15, "completion": "4"}).encode() + b"\n",
         "long.txt": ("one two three " * 1000).encode(),
         "long_toy.jsonl": json.dumps({"prompt": "one two three " * 1000, "answer": 3}).encode() + b"\n",

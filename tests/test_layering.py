@@ -26,11 +26,14 @@ PACKAGE = "vllm_train"
 # Lowest first. Names are top-level modules or subpackages of vllm_train.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("quiet",),  # vLLM / torch / transformers noise folded for library and CLI use (VLLM_TRAIN_VERBOSE=1 shows it)
+    ("files",),  # users' text files: UTF-8, JSON error positions, YAML/JSON config files
+    ("loading",),  # the one boundary: a library's exception about a user's file -> one VllmTrainError line
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("run_manifest",),  # what a run directory's run wrote: the paths --overwrite may remove
     ("outputs",),  # atomic, finite-checked writes of weights and text (noted in the run manifest)
-    ("user_files",),  # reading what users give: UTF-8 text and JSON, one-line errors
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
+    ("schedules",),  # learning-rate schedules by name (ours + transformers'), the optimizer names accepted
     ("config",),
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
     ("toy", "assets"),
@@ -38,6 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("agents",),  # multi-turn episodes as token arrays, bridge tokens, environments, tool calls (no engine)
     ("losses",),
     ("lora",),
+    ("model_dir",),  # a model directory checked up front (config vs weights, tokenizer, chat template)
     ("models",),  # loading a policy / tokenizer / adapter, and the forward passes every layer above reads
     ("merging",),  # base + adapter -> one plain model directory
     ("rewards",),
@@ -59,10 +63,10 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "cpu_lora_ops", "gateway", "staging", "kv_budget"),
                ("http_client", "server_args", "cpu_lora_worker"), ("llm", "replicas"),
-               ("loader", "reward", "publish", "shared_base"), ("remote",)],
+               ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
                  ("rl_policy",), ("sft", "dpo", "rm", "rl", "trainable")],
-    "commands": [("_common", "_data", "_output"), ("_rl", "_parse"),
+    "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 

@@ -19,7 +19,8 @@ from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 
 
-def test_report_to_takes_trls_spellings():
+def test_report_to_takes_trls_spellings(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without a login is refused (tests/test_bad_input_table.py)
     assert LoRATrainConfig().report_to == ["tensorboard"]
     assert LoRATrainConfig(report_to="none").report_to == []
     assert LoRATrainConfig(report_to=["none"]).report_to == []

@@ -10,7 +10,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from vllm_train import quiet as _quiet
+
 __version__ = "0.1.0"
+
+# Before torch, transformers or vLLM is imported (they read these settings once): only our own lines show.
+_quiet.quiet_libraries(_quiet.verbose_requested())
+
+
+def set_verbose(verbose: bool = True) -> None:
+    """Show vLLM's, torch's and transformers' own logs, warnings and loading bars (False: fold them again).
+    ``VLLM_TRAIN_VERBOSE=1`` does the same from the start; settings the user exported always win."""
+    _quiet.quiet_libraries(verbose)
+
 
 _EXPORTS = {
     "LoRATrainConfig": "vllm_train.config",
@@ -32,7 +44,7 @@ _EXPORTS = {
     "VllmTrainError": "vllm_train.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "set_verbose"])
 
 
 def __getattr__(name: str):

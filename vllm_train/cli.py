@@ -7,10 +7,10 @@ input print one line (`error: ...`) on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from vllm_train.errors import VllmTrainError
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="show vLLM's info and warning logs (default: errors only)")
         except argparse.ArgumentError:  # the command has its own --verbose (push: timings); it means this too
             pass
+    from vllm_train.commands._trl import add_trl_spellings
+
+    add_trl_spellings(parser)  # --a_b for every --a-b, --model-name-or-path, TRL's options on training commands
     return parser
 
 
@@ -63,21 +66,16 @@ LOGS_TO_FILES = ("serve",)
 
 
 def quiet_libraries(command: str | None, verbose: bool) -> None:
-    """Command-line use: vLLM, torch and Python warnings are folded to errors (vLLM's start-up info and
-    warnings are not actionable for a user of these commands) unless --verbose; our progress bars and
-    summaries stay. Runs before torch or vLLM is imported (parsing the command line imports neither):
-    both read these settings once, and vLLM's engine processes inherit them. A level the user exported
-    wins."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
-    if not verbose:  # `datasets` (--dataset-name): no bars for turning downloaded files into its cache
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if command in LOGS_TO_FILES:
-        return
-    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
-    logging.getLogger("vllm").setLevel(level.upper())  # also covers messages sent before vLLM configures logging
-    if not verbose:
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    """Command-line use: the libraries' info, warnings and loading bars folded as for any library user
+    (`vllm_train.quiet`), and every FutureWarning and DeprecationWarning off, in vLLM's engine processes
+    too, unless --verbose (or VLLM_TRAIN_VERBOSE=1); our progress bars and summaries stay. Runs before torch
+    or vLLM is imported (parsing the command line imports neither): both read these settings once. A level
+    the user exported wins."""
+    from vllm_train import quiet
+
+    verbose = verbose or quiet.verbose_requested()
+    quiet.quiet_libraries(verbose, logs_to_files=command in LOGS_TO_FILES)
+    if not verbose and command not in LOGS_TO_FILES:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -113,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from vllm_train import distributed
     from vllm_train.commands._output import NewOutputDir
+    from vllm_train.commands._trl import apply_trl_options
+    from vllm_train.files import check_can_write
 
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.requested() and rank != "0":
         silence_rank()
     try:
+        apply_trl_options(args)  # TRL's bf16, eval_strategy, resume_from_checkpoint, ... as our settings
+        if getattr(args, "output_dir", None):  # under a file, in /proc, no permission: refused before any work
+            check_can_write(Path(args.output_dir), "--output-dir")
         if distributed.requested() and args.command not in DISTRIBUTED_COMMANDS:
             raise VllmTrainError(f"{args.command} runs in one process; under torchrun only "
                                  f"{', '.join(DISTRIBUTED_COMMANDS)} do (WORLD_SIZE={os.environ['WORLD_SIZE']})")
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if new_output is not None:
             new_output.remove_failed()
         print(f"{where}error: {exc}", file=sys.stderr)
+        distributed.record_error(f"{where}error: {exc}")  # torchrun's failure report then names the cause
         return 2
     except Exception:
         if new_output is not None:

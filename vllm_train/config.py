@@ -1,7 +1,7 @@
 """Validated configuration dataclasses. Every run writes its resolved config next to its outputs.
 
-Configs load from YAML or JSON files (``load_config``) and are checked when constructed, so a bad value
-fails before any model is loaded, with an error that names the field.
+Configs load from YAML or JSON files (`vllm_train.files.load_config_file`) and are checked when constructed,
+so a bad value fails before any model is loaded, with an error that names the field.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import report_backends
-from vllm_train.user_files import json_problem, read_text
+from vllm_train.schedules import check_optimizer, check_schedule, scheduler_kwargs
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -43,6 +43,19 @@ def _check(ok: bool, field_name: str, value: Any, rule: str) -> None:
         raise VllmTrainError(f"config field '{field_name}': {value!r} is invalid ({rule})")
 
 
+MAX_SEED = 2**32 - 1  # numpy's and vLLM's seeds are 32-bit; a larger one overflows deep inside a run
+
+
+def _check_numbers(config: Any) -> None:
+    """Every float field finite (inf is meaningless for each of them: a clip range, a cap, a learning rate)
+    and the seed in range, so neither fails or silently disables something mid-run."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+    _check(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED, "seed", config.seed,
+           f"an integer from 0 to {MAX_SEED}")
+
+
 @dataclass
 class LoRATrainConfig:
     # LoRA settings
@@ -60,7 +73,10 @@ class LoRATrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"  # ours, or any transformers.get_scheduler name (vllm_train/schedules.py)
+    lr_scheduler_kwargs: dict | None = None  # its extra arguments (transformers' schedules), e.g. min_lr_rate
+    warmup_steps: float | None = None  # > 0: warmup steps (< 1: a ratio), in place of warmup_ratio (TRL's key)
+    optim: str | None = None  # TRL's optimizer name; AdamW only: None, adamw_torch or adamw_torch_fused
     max_length: int = 512
     max_steps: int = -1  # optimizer steps; -1 = run num_epochs
     seed: int = 0
@@ -81,6 +97,7 @@ class LoRATrainConfig:
     output_dir: str = "./lora_output"
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         self.target_modules = list(self.target_modules)
         _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
         engine_max_lora_rank(self.rank)  # > 512 cannot be served by vLLM
@@ -99,8 +116,9 @@ class LoRATrainConfig:
                "a finite number > 0")
         _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay", self.weight_decay,
                "a finite number >= 0")
-        _check(self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", self.lr_scheduler,
-               "one of cosine, linear, constant")
+        self.lr_scheduler_kwargs = scheduler_kwargs(self.lr_scheduler_kwargs) or None
+        check_schedule(self.lr_scheduler, self.lr_scheduler_kwargs or {}, self.warmup_steps)
+        check_optimizer(self.optim)
         _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or >= 1")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
@@ -228,6 +246,7 @@ class RLHFConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.lora_config, LoRATrainConfig), "lora_config", self.lora_config,
                "a LoRATrainConfig (or a mapping of its fields)")
+        _check_numbers(self)
         _check(self.algorithm in RL_ALGORITHMS, "algorithm", self.algorithm, f"one of {', '.join(RL_ALGORITHMS)}")
         _check(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
         min_group = 1 if self.algorithm == "ppo" else 2
@@ -338,30 +357,6 @@ def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
     except (TypeError, ValueError):
         raise VllmTrainError(f"{source}: config field '{name}': {value!r} is not a valid {hint}") from None
     return value
-
-
-# ---- config files -----------------------------------------------------------------------------
-def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a dict (one-line errors for missing or malformed files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VllmTrainError(f"config file not found: {path}")
-    text = read_text(path)
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{path}:{exc.lineno}: cannot parse config: {json_problem(exc)}") from None
-    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError carry the line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VllmTrainError(f"{path}: cannot parse config: {first}") from None
-    if not isinstance(data, dict):
-        raise VllmTrainError(f"{path}: a config file must hold a mapping of field: value")
-    return data
 
 
 def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:

@@ -20,7 +20,9 @@ TP group, where every rank holds the same batch.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -35,6 +37,20 @@ TIMEOUT = timedelta(seconds=float(os.environ.get("VLLM_TRAIN_DIST_TIMEOUT", "180
 
 _data_parallel_group = None  # None: the whole world (no tensor parallelism)
 _tensor_parallel_mesh = None
+
+
+def record_error(line: str) -> None:
+    """Under torchrun: this rank's one error line into the error file torchrun's agent reads
+    (TORCHELASTIC_ERROR_FILE), so that its failure report names the cause instead of "To enable traceback
+    see ...". torchrun still prints its own report; a rank cannot stop that."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,  # torchrun's layout
+                                                                       "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the line is on stderr already
 
 
 def requested() -> bool:

@@ -66,8 +66,8 @@ def toy_problems(source: Any) -> list[tuple[list[dict], int]]:
     ({"messages"} whose last assistant turn is the answer)."""
 
     def check(r: dict) -> str | None:
-        if "prompt" in r and "answer" in r:
-            return check_text_field(r, "prompt", allow_messages=True)
+        if "prompt" in r and "answer" in r:  # an answer such as "three" or NaN: refused here, not mid-eval
+            return check_text_field(r, "prompt", allow_messages=True) or toy.check_answer(r)
         if "messages" in r and isinstance(r["messages"], list) and r["messages"]:
             if problem := check_messages(r["messages"], "messages"):
                 return problem

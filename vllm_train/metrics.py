@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import netrc
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
+from vllm_train.loading import library_errors
 
 REPORT_BACKENDS = ("tensorboard", "wandb")  # metrics.jsonl is always written
 
@@ -29,7 +32,22 @@ def report_backends(value: str | Sequence[str]) -> list[str]:
                              f"{', '.join(REPORT_BACKENDS)})")
     if "wandb" in names and importlib.util.find_spec("wandb") is None:
         raise VllmTrainError("config field 'report_to': wandb needs the wandb package (pip install wandb)")
+    if "wandb" in names and not wandb_can_log():  # else wandb.init fails once the model has loaded
+        raise VllmTrainError("config field 'report_to': wandb is not logged in (run `wandb login`, set "
+                             "WANDB_API_KEY, or WANDB_MODE=offline to keep the run on disk)")
     return list(dict.fromkeys(names))
+
+
+def wandb_can_log() -> bool:
+    """W&B can start a run: offline or disabled, an API key in the environment, or the one `wandb login`
+    stored in the netrc file for the W&B host."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class MetricsLogger:
@@ -105,8 +123,9 @@ def _start_wandb(run_dir: Path, resumed: bool):
     run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
     resolved = run_dir / "resolved_config.json"
     config = json.loads(resolved.read_text()) if resolved.exists() else {}
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vllm-train"), name=run_dir.name, dir=str(run_dir),
-                     config=config, id=run_id, resume="allow" if run_id else None)
+    with library_errors("report_to wandb"):  # a revoked key, no network: one line
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vllm-train"), name=run_dir.name,
+                         dir=str(run_dir), config=config, id=run_id, resume="allow" if run_id else None)
     id_file.write_text(run.id)
     return run
 

@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from vllm_train import distributed, hub
+from vllm_train import distributed, hub, quiet
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
-from vllm_train.lora.injector import LoRAInjector
+from vllm_train.files import json_problem, read_text
+from vllm_train.loading import library_errors
+from vllm_train.lora.injector import LoRAInjector, check_targets
 from vllm_train.lora.layers import SHARED_WEIGHT
 from vllm_train.lora.peft_io import read_adapter_dir
 from vllm_train.lora.tensor_parallel import shard_tensor_parallel
 from vllm_train.lora.validate import validate_adapter
 from vllm_train.losses.causal_lm import shifted_token_logprobs, token_logprobs
 from vllm_train.losses.dpo import sequence_logps
-from vllm_train.user_files import json_problem, read_text
+from vllm_train.model_dir import check_safetensors, check_weights_match_config, meta_model
 
 
 def pick_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
@@ -69,93 +70,6 @@ def resolve_model(model_name: str, revision: str | None = None) -> str:
                for name, info in check_safetensors(weights).items()}
     check_weights_match_config(path / "config.json", config, tensors)
     return local
-
-
-def check_safetensors(path: Path) -> dict[str, dict]:
-    """The file's header parses and the file holds every byte the header promises: a truncated or
-    overwritten weights file fails here with one line, not deep inside a loader. Returns the header's
-    tensors (name -> {"dtype", "shape", "data_offsets"})."""
-    size = path.stat().st_size
-    problem, tensors = None, {}
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < header_len <= size - 8:
-            problem = "no valid header"
-        else:
-            try:
-                tensors = {k: t for k, t in json.loads(f.read(header_len)).items() if k != "__metadata__"}
-                end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
-                if 8 + header_len + end > size:
-                    problem = f"{size} bytes, the header describes {8 + header_len + end}"
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                problem = "unreadable header"
-    if problem:
-        raise VllmTrainError(f"{path}: truncated or corrupt safetensors weights ({problem})")
-    return tensors
-
-
-INTEGER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")  # safetensors' names
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# An output head by the names models give it (a sequence classifier's, as `vllm-train rm` saves, included).
-OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight", "output_layer.weight", "score.weight")
-
-
-def check_weights_match_config(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
-    """Refuse, in one line naming the file and the field, a model directory whose safetensors weights (their
-    headers: nothing is loaded) cannot be what its config.json describes: integer weights without a
-    quantization_config, another number of layers, attention projections or embeddings of other sizes, no
-    output head although tie_word_embeddings is false. A loader would train or serve such a model anyway,
-    on random or garbage weights. Multimodal configs (text_config) are checked for dtypes only."""
-    if not tensors:
-        return  # .bin weights, or a hub id whose files are not here yet: the loader checks those
-    if "quantization_config" not in config:
-        for name, (info, file) in tensors.items():
-            if info.get("dtype") in INTEGER_DTYPES and name.endswith((".weight", ".bias")):
-                raise VllmTrainError(f"{file}: tensor {name} is {info['dtype']} (integers), but {config_path} "
-                                     f"describes a floating-point model (no quantization_config)")
-    if "text_config" in config:
-        return
-    _check_layers(config_path, config, {name for name in tensors})
-    _check_shapes(config_path, config, tensors)
-    if config.get("tie_word_embeddings") is False and not any(name.endswith(OUTPUT_HEADS) for name in tensors):
-        raise VllmTrainError(f"{config_path}: tie_word_embeddings is false, but the weights hold no output head "
-                             f"(lm_head.weight): the model would answer with a random one")
-
-
-def _check_layers(config_path: Path, config: dict, names: set[str]) -> None:
-    layers = config.get("num_hidden_layers")
-    found = {int(m.group(1)) for name in names if (m := LAYER_RE.search(name))}
-    if not isinstance(layers, int) or not found:
-        return
-    extra = config.get("num_nextn_predict_layers") or 0  # DeepSeek's multi-token-prediction layers follow
-    missing = sorted(set(range(layers)) - found)
-    if missing or max(found) + 1 not in (layers, layers + extra):
-        raise VllmTrainError(f"{config_path}: num_hidden_layers is {layers}, but the weights hold layers "
-                             f"{min(found)}..{max(found)}" + (f" without {missing[0]}" if missing else ""))
-
-
-def _check_shapes(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
-    """Embeddings against hidden_size; q_proj / k_proj against num_attention_heads / num_key_value_heads x
-    head_dim (not for latent attention, whose projections are shaped otherwise)."""
-    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    if not (isinstance(hidden, int) and isinstance(heads, int)) or "kv_lora_rank" in config:
-        return
-    head_dim = config.get("head_dim") or hidden // heads
-    expected = {"embed_tokens.weight": (None, hidden, "vocabulary, hidden_size"),
-                "self_attn.q_proj.weight": (heads * head_dim, hidden, "num_attention_heads x head_dim, hidden_size"),
-                "self_attn.k_proj.weight": (config.get("num_key_value_heads", heads) * head_dim, hidden,
-                                            "num_key_value_heads x head_dim, hidden_size")}
-    for name, (info, file) in tensors.items():
-        suffix = next((s for s in expected if name.endswith(s)), None)
-        if suffix is None:
-            continue
-        rows, cols, field = expected[suffix]
-        shape = info.get("shape") or []
-        if len(shape) == 2 and (shape[1] != cols or rows not in (None, shape[0])):
-            want = f"({rows}, {cols})" if rows else f"(vocabulary, {cols})"
-            raise VllmTrainError(f"{file}: tensor {name} has shape {tuple(shape)}, but {config_path} says {want} "
-                                 f"({field})")
 
 
 def context_length(model_name: str) -> int | None:
@@ -226,7 +140,9 @@ def check_lora_servable(model_name: str, on_cuda: bool) -> None:
 def load_tokenizer(model_name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name, revision))
+    path = resolve_model(model_name, revision)
+    with library_errors(f"{path}: tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -249,6 +165,7 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     model_name = resolve_model(model_name, revision)
     adapter = hub.resolve(adapter, what="adapter") if adapter else None  # a hub id: its snapshot directory
     tokenizer = load_tokenizer(model_name)
+    check_targets(meta_model(model_name), set(config.target_modules))  # a misspelt target: before the weights load
     if adapter:
         validate_adapter(adapter, model_name)  # before the model loads: a bad adapter fails fast
     distributed.init()  # under torchrun: join the ranks' group and take this rank's GPU before loading
@@ -256,7 +173,9 @@ def load_policy(model_name: str, config: LoRATrainConfig, adapter: str | None = 
     device, dtype = pick_device_and_dtype(config.precision)
     # Loaded on the CPU first: with tensor parallelism the sharding moves each rank's shards to its GPU
     # (no GPU ever holds the whole model); with `base_views` only the weights not shared move
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    quiet.settle()  # transformers is imported now: its weight-loading bars follow the quiet setting
+    with library_errors(model_name):  # a config that does not describe the weights, a truncated file, ...
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if base_views is not None:
         if mesh is not None:
             raise VllmTrainError("base_views: a tensor-parallel training copy cannot share an engine's weights")

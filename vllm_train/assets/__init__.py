@@ -4,6 +4,7 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
 TINY_MODEL = ASSETS_DIR / "tiny-llama"
+TINY_TP_MODEL = ASSETS_DIR / "tiny-llama-2kv"  # the same model with 2 KV heads: splits over 2 tensor-parallel ranks
 DATA_DIR = ASSETS_DIR / "data"
 
 

@@ -19,8 +19,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file, parse_bool
+from vllm_train.config import LoRATrainConfig, config_from_dict, parse_bool
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import load_config_file
 
 DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field's dotted path
 
@@ -58,7 +59,11 @@ FIELD_HELP = {
     "weight_decay": "AdamW weight decay on LoRA weights",
     "report_to": "where metrics go besides metrics.jsonl: tensorboard (default), wandb (pip install wandb; "
                  "WANDB_PROJECT, WANDB_MODE=offline are honoured), both (all, or a comma list), or none",
-    "lr_scheduler": "cosine | linear | constant (after warmup)",
+    "lr_scheduler": "cosine | linear | constant (after warmup), or a transformers.get_scheduler name: constant_"
+                    "with_warmup, cosine_with_restarts, polynomial, inverse_sqrt, cosine_with_min_lr, ...",
+    "lr_scheduler_kwargs": "a transformers schedule's arguments as JSON, e.g. '{\"min_lr_rate\": 0.1}'",
+    "warmup_steps": "warmup steps, in place of --warmup-ratio when > 0 (below 1: a ratio of the run)",
+    "optim": "optimizer, as TRL names it: adamw_torch or adamw_torch_fused (AdamW, fused on CUDA either way)",
     "max_length": "truncate examples to this many tokens",
     "max_steps": "stop after this many optimizer steps (-1: run all epochs)",
     "seed": "random seed (data order, LoRA init, sampling)",
@@ -299,14 +304,17 @@ def resolve_model_args(args: argparse.Namespace) -> str:
     as given: a trained adapter records it as its base (`hub.model_reference`)."""
     from vllm_train import hub
     from vllm_train.data.tokenize import use_chat_template
+    from vllm_train.files import read_text
+    from vllm_train.model_dir import check_model_dir
     from vllm_train.models import resolve_model
 
-    if getattr(args, "chat_template", None):
-        path = Path(args.chat_template)
-        if not path.is_file():
-            raise VllmTrainError(f"--chat-template: file not found: {path}")
-        use_chat_template(path.read_text())
+    template = Path(args.chat_template) if getattr(args, "chat_template", None) else None
+    if template is not None and not template.exists():
+        raise VllmTrainError(f"--chat-template: file not found: {template}")
+    use_chat_template(read_text(template) if template else None)
     for name in ("adapter", "reward_model"):
         if getattr(args, name, None):
             setattr(args, name, hub.resolve(getattr(args, name), what="--" + name.replace("_", "-")))
-    return resolve_model(args.model, getattr(args, "revision", None))
+    local = resolve_model(args.model, getattr(args, "revision", None))
+    check_model_dir(local, template)  # config, weights, tokenizer and chat template: before anything loads
+    return local

@@ -38,7 +38,8 @@ def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
     from vllm_train.errors import VllmTrainError
 
     values = config_values(args, RLHFConfig)
-    if "max_length" in (values.get("lora_config") or {}):
+    lora = values.get("lora_config")
+    if isinstance(lora, dict) and "max_length" in lora:  # lora_config not a mapping: RLHFConfig names it
         # RLHFTrainer does not truncate yet: a max_length would be silently ignored, so it is refused.
         raise VllmTrainError("--max-length (lora_config.max_length) is not supported by RL yet: completions are "
                              "capped by --max-new-tokens and prompts are used whole")
@@ -72,8 +73,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         from vllm_train.engine.publish import AdapterPublisher
 
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
-    records = load_prompt_records(prompts, "prompts")
-    eval_records = load_prompt_records(eval_prompts, "eval prompts") if eval_prompts else None
+    records = load_prompt_records(prompts, "prompts", reward_fn)  # with the fields the reward reads
+    eval_records = load_prompt_records(eval_prompts, "eval prompts", reward_fn) if eval_prompts else None
     for path, recs in ((prompts, records), (eval_prompts, eval_records or [])):
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from vllm_train.commands._common import ADAPTER_HELP, add_model_args, resolve_model_args
 from vllm_train.commands._data import add_source_args, data_source
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter to compare with the base model" + ADAPTER_HELP)
+    p.add_argument("--allow-other-base", action="store_true", help="apply --adapter although its adapter_config.json "
+                   "names another base model (its shapes are still checked against --model)")
     add_source_args(p, "eval data", split_use="to evaluate")
     p.add_argument("--metrics", default="auto",
                    help="comma list of toy,perplexity,reward (default: what fits the data)")
@@ -39,15 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train.data.io import load_records
     from vllm_train.errors import VllmTrainError
-    from vllm_train.lora.validate import validate_adapter
+    from vllm_train.files import check_can_write
+    from vllm_train.lora.validate import OTHER_BASE_HINT, validate_adapter
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value < 1:
             raise VllmTrainError(f"{flag}: {value} is invalid (an integer >= 1)")
     source = data_source(args)  # a path, or a HubDataset: what every reader below takes
+    if args.json_out:
+        check_can_write(Path(args.json_out), "--json-out", directory=False)  # not after the whole evaluation
     args.model = resolve_model_args(args)  # local directories from here on (eval saves nothing)
     if args.adapter:
-        validate_adapter(args.adapter, args.model)
+        validate_adapter(args.adapter, args.model, check_base_name=not args.allow_other_base,
+                         allow_hint=OTHER_BASE_HINT)
     records = load_records(source, what="eval set")
     wanted = _pick_metrics(args.metrics, records[0])
     _check_records(args, source, wanted)

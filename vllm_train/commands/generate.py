@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter (omit for the base model)" + ADAPTER_HELP)
+    p.add_argument("--allow-other-base", action="store_true", help="apply --adapter although its adapter_config.json "
+                   "names another base model (its shapes are still checked against --model)")
     p.add_argument("--prompt", nargs="+", default=[], metavar="TEXT", help="raw text prompt(s)")
     p.add_argument("--chat", nargs="+", default=[], metavar="TEXT", help="user message(s), chat template applied")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -30,14 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_train.config import engine_max_lora_rank
+    from vllm_train.config import MAX_SEED, engine_max_lora_rank
     from vllm_train.engine.llm import EngineOptions, VLLMEngine
     from vllm_train.errors import VllmTrainError
-    from vllm_train.models import adapter_rank, check_prompt_lengths
+    from vllm_train.lora.validate import OTHER_BASE_HINT, validate_adapter
+    from vllm_train.models import check_prompt_lengths
 
     prompts = list(args.prompt) + [[{"role": "user", "content": c}] for c in args.chat]
     if not prompts:
         raise VllmTrainError("give at least one --prompt or --chat")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise VllmTrainError(f"--seed: {args.seed} is invalid (an integer from 0 to {MAX_SEED})")
     if args.max_tokens < 1 or args.n < 1:
         raise VllmTrainError("--max-tokens and --n must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -46,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise VllmTrainError(f"--top-p: {args.top_p} is invalid (0 < p <= 1)")
     args.model = resolve_model_args(args)  # local directories from here on
     check_prompt_lengths(args.model, prompts, "prompt")
-    rank = adapter_rank(args.adapter, args.model) if args.adapter else 8
+    rank = validate_adapter(args.adapter, args.model, check_base_name=not args.allow_other_base,
+                            allow_hint=OTHER_BASE_HINT)["r"] if args.adapter else 8
     engine = VLLMEngine(args.model, EngineOptions(max_lora_rank=engine_max_lora_rank(rank),
                                                   enable_lora=bool(args.adapter)))
     adapter = engine.load_adapter(args.adapter) if args.adapter else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from vllm_train.config import MAX_DELTA_RATIO
@@ -60,8 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_train import hub
     from vllm_train.engine.publish import AdapterPublisher
+    from vllm_train.errors import VllmTrainError
     from vllm_train.lora.validate import validate_adapter
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):  # nan/inf/0 would fail or hang inside the HTTP client
+        raise VllmTrainError(f"--timeout: {args.timeout} is invalid (a finite number of seconds > 0)")
     validate_adapter(args.adapter)  # the files first (against the served base once the servers answer)
     publisher = AdapterPublisher(args.server, keep=args.keep, max_lora_rank=args.max_lora_rank,
                                  stage_dir=args.stage_dir, timeout=args.timeout, api_key=args.api_key,

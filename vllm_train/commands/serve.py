@@ -115,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
     from vllm_train.engine.publish import AdapterPublisher
     from vllm_train.engine.replicas import ServerConfig, start_servers
     from vllm_train.errors import VllmTrainError
+    from vllm_train.model_dir import check_model_dir
     from vllm_train.models import check_model_path
 
     check_model_path(args.model)  # before any replica starts: a broken model fails here, in one line
+    check_model_dir(hub.resolve(args.model, args.revision))  # config vs weights, tokenizer, chat template
     adapters = []
     for item in args.adapter:
         name, sep, path = item.partition("=")

@@ -7,15 +7,14 @@ names the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import BOM, check_regular_file, decode_utf8, parse_json, read_text
 from vllm_train.hub import hub_cache_dir
-from vllm_train.user_files import BOM, decode_utf8, json_problem, read_text
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; a typo must not pass
 RecordCheck = Callable[[dict], str | None]  # returns an error message, or None if the record is fine
@@ -93,6 +92,7 @@ def load_records(source: Any, check: RecordCheck | None = None, what: str = "dat
             raise VllmTrainError(f"{what} file not found: {path}")
         if path.is_dir():
             raise VllmTrainError(f"{what} path is a directory, expected a .jsonl/.json/.parquet file: {path}")
+        check_regular_file(path, what)  # a FIFO would block the read forever
         if path.suffix == ".jsonl":
             records = list(_read_jsonl(path, accept))
         elif path.suffix == ".json":
@@ -130,6 +130,8 @@ def _acceptor(check: RecordCheck | None, read: RecordReader | None) -> Callable[
     """record -> the record (read into shape, if `read`), or the one-line problem with it."""
 
     def accept(record: dict) -> dict | str:
+        if problem := text_problem(record):
+            return problem
         try:
             record = read(record) if read else record
         except RecordProblem as exc:
@@ -149,10 +151,7 @@ def _read_jsonl(path: Path, accept: Callable[[dict], dict | str]) -> Iterable[di
             line = decode_utf8(raw[3:] if line_no == 1 and raw.startswith(BOM) else raw, f"{path}:{line_no}")
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                raise VllmTrainError(f"{path}:{line_no}: malformed JSON ({json_problem(exc)})") from None
+            record = parse_json(line.rstrip("\r\n"), f"{path}:{line_no}", line=False)
             if not isinstance(record, dict):
                 raise VllmTrainError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             record = accept(record)
@@ -162,10 +161,7 @@ def _read_jsonl(path: Path, accept: Callable[[dict], dict | str]) -> Iterable[di
 
 
 def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{path}:{exc.lineno}: malformed JSON ({json_problem(exc)})") from None
+    data = parse_json(read_text(path), str(path))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -192,6 +188,27 @@ def _accept_all(records: list[dict], accept: Callable[[dict], dict | str], where
             raise VllmTrainError(f"{where} {i}: {record}")
         out.append(record)
     return out
+
+
+def text_problem(record: dict) -> str | None:
+    """The first string of `record` (at any depth) that is not text a tokenizer can take: a lone surrogate
+    (JSON's "\\ud800" decodes to one; UTF-8 cannot encode it) or a NUL character (binary data)."""
+    for name, value in record.items():
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, str):
+                if "\x00" in item:
+                    return f"field '{name}' holds a NUL character (\\u0000): binary data, not text"
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"field '{name}' holds a lone surrogate ({item[exc.start]!r}): not valid Unicode text"
+    return None
 
 
 def check_messages(value: Any, field_name: str) -> str | None:

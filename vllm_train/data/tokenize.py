@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_train.errors import VllmTrainError
+from vllm_train.loading import library_errors
 
 Messages = list[dict]
 
@@ -30,11 +31,11 @@ def apply_template(tokenizer, messages: Messages, **kwargs) -> str:
     """`tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)` with the --chat-template override;
     one clear line when there is no template at all."""
     override = _TEMPLATE_OVERRIDE["template"]
-    if override:
-        return tokenizer.apply_chat_template(messages, chat_template=override, tokenize=False, **kwargs)
-    if not getattr(tokenizer, "chat_template", None):
+    if not override and not getattr(tokenizer, "chat_template", None):
         raise VllmTrainError(NO_TEMPLATE)
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    where = "--chat-template" if override else f"{getattr(tokenizer, 'name_or_path', 'the model')}: chat template"
+    with library_errors(where):  # a template that raises on this chat (raise_exception, a missing key)
+        return tokenizer.apply_chat_template(messages, chat_template=override, tokenize=False, **kwargs)
 
 
 def active_chat_template(tokenizer) -> str | None:

@@ -121,6 +121,14 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 OURS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
+def needs_worker_extension(options) -> bool:
+    """Whether an engine with these `EngineOptions` loads our ops through `WORKER_EXTENSION`: on CPU, with
+    LoRA, its engine core in another process."""
+    import torch
+
+    return not torch.cuda.is_available() and options.enable_lora and not options.in_process
+
+
 def install(version: str) -> str | None:
     """Put our ops in place of vLLM's CPU LoRA ops in this process (idempotent). Returns None when
     installed, else why not (unverified version, modules or ops not found); vLLM's ops then stay."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vllm_train import distributed, hub
+from vllm_train import distributed, hub, quiet
 from vllm_train.engine import cpu_lora_ops
 from vllm_train.engine.kv_budget import startup_memory_share
 from vllm_train.errors import VllmTrainError
@@ -187,10 +187,12 @@ class VLLMEngine:
             # this process may have touched CUDA already (the training copy, a seed): a forked engine
             # core cannot initialize it again ("Cannot re-initialize CUDA in forked subprocess")
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if not cuda and o.enable_lora and not o.in_process:
+        if cpu_lora_ops.needs_worker_extension(o):
             # the engine core is another process: vLLM imports our CPU LoRA ops there (cpu_lora_ops.py)
             kwargs["worker_extension_cls"] = cpu_lora_ops.WORKER_EXTENSION
         kwargs.update(o.extra)
+        kwargs.setdefault("use_tqdm_on_load", quiet.verbose())  # its weight-loading bars, as transformers'
+        quiet.settle()  # vLLM's logger, after vLLM's import configured it: ours unless the user set one
         llm = LLM(**kwargs)
         # Why vLLM's own CPU LoRA ops are in use (None: ours are, cpu_lora_ops.py: base rows of a mixed batch
         # get no adapter, one adapter is one matmul; process-wide, like the engine: one engine per process).

@@ -1,20 +1,21 @@
-"""`TrainableModelLoader`: vLLM's ``load_format="trainable"``.
+"""`TrainableModelLoader`: vLLM's ``load_format="trainable"``, which loads exactly as vLLM's default loader.
 
-The seed plan's loader injected trainable LoRA layers into vLLM's model and backpropagated through
-vLLM's inference kernels. That cannot work on the CPU build (linear weights are packed into oneDNN
-handles after loading; ``layer.weight`` is an empty tensor) and would fight vLLM's own LoRA layers,
-CUDA graphs and KV cache on GPU. So this loader does what a loader should: it loads the weights exactly
-as vLLM's default loader does, and then *publishes* the live model to the training side:
+What it does, plainly: it is vLLM's `DefaultModelLoader` registered under the name ``trainable`` and
+nothing more. It reads the same weight files into the same vLLM model, and keeps no reference to it.
+`TrainableEngine` builds its engine through it, and the name stays so that the seed plan's
+``load_format="trainable"`` keeps working.
 
-- ``live_model(path)`` returns the loaded vLLM model when the engine runs in this process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); `TrainableEngine` uses it to report what vLLM holds and, on
-  CUDA, to check which base weights a training copy could share as views (DESIGN.md §2);
-- `TrainableWorkerExtension` (pass its qualified name as ``worker_extension_cls``) imports this module
-  inside vLLM's worker process, which is where ``register_model_loader`` must run for a multiprocess
-  engine, and answers ``collective_rpc("trainable_loader_info")`` from there.
+What it does not do: make vLLM's model trainable. The seed plan's loader injected LoRA layers into vLLM's
+modules and backpropagated through its inference kernels. That cannot work on the CPU build (linear
+weights are packed into oneDNN handles after loading; ``layer.weight`` is an empty tensor) and would fight
+vLLM's own LoRA layers, CUDA graphs and KV cache on GPU. Training runs on a Hugging Face copy with our
+LoRA layers (`models.load_policy`); on CUDA that copy's frozen base weights are views of the engine's own
+tensors, found through vLLM's ``apply_model`` (`engine/shared_base.py`), not through this loader; new
+adapter versions reach vLLM's LoRA slots through `VLLMEngine.sync_adapter`.
 
-Training itself runs on a Hugging Face copy with our LoRA layers, and new adapter versions reach vLLM's
-LoRA slots through `VLLMEngine.sync_adapter` (the fast path in `fast_sync.py`).
+A multiprocess engine loads in vLLM's worker process, where ``register_model_loader`` must have run:
+`TrainableWorkerExtension` (its qualified name as ``worker_extension_cls``) imports this module there, and
+``collective_rpc("trainable_loader_info")`` says which process loaded which model class through it.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 LOAD_FORMAT = "trainable"
 WORKER_EXTENSION = "vllm_train.engine.loader.TrainableWorkerExtension"
+# the same with our CPU LoRA ops (a multiprocess CPU engine with LoRA; vLLM takes one extension class)
+CPU_LORA_WORKER_EXTENSION = "vllm_train.engine.trainable_cpu_worker.TrainableCpuLoRAWorker"
 
-# model path -> the vLLM model loaded by `TrainableModelLoader` in this process (newest wins)
-_LIVE_MODELS: dict[str, nn.Module] = {}
+_LOADED: dict[str, str] = {}  # model path -> the class this process's TrainableModelLoader loaded (no model kept)
 
 
 @register_model_loader(LOAD_FORMAT)
 class TrainableModelLoader(DefaultModelLoader):
-    """vLLM's default weight loading, plus a process-local handle on the loaded model.
+    """vLLM's default weight loading under ``load_format="trainable"`` (see the module docstring: the
+    model it loads is vLLM's inference model, not trained through).
 
     Accepts no ``model_loader_extra_config`` keys of its own; the default loader's keys pass through.
     """
@@ -47,17 +50,7 @@ class TrainableModelLoader(DefaultModelLoader):
 
     def load_weights(self, model: nn.Module, model_config) -> None:
         super().load_weights(model, model_config)
-        _LIVE_MODELS[str(model_config.model)] = model
-
-
-def live_model(model_path: str) -> nn.Module | None:
-    """The vLLM model that `TrainableModelLoader` loaded for `model_path` in this process, if any."""
-    return _LIVE_MODELS.get(str(model_path))
-
-
-def loader_info(model: nn.Module | None) -> dict:
-    return {"pid": os.getpid(), "loaded_by_trainable_loader": model is not None,
-            "model_class": type(model).__name__ if model is not None else None}
+        _LOADED[str(model_config.model)] = type(model).__name__
 
 
 class TrainableWorkerExtension:
@@ -65,6 +58,7 @@ class TrainableWorkerExtension:
     the worker process; its methods are reachable with ``llm.collective_rpc(name)``."""
 
     def trainable_loader_info(self) -> dict:
-        """Which process loaded which model class with `TrainableModelLoader` (pid, class name)."""
-        loaded = list(_LIVE_MODELS.values())
-        return loader_info(loaded[-1] if loaded else None)
+        """Which process loaded which model class through `TrainableModelLoader` (pid, class name)."""
+        loaded = list(_LOADED.values())
+        return {"pid": os.getpid(), "loaded_by_trainable_loader": bool(loaded),
+                "model_class": loaded[-1] if loaded else None}

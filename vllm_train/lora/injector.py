@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class LoRAInjector:
         for p in model.parameters():
             p.requires_grad_(False)
         targets = set(self.config.target_modules)
+        check_targets(model, targets)
         for name, module in list(model.named_modules()):
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, (LoRAWrappedLinear, FusedLoRALinear)):
@@ -59,7 +61,10 @@ class LoRAInjector:
         if not self.lora_layers:
             raise VllmTrainError(f"target_modules {sorted(targets)} match no linear layer of "
                                  f"{type(model).__name__}")
-        _check_no_expert_targets(model, targets, {name.rsplit(".", 1)[-1] for name in self.lora_layers})
+        heads = sorted({name.rsplit(".", 1)[-1] for name in self.lora_layers} & set(OUTPUT_HEADS))
+        if heads:
+            warnings.warn(f"target_modules: {', '.join(heads)} (the output layer) is adapted, as asked by name: its "
+                          f"LoRA spans the whole vocabulary or head", stacklevel=2)
         return model
 
     def _inject_fused(self, model: nn.Module, name: str, module: nn.Module, leaf: str) -> None:
@@ -223,6 +228,22 @@ def _check_no_expert_targets(model: nn.Module, targets: set[str], adapted: set[s
         raise VllmTrainError(f"{type(model).__name__}: LoRA on the MoE experts ({', '.join(missed)}) is not "
                              f"supported (its experts are fused 3-D tensors, not linear layers); target the "
                              f"attention projections q_proj, k_proj, v_proj, o_proj")
+
+
+def check_targets(model: nn.Module, targets: set[str]) -> None:
+    """Before any LoRA goes in (also on a meta-device copy, before the weights load): MoE expert targets are
+    refused, and so is a target name that names no linear layer -- a misspelt one (q_proj,bogus_proj) would
+    otherwise train a smaller adapter than asked, silently. A fused projection counts as its parts."""
+    linear = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) or leaf in FUSED_PROJECTIONS:
+            linear |= {leaf, *FUSED_PROJECTIONS.get(leaf, ())}
+    _check_no_expert_targets(model, targets, targets & linear)
+    missed = sorted(targets - linear - {ALL_LINEAR})
+    if missed:
+        raise VllmTrainError(f"target_modules: {', '.join(missed)} match no linear layer of {type(model).__name__} "
+                             f"(its linear layers: {', '.join(sorted(linear))})")
 
 
 def fused_output_sizes(module: nn.Module, leaf: str) -> list[int]:

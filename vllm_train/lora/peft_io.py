@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import json_problem, read_text
 from vllm_train.outputs import save_weights, write_text
-from vllm_train.user_files import json_problem, read_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

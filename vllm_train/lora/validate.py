@@ -33,16 +33,19 @@ LORA_KEY_RE = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<mod>.+)\.lora_(?P<ab>[A
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+OTHER_BASE_HINT = " (pass --allow-other-base to apply it anyway)"  # the commands that may: generate, eval
 BASE_ROWS_READ = 256  # rows of each base weight read to estimate its norm (an order-of-magnitude check)
 
 
 def validate_adapter(adapter_dir: str | Path, base_model: str | None = None, max_lora_rank: int | None = None,
-                     *, check_base_name: bool = False, max_delta_ratio: float = MAX_DELTA_RATIO) -> dict:
+                     *, check_base_name: bool = False, allow_hint: str = "",
+                     max_delta_ratio: float = MAX_DELTA_RATIO) -> dict:
     """Check a PEFT adapter directory before anything loads it; returns its adapter config.
 
     `base_model`: a local model directory whose config.json gives the expected tensor shapes.
     `max_lora_rank`: the serving engine's limit. `check_base_name`: also require that the adapter's
-    ``base_model_name_or_path`` names `base_model` (servers, where the adapter reaches other users).
+    ``base_model_name_or_path`` names `base_model` (servers, where the adapter reaches other users; generate
+    and eval unless --allow-other-base); `allow_hint` ends that error (how to allow it anyway).
     `max_delta_ratio`: the magnitude bound, with a base model (inf: unchecked)."""
     path = Path(adapter_dir)
     config, state = read_adapter_dir(path)
@@ -66,8 +69,8 @@ def validate_adapter(adapter_dir: str | Path, base_model: str | None = None, max
         if check_base_name:
             trained_on = config.get("base_model_name_or_path")
             if trained_on and not _same_model(str(trained_on), base_model):
-                raise VllmTrainError(f"{where}: adapter was trained on base model '{trained_on}' but the server "
-                                     f"serves '{base_model}'")
+                raise VllmTrainError(f"{where}: adapter was trained on base model '{trained_on}', not on "
+                                     f"'{base_model}'{allow_hint}")
         _check_base_shapes(pairs, weights, base_model)
         _check_magnitude(config, state, pairs, weights, Path(base_model), max_delta_ratio)
     return config
@@ -137,7 +140,7 @@ def _lora_pairs(state: dict[str, torch.Tensor], weights: Path) -> dict[str, dict
 
 def _check_base_shapes(pairs: dict[str, dict[str, torch.Size]], weights: Path, base_model: str) -> None:
     cfg = _text_config(Path(base_model) / "config.json")
-    dims = expected_dims(cfg)
+    dims, base_names = expected_dims(cfg), None
     layers = cfg.get("num_hidden_layers")
     for mod, ab in pairs.items():
         layer = re.search(r"\.layers\.(\d+)\.", f".{mod}.")
@@ -145,8 +148,13 @@ def _check_base_shapes(pairs: dict[str, dict[str, torch.Size]], weights: Path, b
             raise VllmTrainError(f"{weights}: tensor {_key(mod, 'A')} is for layer {layer[1]} but '{base_model}' "
                                  f"has {layers} layers: adapter is for another base model")
         leaf = mod.rsplit(".", 1)[-1]
-        if leaf not in dims:
-            continue  # a module the config does not describe: vLLM checks it when loading
+        if leaf not in dims:  # a module the config does not describe: the base's weights must have it
+            if base_names is None:
+                base_names = set(_weight_files(Path(base_model)))
+            if base_names and f"{mod}.weight" not in base_names and leaf != "lm_head":  # lm_head: maybe tied
+                raise VllmTrainError(f"{weights}: tensor {_key(mod, 'A')} is for module '{mod}', which "
+                                     f"'{base_model}' does not have: adapter is for another base model")
+            continue
         fan_in, fan_out = dims[leaf]
         r = ab["A"][0]
         for half, want in (("A", (r, fan_in)), ("B", (fan_out, r))):
@@ -184,14 +192,7 @@ def _base_weight_norms(model_dir: Path, names: list[str]) -> dict[str, float]:
     from safetensors import safe_open
 
     try:
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            where = json.loads(index.read_text())["weight_map"]
-        else:
-            where = {}
-            for file in sorted(model_dir.glob("*.safetensors")):
-                with safe_open(str(file), "pt") as handle:
-                    where.update(dict.fromkeys(handle.keys(), file.name))
+        where = _weight_files(model_dir)
         norms = {}
         for file in sorted({where[n] for n in names if n in where}):
             with safe_open(str(model_dir / file), "pt") as handle:
@@ -201,6 +202,24 @@ def _base_weight_norms(model_dir: Path, names: list[str]) -> dict[str, float]:
                     block = part[:min(rows, BASE_ROWS_READ)].double()
                     norms[name] = float(block.norm()) * math.sqrt(rows / max(1, block.shape[0]))
         return norms
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return {}
+
+
+def _weight_files(model_dir: Path) -> dict[str, str]:
+    """Weight name -> the safetensors file of `model_dir` holding it (from the index, else the headers);
+    {} when they cannot be read (the model loader reports that)."""
+    from safetensors import safe_open
+
+    try:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        where = {}
+        for file in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                where.update(dict.fromkeys(handle.keys(), file.name))
+        return where
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return {}
 

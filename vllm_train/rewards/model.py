@@ -18,33 +18,39 @@ from typing import Any
 
 import torch
 
+from vllm_train import quiet
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import parse_json, read_text
+from vllm_train.loading import library_errors
 
 
 class RewardModelScorer:
     """Callable ``(prompts, completions, examples) -> list[float]`` backed by a sequence-classification model."""
 
     def __init__(self, path: str | Path, batch_size: int = 32, device: str | None = None):
-        import json
-
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
         self.name = str(path)
         if not (path / "config.json").is_file():
             raise VllmTrainError(f"reward model {path}: not a model directory (no config.json)")
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        config = parse_json(read_text(path / "config.json"), str(path / "config.json"))
+        archs = config.get("architectures") or [] if isinstance(config, dict) else []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise VllmTrainError(f"reward model {path}: expected a *ForSequenceClassification checkpoint, "
                                  f"found architectures {archs}")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
-        if self.model.config.num_labels != 1:
-            raise VllmTrainError(f"reward model {path}: num_labels is {self.model.config.num_labels}, expected 1")
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers' default: 2
+        if labels != 1:  # checked before loading: a 2-label config over a 1-row score head fails to load
+            raise VllmTrainError(f"reward model {path / 'config.json'}: {labels} labels, expected 1 (a scalar score)")
+        quiet.settle()  # transformers is imported now: its weight-loading bars follow the quiet setting
+        with library_errors(f"reward model {path}"):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+        self.model = self.model.to(self.device).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
 

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from vllm_train import distributed, hub, models, run_manifest
+from vllm_train import distributed, hub, models, quiet, run_manifest
 from vllm_train.config import LoRATrainConfig, RewardModelConfig
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
+from vllm_train.loading import library_errors
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.layers import merged_state_dict
 from vllm_train.lora.peft_io import PEFT_PREFIX, read_adapter_dir, write_adapter_dir
@@ -88,7 +89,9 @@ def load_reward_model(model_name: str, config: LoRATrainConfig, adapter: str | N
         raise VllmTrainError("tensor_parallel_size: reward models train data parallel only (the merged save "
                              "needs the whole model on one rank)")
     device, dtype = models.pick_device_and_dtype(config.precision)
-    model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
+    quiet.settle()  # transformers is imported now: its weight-loading bars follow the quiet setting
+    with library_errors(model_name):
+        model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     model.config.use_cache = False
     injector = LoRAInjector(config)

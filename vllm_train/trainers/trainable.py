@@ -1,7 +1,8 @@
 """`TrainableEngine`: train a LoRA adapter and generate with it, on one vLLM engine.
 
 The seed plan shares one model between training and inference. The engine here is the one vLLM engine
-(loaded with `TrainableModelLoader`, ``load_format="trainable"``), and training runs on a Hugging Face
+(loaded through `TrainableModelLoader`, ``load_format="trainable"``: vLLM's default loading, see
+`engine/loader.py`), and training runs on a Hugging Face
 model with our LoRA layers, because vLLM's inference modules cannot be trained through: on CPU its
 linear weights are packed into oneDNN handles, and on GPU vLLM's LoRA kernels, CUDA graphs and KV cache
 are inference-only. On CUDA that model's frozen base weights are views of vLLM's own tensors, so the
@@ -31,6 +32,7 @@ import torch
 from vllm_train import distributed, hub, models
 from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import CausalLMDataset, collate_causal_lm
+from vllm_train.engine import cpu_lora_ops
 from vllm_train.engine.llm import AdapterRef, EngineOptions, VLLMEngine
 from vllm_train.trainers import common
 from vllm_train.trainers.shared_policy import load_policy_over_engine
@@ -51,11 +53,12 @@ class TrainableEngine:
         torch.manual_seed(train_config.seed)
         options = engine_options or EngineOptions(max_lora_rank=train_config.engine_max_lora_rank,
                                                   seed=train_config.seed)
-        # the worker extension imports the loader module inside vLLM's worker (a multiprocess engine)
-        options.extra = {"load_format": loader.LOAD_FORMAT, "worker_extension_cls": loader.WORKER_EXTENSION,
-                         **options.extra}
+        # the worker extension imports the loader module inside vLLM's worker (a multiprocess engine); on
+        # CPU with LoRA the one that also installs our LoRA ops there (vLLM takes one extension class)
+        extension = loader.CPU_LORA_WORKER_EXTENSION if cpu_lora_ops.needs_worker_extension(options) \
+            else loader.WORKER_EXTENSION
+        options.extra = {"load_format": loader.LOAD_FORMAT, "worker_extension_cls": extension, **options.extra}
         self.engine = VLLMEngine(self.model_path, options)
-        self.vllm_model = loader.live_model(self.model_path)  # None when the engine runs in another process
         # after the engine: on CUDA the policy's frozen base is a view of the engine's weights (held once)
         self.model, self.tokenizer, self.injector, self.shared_base = load_policy_over_engine(
             self.model_path, train_config, self.engine)
