@@ -155,7 +155,7 @@ def test_every_config_field_has_a_documented_flag(command, config_path, skipped)
 
 def test_flags_override_the_config_file_which_is_read_once(tmp_path, monkeypatch):
     """RL: the file's nested lora_config merges with the LoRA flags; flags win; the file is read once."""
-    from vllm_train import config as config_module
+    from vllm_train import files
     from vllm_train.cli import build_parser
     from vllm_train.commands import _common
     from vllm_train.commands._rl import rl_config_from_args
@@ -163,7 +163,7 @@ def test_flags_override_the_config_file_which_is_read_once(tmp_path, monkeypatch
     cfg = tmp_path / "run.yaml"
     cfg.write_text("group_size: 4\nkl_coef: 0.1\nlora_config:\n  rank: 4\n  alpha: 8\n  learning_rate: 0.001\n")
     reads = []
-    real = config_module.load_config_file
+    real = files.load_config_file
     monkeypatch.setattr(_common, "load_config_file", lambda path: reads.append(path) or real(path))
     args = build_parser().parse_args(["grpo", "--model", "m", "--prompts", "p.jsonl", "--reward", "m:f", "--config",
                                       str(cfg), "--output-dir", str(tmp_path / "out"), "--rank", "16",

@@ -8,10 +8,10 @@ from vllm_train.config import (
     LoRATrainConfig,
     config_from_dict,
     engine_max_lora_rank,
-    load_config_file,
     write_resolved_config,
 )
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import load_config_file
 
 
 def test_defaults_match_seed():

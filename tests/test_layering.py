@@ -26,8 +26,10 @@ PACKAGE = "vllm_train"
 # Lowest first. Names are top-level modules or subpackages of vllm_train.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
+    ("files",),  # users' text files: UTF-8, JSON error positions, YAML/JSON config files
     ("distributed",),  # torchrun ranks: the process group, batch shares, reductions, who writes
     ("metrics",),  # metrics.jsonl / TensorBoard / W&B (config validates report_to against it)
+    ("schedules",),  # learning-rate schedules by name (ours + transformers'), the optimizer names accepted
     ("config",),
     ("hub",),  # model / adapter names -> local directories (hub ids through huggingface_hub's cache)
     ("toy", "assets"),
@@ -59,7 +61,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("loader", "reward", "publish", "shared_base"), ("remote",)],
     "trainers": [("run_files", "shared_policy"), ("common",), ("loop", "rl_rollouts", "rl_algorithms"), ("rl_policy",),
                  ("sft", "dpo", "rm", "rl", "trainable")],
-    "commands": [("_common", "_data"), ("_rl",),
+    "commands": [("_common", "_data"), ("_rl", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }
 

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="show vLLM's info and warning logs (default: errors only)")
         except argparse.ArgumentError:  # the command has its own --verbose (push: timings); it means this too
             pass
+    from vllm_train.commands._trl import add_trl_spellings
+
+    add_trl_spellings(parser)  # --a_b for every --a-b, --model-name-or-path, TRL's options on training commands
     return parser
 
 
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from vllm_train import distributed
     from vllm_train.commands._common import NewOutputDir
+    from vllm_train.commands._trl import apply_trl_options
 
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     new_output = NewOutputDir.of(args)  # removed again if the command fails before its first checkpoint
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.requested() and rank != "0":
         silence_rank()
     try:
+        apply_trl_options(args)  # TRL's bf16, eval_strategy, resume_from_checkpoint, ... as our settings
         if distributed.requested() and args.command not in DISTRIBUTED_COMMANDS:
             raise VllmTrainError(f"{args.command} runs in one process; under torchrun only "
                                  f"{', '.join(DISTRIBUTED_COMMANDS)} do (WORLD_SIZE={os.environ['WORLD_SIZE']})")

@@ -1,7 +1,7 @@
 """Validated configuration dataclasses. Every run writes its resolved config next to its outputs.
 
-Configs load from YAML or JSON files (``load_config``) and are checked when constructed, so a bad value
-fails before any model is loaded, with an error that names the field.
+Configs load from YAML or JSON files (`vllm_train.files.load_config_file`) and are checked when constructed,
+so a bad value fails before any model is loaded, with an error that names the field.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 from vllm_train import distributed
 from vllm_train.errors import VllmTrainError
 from vllm_train.metrics import report_backends
+from vllm_train.schedules import check_optimizer, check_schedule, scheduler_kwargs
 
 # The LoRA ranks a vLLM engine accepts as `max_lora_rank` (vLLM 0.26 and 0.32 alike). An adapter of any
 # smaller rank is served by an engine whose max_lora_rank is the next value up.
@@ -59,7 +60,10 @@ class LoRATrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = "cosine"  # ours, or any transformers.get_scheduler name (vllm_train/schedules.py)
+    lr_scheduler_kwargs: dict | None = None  # its extra arguments (transformers' schedules), e.g. min_lr_rate
+    warmup_steps: float | None = None  # > 0: warmup steps (< 1: a ratio), in place of warmup_ratio (TRL's key)
+    optim: str | None = None  # TRL's optimizer name; AdamW only: None, adamw_torch or adamw_torch_fused
     max_length: int = 512
     max_steps: int = -1  # optimizer steps; -1 = run num_epochs
     seed: int = 0
@@ -97,8 +101,9 @@ class LoRATrainConfig:
                "a finite number > 0")
         _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay", self.weight_decay,
                "a finite number >= 0")
-        _check(self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", self.lr_scheduler,
-               "one of cosine, linear, constant")
+        self.lr_scheduler_kwargs = scheduler_kwargs(self.lr_scheduler_kwargs) or None
+        check_schedule(self.lr_scheduler, self.lr_scheduler_kwargs or {}, self.warmup_steps)
+        check_optimizer(self.optim)
         _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or >= 1")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
@@ -328,56 +333,6 @@ def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:
     except (TypeError, ValueError):
         raise VllmTrainError(f"{source}: config field '{name}': {value!r} is not a valid {hint}") from None
     return value
-
-
-# ---- reading user files ----------------------------------------------------------------------
-BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (some editors write one): accepted, not part of the data
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text of `path` (a leading BOM dropped); one-line error for bytes that are not UTF-8."""
-    raw = path.read_bytes()
-    return decode_utf8(raw[3:] if raw.startswith(BOM) else raw, str(path))
-
-
-def decode_utf8(raw: bytes, where: str) -> str:
-    """`raw` as UTF-8 text; one-line error naming `where` and the first bad byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        place = f"line {line}, " if raw.count(b"\n", 0, len(raw) - 1) else ""
-        raise VllmTrainError(f"{where}: not valid UTF-8 ({place}byte {exc.start + 1}: "
-                             f"{raw[exc.start:exc.end]!r}); save the file as UTF-8") from None
-
-
-def json_problem(exc: json.JSONDecodeError) -> str:
-    """json's message with its position: "Expecting value at column 5" (its messages for an unterminated
-    string end in "at", which the column completes)."""
-    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a dict (one-line errors for missing or malformed files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VllmTrainError(f"config file not found: {path}")
-    text = read_text(path)
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VllmTrainError(f"{path}:{exc.lineno}: cannot parse config: {json_problem(exc)}") from None
-    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError carry the line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VllmTrainError(f"{path}: cannot parse config: {first}") from None
-    if not isinstance(data, dict):
-        raise VllmTrainError(f"{path}: a config file must hold a mapping of field: value")
-    return data
 
 
 def write_resolved_config(config: Any, out_dir: str | Path, name: str = "resolved_config.json", **extra) -> Path:

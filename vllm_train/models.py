@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from vllm_train import distributed, hub
-from vllm_train.config import LoRATrainConfig, json_problem, read_text
+from vllm_train.config import LoRATrainConfig
 from vllm_train.data.causal_lm import IGNORE_INDEX
 from vllm_train.data.preference import PreferenceDataset, collate_preference
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import json_problem, read_text
 from vllm_train.lora.injector import LoRAInjector
 from vllm_train.lora.layers import SHARED_WEIGHT
 from vllm_train.lora.peft_io import read_adapter_dir

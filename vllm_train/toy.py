@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 _INT_RE = re.compile(r"-?\d+")
+_INT_TEXT_RE = re.compile(r"\s*-?\d+\s*")
 
 
 def question(a: int, b: int) -> str:
@@ -48,3 +49,18 @@ def correctness_reward(prompt, completion: str, example: dict) -> float:
     ``example`` is the prompt record, which carries the checkable ``answer``.
     """
     return 1.0 if is_correct(completion, example["answer"]) else 0.0
+
+
+def check_answer(record: dict) -> str | None:
+    """What `correctness_reward` needs of a prompt record: an integer ``answer`` (a float of integer value,
+    or an integer's digits in a string, read as that integer). Anything else would score every sample 0
+    (a missing answer, text such as "three") or fail mid-run (NaN, inf): refused on the first pass."""
+    if "answer" not in record:
+        return "missing field 'answer' (the toy reward compares each completion with it)"
+    value = record["answer"]
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer()) \
+        or (isinstance(value, str) and _INT_TEXT_RE.fullmatch(value) is not None)
+    return None if ok else f"field 'answer': {value!r} is not an integer"
+
+
+correctness_reward.check_record = check_answer  # run over every record before training (rewards.loading)

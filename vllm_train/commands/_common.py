@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from vllm_train import distributed
-from vllm_train.config import LoRATrainConfig, config_from_dict, load_config_file
+from vllm_train.config import LoRATrainConfig, config_from_dict
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import load_config_file
 
 DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field's dotted path
 
@@ -60,7 +61,14 @@ FIELD_HELP = {
     "weight_decay": "AdamW weight decay on LoRA weights",
     "report_to": "where metrics go besides metrics.jsonl: tensorboard (default), wandb (pip install wandb; "
                  "WANDB_PROJECT, WANDB_MODE=offline are honoured), both (all, or a comma list), or none",
-    "lr_scheduler": "cosine | linear | constant (after warmup)",
+    "lr_scheduler": "cosine | linear | constant (after warmup), or any transformers.get_scheduler name: "
+                    "constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt, cosine_with_min_lr, "
+                    "cosine_warmup_with_min_lr, warmup_stable_decay",
+    "lr_scheduler_kwargs": "extra arguments of a transformers schedule, a JSON object, e.g. '{\"min_lr_rate\": 0.1}' "
+                           "(cosine_with_min_lr) or '{\"num_decay_steps\": 10}' (warmup_stable_decay)",
+    "warmup_steps": "warmup steps, in place of --warmup-ratio when > 0 (below 1: a ratio of the run, as in "
+                    "transformers)",
+    "optim": "optimizer, as TRL names it: adamw_torch or adamw_torch_fused (AdamW, fused on CUDA either way)",
     "max_length": "truncate examples to this many tokens",
     "max_steps": "stop after this many optimizer steps (-1: run all epochs)",
     "seed": "random seed (data order, LoRA init, sampling)",

@@ -72,8 +72,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         from vllm_train.engine.publish import AdapterPublisher
 
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
-    records = load_prompt_records(prompts, "prompts")
-    eval_records = load_prompt_records(eval_prompts, "eval prompts") if eval_prompts else None
+    records = load_prompt_records(prompts, "prompts", reward_fn)  # with the fields the reward reads
+    eval_records = load_prompt_records(eval_prompts, "eval prompts", reward_fn) if eval_prompts else None
     for path, recs in ((prompts, records), (eval_prompts, eval_records or [])):
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_train.config import BOM, decode_utf8, json_problem, read_text
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import BOM, decode_utf8, json_problem, read_text
 from vllm_train.hub import hub_cache_dir
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; a typo must not pass

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_train.config import json_problem, read_text
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import json_problem, read_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from vllm_train import distributed
+from vllm_train import distributed, schedules
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.trainers import run_files
@@ -54,19 +54,6 @@ def make_optimizer(params, config: LoRATrainConfig) -> torch.optim.Optimizer:
                              betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-def lr_multiplier(step: int, total_steps: int, config: LoRATrainConfig) -> float:
-    """Linear warmup over warmup_ratio of the run, then cosine/linear decay to 0 (or constant)."""
-    warmup = int(config.warmup_ratio * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if config.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if config.lr_scheduler == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def total_optimizer_steps(num_examples: int, config: LoRATrainConfig) -> int:
     """Optimizer steps of a run: max_steps if set, else num_epochs x accumulation groups per epoch."""
     world = distributed.world_size()
@@ -92,7 +79,10 @@ def epoch_groups(num_examples: int, config: LoRATrainConfig, epoch: int) -> list
 
 
 def make_schedule(optimizer, total_steps: int, config: LoRATrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, config))
+    """The config's learning-rate schedule over `total_steps` optimizer steps (`vllm_train.schedules`)."""
+    warmup = schedules.warmup_count(total_steps, config.warmup_ratio, config.warmup_steps)
+    return schedules.make_schedule(optimizer, config.lr_scheduler, warmup, total_steps,
+                                   schedules.scheduler_kwargs(config.lr_scheduler_kwargs))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

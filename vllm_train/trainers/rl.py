@@ -36,7 +36,7 @@ from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import pick_device_and_dtype, resolve_model
-from vllm_train.rewards.loading import RewardFn, load_reward_function, reward_name, score_with_function
+from vllm_train.rewards.loading import RewardFn, reward_function, reward_name, score_with_function
 from vllm_train.trainers import common, run_files
 from vllm_train.trainers.loop import stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import global_batch_size, make_algorithm
@@ -63,7 +63,7 @@ class RLHFTrainer:
     """RL fine-tuning of a LoRA adapter with vLLM rollouts.
 
     `reward_model_name`: a reward-model directory (scored in-process, see `vllm_train.rewards`), or None
-    with `reward_fn` = a callable ``(prompt, completion, example) -> float`` or a ``module:function`` spec.
+    with `reward_fn` = a callable of ours or TRL's shape (`vllm_train.rewards.loading`), or a ``module:function``.
     `engine`: an existing `VLLMEngine` on the same base model to reuse (one vLLM engine per process), or
     any `RolloutEngine`; otherwise one is created and closed by `close()`: on CUDA before the policy, whose
     frozen base weights are then views of the engine's (held once, `self.shared_base` says), else on
@@ -80,7 +80,7 @@ class RLHFTrainer:
         self.config = c = config or RLHFConfig()
         if (reward_model_name is None) == (reward_fn is None):
             raise VllmTrainError("give exactly one of a reward model (reward_model_name) or a reward function")
-        self.reward_fn = load_reward_function(reward_fn) if isinstance(reward_fn, str) else reward_fn
+        self.reward_fn = reward_function(reward_fn)  # of neither accepted shape: refused before anything loads
         self.reward_model = _load_reward_model(reward_model_name) if reward_model_name else None
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
@@ -107,12 +107,12 @@ class RLHFTrainer:
         """Run `num_steps` RL steps of `rollout_batch_size` prompts each (cycling through the data in a
         seeded order). Logs every step; evaluates greedy reward on `eval_dataset` before, every
         `eval_steps` and at the end; checkpoints every `save_steps`; resumes with lora_config.resume_from."""
-        c, lc = self.config, self.config.lora_config
+        c, lc, reward = self.config, self.config.lora_config, self.reward_fn  # the record fields it reads: checked
         if num_steps < 1:
             raise VllmTrainError(f"num_steps: {num_steps} is invalid (an integer >= 1)")
         check_rank_shares(c.rollout_batch_size)
-        records = load_prompt_records(prompt_dataset, "prompt dataset")
-        eval_records = load_prompt_records(eval_dataset, "eval dataset") if eval_dataset is not None else None
+        records = load_prompt_records(prompt_dataset, "prompt dataset", reward)
+        eval_records = load_prompt_records(eval_dataset, "eval dataset", reward) if eval_dataset is not None else None
         run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
         write_resolved_config(c, run_dir, model=self.model_name, kind=c.algorithm, num_steps=num_steps,
                               prompts=len(records), reward=self._reward_label())
@@ -194,7 +194,7 @@ class RLHFTrainer:
         now. With dynamic sampling, `more_records(k)` (k more records) refills the batch, as DAPO does."""
         c, t_start = self.config, time.perf_counter()
         rollout = rollout or self.generate_rollouts(records, seed)
-        rewards_S = self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples)
+        rewards_S = self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids)
         rewards_GN = rewards_S.view(-1, c.group_size)
         keep_G, dynamic = torch.ones(len(rewards_GN), dtype=torch.bool), {}
         if c.dynamic_sampling:  # train only on groups whose rewards differ; sample more prompts to refill
@@ -322,8 +322,8 @@ class RLHFTrainer:
                        vllm_logps=[list(s.logprobs or []) for s in samples], sync_ms=sync_ms,
                        seconds=time.perf_counter() - t0, adapter_version=version)
 
-    def compute_rewards(self, prompts: Sequence[Any], responses: Sequence[str],
-                        examples: Sequence[dict] | None = None) -> torch.Tensor:
+    def compute_rewards(self, prompts: Sequence[Any], responses: Sequence[str], examples: Sequence[dict] | None = None,
+                        completion_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """One float per (prompt, response): the reward function's values, or the reward model's scores."""
         examples = examples if examples is not None else [{"prompt": p} for p in prompts]
         if self.reward_model is not None:
@@ -333,7 +333,7 @@ class RLHFTrainer:
                 raise VllmTrainError(f"reward model {self.reward_model.name} scored {values[bad]} for prompt "
                                      f"{str(prompts[bad])[:80]!r}: scores must be finite")
         else:
-            values = score_with_function(self.reward_fn, prompts, responses, examples)
+            values = score_with_function(self.reward_fn, prompts, responses, examples, completion_ids)
         return torch.tensor(values, dtype=torch.float32)
 
     def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, target: int,
@@ -349,8 +349,8 @@ class RLHFTrainer:
             share = max(keep_G.float().mean().item(), 1.0 / target)
             extra = self.generate_rollouts(more_records(min(target, math.ceil(missing / share))),
                                            None if seed is None else seed + 7919 * rounds)
-            extra_GN = self.compute_rewards(extra.prompts, extra.completions, extra.examples).view(
-                -1, self.config.group_size)
+            extra_GN = self.compute_rewards(extra.prompts, extra.completions, extra.examples,
+                                            extra.completion_ids).view(-1, self.config.group_size)
             rollout = rollout.extended(extra)
             rewards_GN = torch.cat([rewards_GN, extra_GN])
             keep_G = torch.cat([keep_G, grpo.informative_groups(extra_GN)])
@@ -360,12 +360,13 @@ class RLHFTrainer:
     def evaluate(self, records: Any) -> dict:
         """Greedy completions of the current policy (from vLLM): mean reward and share with reward > 0
         (= accuracy for a 0/1 reward such as the toy world's)."""
-        records = load_prompt_records(records, "eval dataset")
+        records = load_prompt_records(records, "eval dataset", self.reward_fn)
         share = records[distributed.rank()::distributed.world_size()]  # data parallel: each rank a share
         adapter, _ = self.sync_adapter()
         ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in share]
         outs = self.engine.generate(ids, adapter, temperature=0.0, max_tokens=self.config.max_new_tokens) if ids else []
-        rewards = self.compute_rewards([r["prompt"] for r in share], [o[0].text for o in outs], share)
+        rewards = self.compute_rewards([r["prompt"] for r in share], [o[0].text for o in outs], share,
+                                       [list(o[0].token_ids) for o in outs])
         total = distributed.all_reduce_sum({"reward": rewards.sum().item(), "correct": (rewards > 0).sum().item()})
         return {"reward": total["reward"] / len(records), "accuracy": total["correct"] / len(records)}
 

@@ -23,6 +23,7 @@ from vllm_train.engine.kv_budget import rollout_kv_cache_gib
 from vllm_train.engine.llm import EngineOptions, RolloutEngine, VLLMEngine, on_cuda, serving_dtype
 from vllm_train.engine.remote import ServerRolloutEngine
 from vllm_train.errors import VllmTrainError
+from vllm_train.rewards.loading import RewardFn, record_check
 
 
 @dataclass
@@ -59,9 +60,12 @@ def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> di
             "accuracy": (rewards_S > 0).float().mean().item(), "response_len": rollout.num_tokens / len(rewards_S)}
 
 
-def load_prompt_records(source: Any, what: str = "prompt dataset") -> list[dict]:
-    """Prompt records ``{"prompt": text or chat messages, ...any fields the reward reads}``."""
-    return load_records(source, lambda r: check_text_field(r, "prompt", allow_messages=True), what=what)
+def load_prompt_records(source: Any, what: str = "prompt dataset", reward_fn: RewardFn | None = None) -> list[dict]:
+    """Prompt records ``{"prompt": text or chat messages, ...any fields the reward reads}``; with `reward_fn`,
+    the fields it reads are checked too (`rewards.loading.record_check`), each bad record named by file:line."""
+    reads = record_check(reward_fn)
+    return load_records(source, lambda r: check_text_field(r, "prompt", allow_messages=True) or (
+        reads(r) if reads else None), what=what)
 
 
 def step_records(records: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
