@@ -38,17 +38,29 @@ class Rollout:
     sync_ms: float
     seconds: float
     adapter_version: int = 0  # the trainer's weight version the samples came from
+    # Per completion token: 1 = the model generated it, 0 = environment tokens inside a multi-turn episode
+    # (tool results, user replies), which no loss or metric counts. None: every token is the model's.
+    completion_masks: list[list[int]] | None = None
+    episode_stats: list[dict] | None = None  # per sample, multi-turn only (`agents.episode.Episode.stats`)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
 
+    def completion_mask(self, i: int) -> list[int]:
+        """Sample i's completion mask (all ones for a single-turn completion)."""
+        return self.completion_masks[i] if self.completion_masks is not None else [1] * len(self.completion_ids[i])
+
     def extended(self, more: Rollout) -> Rollout:
         """This rollout's samples followed by `more`'s (same group size)."""
+        masks = None
+        if self.completion_masks is not None or more.completion_masks is not None:
+            masks = [r.completion_mask(i) for r in (self, more) for i in range(len(r.completion_ids))]
+        stats = self.episode_stats + more.episode_stats if self.episode_stats and more.episode_stats else None
         return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
                        self.completion_ids + more.completion_ids, self.completions + more.completions,
                        self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds,
-                       min(self.adapter_version, more.adapter_version))
+                       min(self.adapter_version, more.adapter_version), masks, stats)
 
 
 def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:
