@@ -50,10 +50,12 @@ def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
 def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from pathlib import Path
 
+    from vllm_train.agents.tool_calls import get_parser
     from vllm_train.errors import VllmTrainError
     from vllm_train.models import check_prompt_lengths
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
+    from vllm_train.trainers.rl_sampling import load_agent_environment
 
     config = rl_config_from_args(args, algorithm)
     if algorithm is None and config.algorithm == "ppo":
@@ -66,6 +68,9 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
     reward_model = getattr(args, "reward_model", None)
+    environment = load_agent_environment(config.environment, reward_model, reward_fn)  # None: single-turn
+    if config.tool_parser is not None:
+        get_parser(config.tool_parser)
     if reward_model and not Path(reward_model).is_dir():
         raise VllmTrainError(f"--reward-model: directory not found: {reward_model}")
     if config.rollout_servers:
@@ -78,7 +83,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
-                          progress=not args.no_progress, revision=args.revision)
+                          progress=not args.no_progress, revision=args.revision,
+                          environment_factory=environment.cls if environment is not None else None)
     try:
         before = trainer.evaluate(eval_records) if eval_records is not None else None
         final = trainer.train(records, args.num_steps)
