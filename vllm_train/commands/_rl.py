@@ -55,7 +55,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from vllm_train.models import check_prompt_lengths
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
-    from vllm_train.trainers.rl_sampling import load_agent_environment
+    from vllm_train.trainers.rl_sampling import check_environment, load_agent_environment
 
     config = rl_config_from_args(args, algorithm)
     if algorithm is None and config.algorithm == "ppo":
@@ -79,6 +79,8 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
     records = load_prompt_records(prompts, "prompts", reward_fn)  # with the fields the reward reads
     eval_records = load_prompt_records(eval_prompts, "eval prompts", reward_fn) if eval_prompts else None
+    if environment is not None:
+        check_environment(environment, records[0], config.tool_timeout)
     for path, recs in ((prompts, records), (eval_prompts, eval_records or [])):
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 

@@ -53,6 +53,12 @@ def load_agent_environment(spec: type | str | None, reward_model: str | None, re
     return environment
 
 
+def check_environment(environment: EnvironmentClass, record: dict, tool_timeout: float) -> None:
+    """One instance made and reset with `record`: the constructor's and reset's errors surface before a
+    model loads (respond and get_reward run only in episodes)."""
+    environment.create(tool_timeout).reset(dict(record))
+
+
 def sample_rollout(engine, tokenizer, records: Sequence[dict], config: RLHFConfig, seed: int | None, adapter,
                    agent: Agent | None = None, greedy: bool = False) -> Rollout:
     """`group_size` samples per record (one with `greedy`): completions, or episodes with `agent`.

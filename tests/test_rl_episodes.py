@@ -1,0 +1,146 @@
+"""Multi-turn RL episodes on the real vLLM engine (the session's `engine`) with the toy model.
+
+Oracles: the ids vLLM is fed at turn k+1 are turn k's ids + its sample + the environment's segment (never
+re-tokenized); vLLM's sampled log-probs equal the trainer's forward on whole episodes at model tokens; the
+toy chat template's own rendering of the environment's reply; the counters the metrics report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import agent_envs
+import pytest
+import torch
+from tolerances import MISMATCH_TOL, assert_served_logprobs
+
+from vllm_train.cli import main as cli_main
+from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig
+from vllm_train.errors import VllmTrainError
+from vllm_train.rewards import TOY_REWARD
+from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
+from vllm_train.trainers.rl_policy import CompletionBatch
+from vllm_train.trainers.rl_sampling import sample_rollout
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _config(tmp_path, **kw) -> RLHFConfig:
+    lora = LoRATrainConfig(rank=8, alpha=16, target_modules=list(ALL_LINEAR_MODULES), learning_rate=2e-3,
+                           batch_size=64, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(tmp_path))
+    defaults = dict(rollout_batch_size=2, group_size=2, max_new_tokens=8, seed=0, max_turns=3)
+    return RLHFConfig(lora_config=lora, environment="agent_envs:TryAgain", **{**defaults, **kw})
+
+
+@pytest.fixture
+def env_trainer(tiny_model, engine):
+    made = []
+
+    def make(config: RLHFConfig, **kwargs) -> RLHFTrainer:
+        made.append(RLHFTrainer(tiny_model, config=config, engine=engine, progress=False, **kwargs))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
+
+
+def _recording(engine, monkeypatch) -> list:
+    """Every generate call's (prompt ids, samples)."""
+    calls, generate = [], engine.generate
+
+    def record(prompts, adapter=None, **kw):
+        out = generate(prompts, adapter, **kw)
+        calls.append(([list(p) for p in prompts], [o[0] for o in out]))
+        return out
+
+    monkeypatch.setattr(engine, "generate", record)
+    return calls
+
+
+def test_turns_extend_the_ids_and_logprobs_match_the_trainer(tmp_path, shipped, engine, env_trainer, monkeypatch):
+    trainer = env_trainer(_config(tmp_path))  # get_reward: no reward function needed
+    tok = trainer.tokenizer
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:2]
+    calls = _recording(engine, monkeypatch)
+    rollout = trainer.generate_rollouts(records, seed=0)
+    assert len(calls) == 3  # max_turns 3: one generate per turn over the live episodes
+    bridge = tok.encode("<|user|>try again<|end|><|assistant|>", add_special_tokens=False)  # the template's text
+    for (prompts, samples), (following, _) in zip(calls, calls[1:]):
+        # the toy model ends its turns on <|end|>: vLLM's token ids include it
+        assert all(s.token_ids[-1] == tok.eos_token_id for s in samples), [s.token_ids for s in samples]
+        assert following == [p + s.token_ids + bridge for p, s in zip(prompts, samples)]
+    stats = [s for s in rollout.episode_stats]
+    assert [s["model_turns"] for s in stats] == [3] * 4 and all(s["truncated"] for s in stats)  # max turns counted
+    for i in range(4):  # the rollout is the episode: prompt + every turn and reply, mask 0 on the replies
+        assert rollout.prompt_ids[i] + rollout.completion_ids[i] == calls[-1][0][i] + calls[-1][1][i].token_ids
+        assert sum(rollout.completion_masks[i]) == sum(len(c[1][i].token_ids) for c in calls)
+    batch = CompletionBatch.of(rollout, list(range(4)))
+    logps_BT, _ = trainer.policy.forward_all(batch)
+    assert_served_logprobs(batch.vllm_logps_BT[batch.mask_BT].float(), logps_BT[batch.mask_BT], what="episodes")
+    step = trainer.ppo_step(records, seed=0, rollout=rollout)
+    assert step["episode_turns"] == 3 and step["episodes_truncated"] == 4 and step["tool_calls"] == 0
+    assert step["env_tokens"] == 2 * len(bridge) and step["mismatch_abs_logp"] < MISMATCH_TOL
+
+
+def test_token_budget_cuts_episodes(tmp_path, shipped, engine, env_trainer):
+    trainer = env_trainer(_config(tmp_path, max_turns=None, max_episode_tokens=12), reward_fn=TOY_REWARD)
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:2]
+    adapter, _ = trainer.sync_adapter()
+    rollout = sample_rollout(engine, trainer.tokenizer, records, trainer.config, 0, adapter, trainer.agent)
+    assert all(len(c) <= 12 for c in rollout.completion_ids)
+    assert all(s["truncated"] and s["model_turns"] >= 2 for s in rollout.episode_stats), rollout.episode_stats
+    # a reward function given: it scores the last assistant turn (the toy reward reads the answer)
+    assert trainer.rollout_rewards(rollout).shape == (4,)
+
+
+@pytest.mark.parametrize("cls, message", [
+    ("BrokenRespond", "environment BrokenRespond.respond raised ValueError: bad state"),
+    ("BadReward", "environment BadReward.get_reward returned str 'yes'"),
+])
+def test_environment_errors_in_episodes_name_class_and_method(tmp_path, shipped, env_trainer, cls, message):
+    trainer = env_trainer(_config(tmp_path, environment=f"agent_envs:{cls}"))
+    with pytest.raises(VllmTrainError, match=message):
+        trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:2], seed=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--environment", "agent_envs:Nope"], "'agent_envs' has no attribute 'Nope'"),
+    (["--environment", "no_such_env_module:C"], "importing 'no_such_env_module' failed"),
+    (["--environment", "agent_envs:NoReward"], "environment NoReward defines no get_reward"),
+    (["--environment", "agent_envs:BrokenConstructor"], "BrokenConstructor(): the constructor raised RuntimeError"),
+    (["--environment", "agent_envs:BrokenReset"], "BrokenReset.reset raised KeyError"),
+    (["--environment", "agent_envs:TryAgain", "--tool-parser", "xml"], "tool-call parser 'xml': unknown"),
+    (["--max-turns", "2"], "set only with environment"),
+    (["--environment", "agent_envs:TryAgain", "--max-turns", "0"], "max_turns"),
+])
+def test_cli_environment_errors_exit_2_in_one_line(tmp_path, tiny_model, shipped, capsys, extra, message):
+    argv = ["grpo", "--model", tiny_model, "--prompts", str(shipped("rl_train.jsonl")), "--output-dir",
+            str(tmp_path / "out"), *extra]
+    assert cli_main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.vllm
+def test_cli_grpo_with_an_environment_writes_episode_metrics(tmp_path, tiny_model, shipped):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "vllm_train.cli", "grpo", "--model", tiny_model, "--prompts",
+            str(shipped("rl_train.jsonl")), "--environment", "agent_envs:TryAgain", "--max-turns", "3",
+            "--num-steps", "2", "--rollout-batch-size", "2", "--group-size", "2", "--max-new-tokens", "6",
+            "--output-dir", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        assert 1 <= s["episode_turns"] <= 3 and s["env_tokens"] > 0 and torch.isfinite(torch.tensor(s["loss"]))
+        assert {"tool_calls", "tool_errors", "episodes_truncated", "template_fallbacks", "parse_failures"} <= set(s)
+    assert (out / "adapter_model.safetensors").exists()
+    assert agent_envs.TryAgain  # the module the run imported by name
