@@ -40,3 +40,32 @@ class BrokenRespond(TryAgain):
 class BadReward(TryAgain):
     def get_reward(self):
         return "yes"
+
+
+class Calculator:
+    """Tool use: the model's every turn is read as calls (by the tests' stub parser) to `add` and `divide`."""
+
+    def reset(self, **row):
+        self.results = []
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first addend
+            b: the second addend
+        """
+        self.results.append(a + b)
+        return a + b
+
+    def divide(self, a: int, b: int) -> float:
+        """Divide a by b.
+
+        Args:
+            a: the dividend
+            b: the divisor
+        """
+        return a / b
+
+    def get_reward(self) -> float:
+        return float(len(self.results))

@@ -7,6 +7,7 @@ toy chat template's own rendering of the environment's reply; the counters the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,12 +19,14 @@ import pytest
 import torch
 from tolerances import MISMATCH_TOL, assert_served_logprobs
 
+from vllm_train.agents.tool_calls import ParsedTurn, ToolCall
 from vllm_train.cli import main as cli_main
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.rewards import TOY_REWARD
 from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
 from vllm_train.trainers.rl_policy import CompletionBatch
+from vllm_train.trainers.rl_rollouts import rollout_stats
 from vllm_train.trainers.rl_sampling import sample_rollout
 
 TESTS = Path(__file__).resolve().parent
@@ -99,6 +102,24 @@ def test_token_budget_cuts_episodes(tmp_path, shipped, engine, env_trainer):
     assert all(s["truncated"] and 2 <= s["model_turns"] <= 3 for s in rollout.episode_stats), rollout.episode_stats
     # a reward function given: it scores the last assistant turn (the toy reward reads the answer)
     assert trainer.rollout_rewards(rollout).shape == (4,)
+
+
+def test_tool_calls_run_in_the_environment_and_are_counted(tmp_path, shipped, engine, env_trainer):
+    # The toy model writes no tool calls: a stub parser reads every turn as add(2, 3) and divide(1, 0).
+    trainer = env_trainer(_config(tmp_path, environment="agent_envs:Calculator", max_turns=2))
+    calls = [ToolCall("add", {"a": 2, "b": 3}), ToolCall("divide", {"a": 1, "b": 0})]
+    agent = dataclasses.replace(trainer.agent, rules=dataclasses.replace(
+        trainer.agent.rules, parser=lambda text: ParsedTurn(text, calls)))
+    adapter, _ = trainer.sync_adapter()
+    rollout = sample_rollout(engine, trainer.tokenizer, load_prompt_records(shipped("rl_train.jsonl"))[:1],
+                             trainer.config, 0, adapter, agent)
+    tok = trainer.tokenizer
+    for ids, mask, stats in zip(rollout.completion_ids, rollout.completion_masks, rollout.episode_stats):
+        assert stats["model_turns"] == 2 and stats["tool_calls"] == 4 and stats["tool_errors"] == 2
+        env_text = tok.decode([t for t, m in zip(ids, mask) if not m])  # the tool results, masked out
+        assert "5" in env_text and "ZeroDivisionError" in env_text, env_text
+    assert rollout.environment_rewards == [2.0, 2.0]  # add ran once per turn in each episode's own instance
+    assert rollout_stats(rollout, torch.tensor(rollout.environment_rewards), 0)["tool_errors"] == 2
 
 
 @pytest.mark.parametrize("cls, message", [
