@@ -153,9 +153,11 @@ def test_cli_environment_errors_exit_2_in_one_line(tmp_path, tiny_model, shipped
 
 @pytest.mark.vllm
 def test_cli_grpo_with_an_environment_writes_episode_metrics(tmp_path, tiny_model, shipped):
-    out = tmp_path / "run"
+    out, eval_prompts = tmp_path / "run", tmp_path / "eval.jsonl"
+    eval_prompts.write_text("".join(shipped("rl_eval.jsonl").read_text().splitlines(keepends=True)[:3]))
     argv = [sys.executable, "-m", "vllm_train.cli", "grpo", "--model", tiny_model, "--prompts",
-            str(shipped("rl_train.jsonl")), "--environment", "agent_envs:TryAgain", "--max-turns", "3",
+            str(shipped("rl_train.jsonl")), "--eval-prompts", str(eval_prompts),  # greedy episodes
+            "--environment", "agent_envs:TryAgain", "--max-turns", "3",
             "--num-steps", "2", "--rollout-batch-size", "2", "--group-size", "2", "--max-new-tokens", "6",
             "--output-dir", str(out), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
@@ -166,5 +168,7 @@ def test_cli_grpo_with_an_environment_writes_episode_metrics(tmp_path, tiny_mode
     for s in steps:
         assert 1 <= s["episode_turns"] <= 3 and s["env_tokens"] > 0 and torch.isfinite(torch.tensor(s["loss"]))
         assert {"tool_calls", "tool_errors", "episodes_truncated", "template_fallbacks", "parse_failures"} <= set(s)
-    assert (out / "adapter_model.safetensors").exists()
+    assert (out / "adapter_model.safetensors").exists() and "eval greedy reward" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if "eval greedy reward" in x)  # TryAgain.get_reward, 0 or 1
+    assert all(0.0 <= float(v) <= 1.0 for v in line.split(":")[1].split("(")[0].split("->")), line
     assert agent_envs.TryAgain  # the module the run imported by name
