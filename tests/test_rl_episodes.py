@@ -91,6 +91,26 @@ def test_turns_extend_the_ids_and_logprobs_match_the_trainer(tmp_path, shipped, 
     assert step["env_tokens"] == 2 * len(bridge) and step["mismatch_abs_logp"] < MISMATCH_TOL
 
 
+def test_ppo_trains_on_episodes(tmp_path, shipped, env_trainer):
+    # values and GAE over model tokens only (the environment's replies are not steps of the policy)
+    trainer = env_trainer(_config(tmp_path, algorithm="ppo", max_turns=2))
+    stats = trainer.ppo_step(load_prompt_records(shipped("rl_train.jsonl"))[:2], seed=0)
+    assert stats["episode_turns"] == 2 and stats["mismatch_abs_logp"] < MISMATCH_TOL
+    assert torch.isfinite(torch.tensor([stats["loss"], stats["value_loss"]])).all()
+
+
+def test_dapo_refills_with_episodes(tmp_path, shipped, env_trainer):
+    # TryAgain's reward is 0 for the toy model's first answers: no informative group, so a refill round
+    # samples episodes for more prompts and extends the rollout (its masks, stats and environment rewards)
+    trainer = env_trainer(_config(tmp_path, algorithm="dapo", max_turns=1, dynamic_sampling=True,
+                                  dynamic_sampling_rounds=1))
+    records = load_prompt_records(shipped("rl_train.jsonl"))
+    seen = []
+    stats = trainer.ppo_step(records[:2], seed=0, more_records=lambda k: seen.append(k) or records[2:2 + k])
+    assert seen and stats["refill_rounds"] == 1 and stats["episode_turns"] == 1
+    assert stats.get("skipped") or torch.isfinite(torch.tensor(stats["loss"]))
+
+
 def test_token_budget_cuts_episodes(tmp_path, shipped, engine, env_trainer):
     # no max_turns and an environment that always replies: only the budget (24 tokens after the prompt:
     # room for a second or third turn, not a fourth) ends the episodes, truncated
