@@ -238,6 +238,13 @@ class RLHFConfig:
     # (tis_cap, 2.0 when unset).
     max_staleness: int = 0
 
+    # Multi-turn episodes (vllm_train.agents): an environment the model talks to between its turns
+    environment: str | None = None  # MODULE:CLASS or path/to/file.py:CLASS; one instance per episode
+    max_turns: int | None = None  # model turns per episode (None: until the environment ends it)
+    max_episode_tokens: int | None = None  # model + environment tokens after the prompt (None: no cap)
+    tool_timeout: float = 10.0  # seconds a tool call may run (its timeout goes back to the model as text)
+    tool_parser: str | None = None  # tool-call format: hermes, llama3_json, none (None: the chat template's)
+
     # Intervals and seed
     save_steps: int = 0  # checkpoint every N steps (0: only the final adapter)
     eval_steps: int = 0  # greedy eval on the eval prompts every N steps (0: before and after only)
@@ -278,8 +285,28 @@ class RLHFConfig:
                "0 (on-policy) or 1 (the next rollout overlaps the update)")
         _check(not (self.max_staleness and self.dynamic_sampling), "max_staleness", self.max_staleness,
                "0 with dynamic_sampling (refill rounds sample inside the step, from the newest weights)")
+        self._check_episodes()
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
+
+    def _check_episodes(self) -> None:
+        env = self.environment
+        _check(env is None or (isinstance(env, str) and env.count(":") == 1 and all(env.split(":"))),
+               "environment", env, "None or 'module:Class' / 'path/to/file.py:Class'")
+        for name in ("max_turns", "max_episode_tokens", "tool_parser"):
+            _check(env is not None or getattr(self, name) is None, name, getattr(self, name),
+                   "set only with environment (multi-turn episodes)")
+        _check(self.max_turns is None or self.max_turns >= 1, "max_turns", self.max_turns, "None or an integer >= 1")
+        _check(self.max_episode_tokens is None or self.max_episode_tokens >= 1, "max_episode_tokens",
+               self.max_episode_tokens, "None or an integer >= 1")
+        _check(self.tool_timeout > 0 and math.isfinite(self.tool_timeout), "tool_timeout", self.tool_timeout,
+               "seconds > 0")
+        _check(self.tool_parser is None or (isinstance(self.tool_parser, str) and self.tool_parser.strip() != ""),
+               "tool_parser", self.tool_parser, "None or a parser name")
+        _check(env is None or not self.rollout_servers, "environment", env,
+               "not supported with rollout_servers yet (episodes run on the in-process engine)")
+        _check(env is None or not self.max_staleness, "environment", env,
+               "not supported with max_staleness yet (episodes are sampled on-policy)")
 
     @property
     def output_dir(self) -> str:

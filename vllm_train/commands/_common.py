@@ -125,6 +125,12 @@ FIELD_HELP = {
     "RLHFConfig.eval_steps": "greedy eval on --eval-prompts every N steps (0: before and after only)",
     "RLHFConfig.save_steps": "checkpoint every N RL steps (0: only the final adapter)",
     "RLHFConfig.seed": "random seed (prompt order, LoRA init, sampling)",
+    "environment": "MODULE:CLASS or FILE.py:CLASS: multi-turn episodes with this environment (one instance per "
+                   "episode: reset(**record), tools, respond(text), get_reward() -- vllm_train.agents.environment)",
+    "max_turns": "model turns per episode (default: until the environment ends it)",
+    "max_episode_tokens": "model + environment tokens per episode after the prompt (default: no cap)",
+    "tool_timeout": "seconds a tool call may run; a timeout goes back to the model as the tool's text",
+    "tool_parser": "tool-call format: hermes, llama3_json, none (default: the one the chat template implies)",
     "lora_config.batch_size": "sequences per micro-batch",
     "lora_config.max_length": "rejected: RL does not truncate yet (completions are capped by --max-new-tokens, "
                               "prompts are used whole; default: not applied)",

@@ -50,10 +50,12 @@ def rl_config_from_args(args: argparse.Namespace, algorithm: str | None):
 def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from pathlib import Path
 
+    from vllm_train.agents.tool_calls import get_parser
     from vllm_train.errors import VllmTrainError
     from vllm_train.models import check_prompt_lengths
     from vllm_train.rewards import load_reward_function
     from vllm_train.trainers.rl import RLHFTrainer, load_prompt_records
+    from vllm_train.trainers.rl_sampling import check_environment, load_agent_environment
 
     config = rl_config_from_args(args, algorithm)
     if algorithm is None and config.algorithm == "ppo":
@@ -67,6 +69,9 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     # Everything the user gave is checked before any model or engine loads.
     reward_fn = load_reward_function(args.reward) if getattr(args, "reward", None) else None
     reward_model = getattr(args, "reward_model", None)
+    environment = load_agent_environment(config.environment, reward_model, reward_fn)  # None: single-turn
+    if config.tool_parser is not None:
+        get_parser(config.tool_parser)
     if reward_model and not Path(reward_model).is_dir():
         raise VllmTrainError(f"--reward-model: directory not found: {reward_model}")
     if config.rollout_servers:
@@ -75,11 +80,14 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
         AdapterPublisher(config.rollout_servers).states("start the servers before training with --rollout-servers")
     records = load_prompt_records(prompts, "prompts", reward_fn)  # with the fields the reward reads
     eval_records = load_prompt_records(eval_prompts, "eval prompts", reward_fn) if eval_prompts else None
+    if environment is not None:
+        check_environment(environment, records[0], config.tool_timeout)
     for path, recs in ((prompts, records), (eval_prompts, eval_records or [])):
         check_prompt_lengths(model_dir, [r["prompt"] for r in recs], "record", str(path), config.max_new_tokens)
 
     trainer = RLHFTrainer(args.model, reward_model, config, reward_fn=reward_fn, adapter=args.adapter,
-                          progress=not args.no_progress, revision=args.revision)
+                          progress=not args.no_progress, revision=args.revision,
+                          environment_factory=environment.cls if environment is not None else None)
     try:
         output.prepare()  # every input read and checked: only now may --overwrite clear the earlier run
         before = trainer.evaluate(eval_records) if eval_records is not None else None

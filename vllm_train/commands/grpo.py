@@ -23,6 +23,14 @@ fields your reward reads}.
 Reward: a Python function `(prompt, completion, example) -> float` given as module:function or
 path/to/file.py:function; `example` is the prompt's record. The toy world's: vllm_train.toy:correctness_reward.
 
+Multi-turn episodes: --environment MODULE:CLASS (or FILE.py:CLASS) talks to the model between its turns,
+one instance per episode: reset(**record), tools (its other public methods, called in the chat template's
+format, see --tool-parser), respond(text) -> next user message or None, get_reward() -> float (then
+--reward may be left out; given, it scores the last assistant turn). Each turn generates from the episode's
+token ids; environment tokens are masked out of the loss. --max-turns and --max-episode-tokens end
+episodes (counted as truncated); metrics add episode_turns, tool_calls, tool_errors, env_tokens,
+episodes_truncated, template_fallbacks, parse_failures.
+
 Rollouts on running servers: --rollout-servers URL[,URL...] samples from vLLM OpenAI servers started
 with `vllm-train serve` (on this or other machines) instead of a vLLM engine in this process. Each
 adapter version is published to every replica (all or none) before it is sampled, and the prompts are
@@ -47,6 +55,7 @@ example (toy world, a few minutes on a laptop CPU):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="GRPO / Dr.GRPO / DAPO / RLOO with vLLM rollouts", description=DESCRIPTION,
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reward", required=True, metavar="MODULE:FUNCTION", help="reward function")
+    p.add_argument("--reward", metavar="MODULE:FUNCTION",
+                   help="reward function (required unless the --environment class defines get_reward)")
     add_rl_args(p, skip=())
     p.set_defaults(run=lambda args: run_rl(args, algorithm=None))

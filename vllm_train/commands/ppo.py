@@ -28,7 +28,7 @@ example (toy world):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", help="PPO with vLLM rollouts (reward model or reward function)",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    reward = p.add_mutually_exclusive_group(required=True)
+    reward = p.add_mutually_exclusive_group()  # neither: the --environment's get_reward (checked in run_rl)
     reward.add_argument("--reward-model", metavar="DIR", help="reward model directory, or a hub id ORG/NAME")
     reward.add_argument("--reward", metavar="MODULE:FUNCTION", help="reward function")
     add_rl_args(p, skip=("algorithm",))

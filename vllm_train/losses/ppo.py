@@ -30,7 +30,9 @@ def gae(rewards_BT: torch.Tensor, values_BT: torch.Tensor, mask_BT: torch.Tensor
     """Generalised advantage estimation over each sequence's tokens. Returns (advantages, returns).
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` (V after the last real token = 0),
-    ``A_t = delta_t + gamma * lam * A_{t+1}``, returns = A + V. Padding positions come back as 0.
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, returns = A + V. Masked positions come back as 0 and are
+    skipped: t+1 is the next *unmasked* token, so environment tokens inside a multi-turn episode are not
+    steps of the model's, and padding (after the last real token) leaves V_{t+1} = A_{t+1} = 0.
     """
     mask = mask_BT.to(values_BT.dtype)
     values = values_BT * mask
@@ -38,12 +40,12 @@ def gae(rewards_BT: torch.Tensor, values_BT: torch.Tensor, mask_BT: torch.Tensor
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.size(1))):
+        on = mask[:, t]
         delta = rewards_BT[:, t] + gamma * next_value - values[:, t]
-        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv = (delta + gamma * lam * next_adv) * on
         advantages_BT[:, t] = adv
-        # Padding sits after the last real token: keep zeros flowing back into it.
-        next_value = values[:, t] * mask[:, t]
-        next_adv = adv
+        next_value = torch.where(on > 0, values[:, t], next_value)
+        next_adv = torch.where(on > 0, adv, next_adv)
     return advantages_BT, (advantages_BT + values) * mask
 
 
@@ -60,10 +62,11 @@ def kl_per_token(logps_BT: torch.Tensor, ref_logps_BT: torch.Tensor, estimator: 
 
 def kl_shaped_rewards(scores_B: torch.Tensor, kl_BT: torch.Tensor, mask_BT: torch.Tensor,
                       kl_coef: float) -> torch.Tensor:
-    """PPO's per-token rewards: ``-kl_coef * KL_t`` on every token, plus the sequence score on its last."""
+    """PPO's per-token rewards: ``-kl_coef * KL_t`` on every token, plus the sequence score on its last
+    (the last unmasked one: environment tokens may sit between the model's)."""
     mask = mask_BT.to(kl_BT.dtype)
     rewards_BT = -kl_coef * kl_BT * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    last = (torch.arange(mask.size(1), dtype=mask.dtype) * (mask > 0)).argmax(1)
     rewards_BT[torch.arange(len(scores_B)), last] += scores_B.to(rewards_BT.dtype)
     return rewards_BT
 

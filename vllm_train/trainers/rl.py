@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from vllm_train import distributed, hub
 from vllm_train.config import RLHFConfig, write_resolved_config
-from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.engine.llm import RolloutEngine
 from vllm_train.engine.shared_base import reason_not_to_share
 from vllm_train.errors import VllmTrainError
@@ -55,6 +54,7 @@ from vllm_train.trainers.rl_rollouts import (
     rollout_stats,
     step_seed,
 )
+from vllm_train.trainers.rl_sampling import Agent, load_agent_environment, sample_rollout
 from vllm_train.trainers.shared_policy import load_policy_over_engine
 
 __all__ = ["RLHFTrainer", "Rollout", "load_prompt_records"]
@@ -69,25 +69,27 @@ class RLHFTrainer:
     any `RolloutEngine`; otherwise one is created and closed by `close()`: on CUDA before the policy, whose
     frozen base weights are then views of the engine's (held once, `self.shared_base` says), else on
     first use. `adapter`: start from this adapter (its weights are then the KL reference, unless
-    ``kl_reference="base"``).
+    ``kl_reference="base"``). `environment_factory` (or ``config.environment``): multi-turn episodes with
+    this environment class (`vllm_train.trainers.rl_sampling`); with ``get_reward`` no reward is needed.
     """
 
     def __init__(self, model_name: str, reward_model_name: str | None = None, config: RLHFConfig | None = None,
                  *, reward_fn: RewardFn | str | None = None, engine: RolloutEngine | None = None, engine_options=None,
                  adapter: str | None = None, progress: bool = True, tensorboard: bool = True,
-                 revision: str | None = None):
+                 revision: str | None = None, environment_factory: type | str | None = None):
         self.model_name = hub.model_reference(model_name)  # the base a saved adapter names: hub id or absolute path
         self.model_path = resolve_model(model_name, revision)  # the local directory HF and vLLM load
         self.config = c = config or RLHFConfig()
-        if (reward_model_name is None) == (reward_fn is None):
-            raise VllmTrainError("give exactly one of a reward model (reward_model_name) or a reward function")
-        self.reward_fn = reward_function(reward_fn)  # of neither accepted shape: refused before anything loads
+        # the environment class (and that some reward is given) checked before anything heavy loads
+        self.environment = load_agent_environment(environment_factory or c.environment, reward_model_name, reward_fn)
+        self.reward_fn = reward_function(reward_fn) if reward_fn is not None else None  # checked before loading
         self.reward_model = RewardModelScorer(hub.resolve(reward_model_name, what="reward model")) \
             if reward_model_name else None  # a hub id: its snapshot directory
         self.progress, self.tensorboard = progress, tensorboard
         self._engine, self._owns_engine, self.engine_options = engine, engine is None, engine_options
 
         self.model, self.tokenizer, self.injector, self.shared_base = self._load_policy(adapter)
+        self.agent = Agent.of(self.environment, self.tokenizer, c) if self.environment is not None else None
         # The KL reference: started from an adapter (say an SFT run), the policy to stay close to is that
         # adapter, not the base model, so keep a copy of its LoRA weights (megabytes) to swap in.
         reference = [p.detach().clone() for p in self.injector.get_trainable_params()] \
@@ -197,7 +199,7 @@ class RLHFTrainer:
         now. With dynamic sampling, `more_records(k)` (k more records) refills the batch, as DAPO does."""
         c, t_start = self.config, time.perf_counter()
         rollout = rollout or self.generate_rollouts(records, seed)
-        rewards_S = self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids)
+        rewards_S = self.rollout_rewards(rollout)
         rewards_GN = rewards_S.view(-1, c.group_size)
         keep_G, dynamic = torch.ones(len(rewards_GN), dtype=torch.bool), {}
         if c.dynamic_sampling:  # train only on groups whose rewards differ; sample more prompts to refill
@@ -313,17 +315,15 @@ class RLHFTrainer:
         return self._sample(records, seed, adapter, self._version, sync_ms)
 
     def _sample(self, records: Sequence[dict], seed: int | None, adapter, version: int, sync_ms: float) -> Rollout:
-        c, n = self.config, self.config.group_size
-        ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in records]
-        t0 = time.perf_counter()
-        outputs = self.engine.generate(ids, adapter, n=n, temperature=c.temperature, top_p=c.top_p,
-                                       max_tokens=c.max_new_tokens, seed=seed, logprobs=True)
-        samples = [s for per_prompt in outputs for s in per_prompt]
-        return Rollout(prompts=[r["prompt"] for r in records for _ in range(n)],
-                       examples=[r for r in records for _ in range(n)], prompt_ids=[p for p in ids for _ in range(n)],
-                       completion_ids=[list(s.token_ids) for s in samples], completions=[s.text for s in samples],
-                       vllm_logps=[list(s.logprobs or []) for s in samples], sync_ms=sync_ms,
-                       seconds=time.perf_counter() - t0, adapter_version=version)
+        rollout = sample_rollout(self.engine, self.tokenizer, records, self.config, seed, adapter, self.agent)
+        rollout.sync_ms, rollout.adapter_version = sync_ms, version
+        return rollout
+
+    def rollout_rewards(self, rollout: Rollout) -> torch.Tensor:
+        """The rollout's rewards: the reward function's or model's, else the environment's get_reward."""
+        if self.reward_fn is None and self.reward_model is None:
+            return torch.tensor(rollout.environment_rewards, dtype=torch.float32)
+        return self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids)
 
     def compute_rewards(self, prompts: Sequence[Any], responses: Sequence[str], examples: Sequence[dict] | None = None,
                         completion_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
@@ -352,8 +352,7 @@ class RLHFTrainer:
             share = max(keep_G.float().mean().item(), 1.0 / target)
             extra = self.generate_rollouts(more_records(min(target, math.ceil(missing / share))),
                                            None if seed is None else seed + 7919 * rounds)
-            extra_GN = self.compute_rewards(extra.prompts, extra.completions, extra.examples,
-                                            extra.completion_ids).view(-1, self.config.group_size)
+            extra_GN = self.rollout_rewards(extra).view(-1, self.config.group_size)
             rollout = rollout.extended(extra)
             rewards_GN = torch.cat([rewards_GN, extra_GN])
             keep_G = torch.cat([keep_G, grpo.informative_groups(extra_GN)])
@@ -366,10 +365,8 @@ class RLHFTrainer:
         records = load_prompt_records(records, "eval dataset", self.reward_fn)
         share = records[distributed.rank()::distributed.world_size()]  # data parallel: each rank a share
         adapter, _ = self.sync_adapter()
-        ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in share]
-        outs = self.engine.generate(ids, adapter, temperature=0.0, max_tokens=self.config.max_new_tokens) if ids else []
-        rewards = self.compute_rewards([r["prompt"] for r in share], [o[0].text for o in outs], share,
-                                       [list(o[0].token_ids) for o in outs])
+        rewards = self.rollout_rewards(sample_rollout(self.engine, self.tokenizer, share, self.config, None, adapter,
+                                                      self.agent, greedy=True)) if share else torch.zeros(0)
         total = distributed.all_reduce_sum({"reward": rewards.sum().item(), "correct": (rewards > 0).sum().item()})
         return {"reward": total["reward"] / len(records), "accuracy": total["correct"] / len(records)}
 
@@ -384,6 +381,8 @@ class RLHFTrainer:
         return self.saveable.save(path, self.model_name, card=card)
 
     def _reward_label(self) -> str:
+        if self.reward_fn is None and self.reward_model is None:
+            return f"environment {self.environment.name}.get_reward"
         return f"reward model {self.reward_model.name}" if self.reward_model else reward_name(self.reward_fn)
 
     def close(self) -> None:

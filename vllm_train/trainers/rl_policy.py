@@ -34,7 +34,7 @@ class CompletionBatch:
     sequences: list[list[int]]  # prompt + completion ids per row
     prompt_lens: list[int]
     tokens_BT: torch.Tensor  # long
-    mask_BT: torch.Tensor  # bool, True on real completion tokens
+    mask_BT: torch.Tensor  # bool, True on the model's completion tokens (padding and environment tokens: False)
     vllm_logps_BT: torch.Tensor  # float64: the sampler's log-probs (0 where it reported none)
 
     @staticmethod
@@ -46,7 +46,7 @@ class CompletionBatch:
         for row, i in enumerate(keep):
             comp, lps = rollout.completion_ids[i], rollout.vllm_logps[i]
             tokens_BT[row, :len(comp)] = torch.tensor(comp, dtype=torch.long)
-            mask_BT[row, :len(comp)] = True
+            mask_BT[row, :len(comp)] = torch.tensor(rollout.completion_mask(i), dtype=torch.bool)
             if len(lps) == len(comp):
                 vllm_BT[row, :len(comp)] = torch.tensor(lps)
         return CompletionBatch([rollout.prompt_ids[i] + rollout.completion_ids[i] for i in keep],

@@ -38,26 +38,57 @@ class Rollout:
     sync_ms: float
     seconds: float
     adapter_version: int = 0  # the trainer's weight version the samples came from
+    # Per completion token: 1 = the model generated it, 0 = environment tokens inside a multi-turn episode
+    # (tool results, user replies), which no loss or metric counts. None: every token is the model's.
+    completion_masks: list[list[int]] | None = None
+    episode_stats: list[dict] | None = None  # per sample, multi-turn only (`agents.episode.Episode.stats`)
+    environment_rewards: list[float] | None = None  # per sample: the environment's get_reward(), if it has one
 
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
 
+    def completion_mask(self, i: int) -> list[int]:
+        """Sample i's completion mask (all ones for a single-turn completion)."""
+        return self.completion_masks[i] if self.completion_masks is not None else [1] * len(self.completion_ids[i])
+
     def extended(self, more: Rollout) -> Rollout:
         """This rollout's samples followed by `more`'s (same group size)."""
+        masks = None
+        if self.completion_masks is not None or more.completion_masks is not None:
+            masks = [r.completion_mask(i) for r in (self, more) for i in range(len(r.completion_ids))]
+        stats = self.episode_stats + more.episode_stats if self.episode_stats and more.episode_stats else None
+        env_rewards = self.environment_rewards + more.environment_rewards \
+            if self.environment_rewards and more.environment_rewards else None
         return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
                        self.completion_ids + more.completion_ids, self.completions + more.completions,
                        self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds,
-                       min(self.adapter_version, more.adapter_version))
+                       min(self.adapter_version, more.adapter_version), masks, stats, env_rewards)
 
 
 def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:
-    """A step's rollout metrics: sync and sampling time, staleness, reward, accuracy, length."""
-    return {"sync_ms": rollout.sync_ms, "rollout_seconds": rollout.seconds,
-            "rollout_tok_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
-            "staleness": version - rollout.adapter_version,  # updates between sampling and this step
-            "reward_mean": rewards_S.mean().item(), "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
-            "accuracy": (rewards_S > 0).float().mean().item(), "response_len": rollout.num_tokens / len(rewards_S)}
+    """A step's rollout metrics: sync and sampling time, staleness, reward, accuracy, length (model and
+    environment tokens); for multi-turn episodes also `episode_stats`."""
+    stats = {"sync_ms": rollout.sync_ms, "rollout_seconds": rollout.seconds,
+             "rollout_tok_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
+             "staleness": version - rollout.adapter_version,  # updates between sampling and this step
+             "reward_mean": rewards_S.mean().item(),
+             "reward_std": rewards_S.std().item() if len(rewards_S) > 1 else 0.0,
+             "accuracy": (rewards_S > 0).float().mean().item(), "response_len": rollout.num_tokens / len(rewards_S)}
+    return {**stats, **episode_stats(rollout.episode_stats)} if rollout.episode_stats else stats
+
+
+def episode_stats(per_episode: list[dict]) -> dict:
+    """Means per episode of model turns, tool calls, tool errors and environment tokens; step counts of
+    truncated episodes, template fallbacks and tool-call parse failures."""
+    def total(key: str) -> float:
+        return float(sum(s[key] for s in per_episode))
+
+    n = len(per_episode)
+    return {"episode_turns": total("model_turns") / n, "tool_calls": total("tool_calls") / n,
+            "tool_errors": total("tool_errors") / n, "env_tokens": total("env_tokens") / n,
+            "episodes_truncated": total("truncated"), "template_fallbacks": total("template_fallbacks"),
+            "parse_failures": total("parse_failures")}
 
 
 def load_prompt_records(source: Any, what: str = "prompt dataset", reward_fn: RewardFn | None = None) -> list[dict]:
