@@ -163,14 +163,14 @@ def check_weights_match_config(config_path: Path, config: dict, tensors: dict[st
                                      f"describes a floating-point model (no quantization_config)")
     if "text_config" in config:
         return
-    _check_layers(config_path, config, {name for name in tensors})
-    _check_shapes(config_path, config, tensors)
+    _check_header_layers(config_path, config, {name for name in tensors})
+    _check_header_shapes(config_path, config, tensors)
     if config.get("tie_word_embeddings") is False and not any(name.endswith(OUTPUT_HEADS) for name in tensors):
         raise VllmTrainError(f"{config_path}: tie_word_embeddings is false, but the weights hold no output head "
                              f"(lm_head.weight): the model would answer with a random one")
 
 
-def _check_layers(config_path: Path, config: dict, names: set[str]) -> None:
+def _check_header_layers(config_path: Path, config: dict, names: set[str]) -> None:
     layers = config.get("num_hidden_layers")
     found = {int(m.group(1)) for name in names if (m := LAYER_RE.search(name))}
     if not isinstance(layers, int) or not found:
@@ -182,7 +182,7 @@ def _check_layers(config_path: Path, config: dict, names: set[str]) -> None:
                              f"{min(found)}..{max(found)}" + (f" without {missing[0]}" if missing else ""))
 
 
-def _check_shapes(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
+def _check_header_shapes(config_path: Path, config: dict, tensors: dict[str, tuple[dict, Path]]) -> None:
     """Embeddings against hidden_size; q_proj / k_proj against num_attention_heads / num_key_value_heads x
     head_dim (not for latent attention, whose projections are shaped otherwise)."""
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
