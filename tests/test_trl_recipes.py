@@ -13,7 +13,8 @@ import torch
 
 from vllm_train.assets import TINY_MODEL, data_file
 from vllm_train.cli import build_parser, main
-from vllm_train.commands._common import CONFIG_FILE_VALUES, config_from_args, run_options_from_config
+from vllm_train.commands._common import config_from_args
+from vllm_train.commands._parse import parse_command_line
 from vllm_train.commands._trl import apply_trl_options
 from vllm_train.config import LoRATrainConfig
 from vllm_train.errors import VllmTrainError
@@ -24,11 +25,7 @@ SFT_BASE = ["sft", "--model", "m", "--data", "d.jsonl", "--output-dir", "out"]
 
 def _args(argv: list[str]):
     """The parsed command line as `cli.main` has it before the command runs (TRL's options applied)."""
-    parser = build_parser()
-    argv, file_values = run_options_from_config(parser, argv)
-    args = parser.parse_args(argv)
-    if file_values is not None:
-        setattr(args, CONFIG_FILE_VALUES, file_values)
+    args = parse_command_line(build_parser(), argv)
     apply_trl_options(args)
     return args
 
