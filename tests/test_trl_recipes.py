@@ -171,3 +171,9 @@ def test_our_schedules_are_unchanged():
     assert own_multiplier("linear", 6, 2, 10) == 0.5 and own_multiplier("cosine", 6, 2, 10) == pytest.approx(0.5)
     with pytest.raises(VllmTrainError, match="warmup_steps"):
         LoRATrainConfig(warmup_steps=-1)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "rm", "grpo", "ppo"])
+def test_output_dir_defaults_to_trainer_output_as_trls(command):
+    argv = [command, "--model", "m", "--data" if command in ("sft", "dpo", "rm") else "--prompts", "d.jsonl"]
+    assert _args(argv).output_dir == "trainer_output"

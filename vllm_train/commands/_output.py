@@ -109,7 +109,9 @@ class NewOutputDir:
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", required=True, metavar="DIR", help="directory for the adapter and run files")
+    # transformers' TrainingArguments (TRL's configs) write to ./trainer_output when no output_dir is given
+    parser.add_argument("--output-dir", default="trainer_output", metavar="DIR",
+                        help="directory for the adapter and run files (default: trainer_output, as TRL's)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the vllm-train run in a non-empty --output-dir: the files its run_manifest.json "
                              "lists are deleted once every input has been checked (other files stay; a directory "
