@@ -58,6 +58,7 @@ def bad(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-table")
     out = {
         "hidden256": _model_copy(root, "hidden256", {"hidden_size": 256}),
+        "inter512": _model_copy(root, "inter512", {"intermediate_size": 512}),  # only the meta-model check sees it
         "no_weights": _model_copy(root, "no_weights", drop=("model.safetensors",)),
         "layers_four": _model_copy(root, "layers_four", {"num_hidden_layers": "four"}),
         "vocab0": _model_copy(root, "vocab0", {"vocab_size": 0}),
@@ -123,7 +124,8 @@ def evaluate(data: str = SFT, *extra: str, model: str = str(TINY_MODEL)) -> list
 
 
 MODEL_CASES = [  # (fixture, what the line says): on sft, grpo, generate and eval
-    ("hidden256", "hidden256/config.json describes"),
+    ("hidden256", "hidden256/config.json says (vocabulary, 256)"),  # the header check (model_dir) speaks first
+    ("inter512", "inter512/config.json describes"),
     ("no_weights", "no_weights: no weight files"),
     ("layers_four", "config.json: field 'num_hidden_layers' is 'four', expected an integer >= 1"),
     ("vocab0", "config.json: field 'vocab_size' is 0"),

@@ -110,11 +110,14 @@ def test_merge_overwrite_never_deletes_its_own_adapter(tiny_model, adapter, tmp_
     assert snapshot(run) == before
 
 
-def test_merge_refuses_weights_that_are_not_finite(tiny_model, adapter, tmp_path, capsys):
-    """A finite adapter x 1e30: B @ A overflows fp32. Nothing is written; an earlier merge stays whole."""
+def test_merge_refuses_weights_that_are_not_finite(tiny_model, adapter, tmp_path, capsys, monkeypatch):
+    """A finite adapter x 1e30 is refused by the magnitude check; with that check off, B @ A overflows fp32 and
+    the write guard refuses the merged weights. Nothing is written; an earlier merge stays whole."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from vllm_train.lora import validate
 
     huge = Path(shutil.copytree(adapter[0], tmp_path / "huge"))
     state = {k: v * 1e30 for k, v in load_file(str(huge / "adapter_model.safetensors")).items()}
@@ -122,6 +125,9 @@ def test_merge_refuses_weights_that_are_not_finite(tiny_model, adapter, tmp_path
     save_file(state, str(huge / "adapter_model.safetensors"))
     out = tmp_path / "merged"
     args = ["merge", "--model", tiny_model, "--adapter", str(huge), "--output-dir", str(out)]
+    assert cli_main(args) == 2
+    assert "the adapter's update has norm" in merge_error(capsys) and not out.exists()
+    monkeypatch.setattr(validate, "_check_magnitude", lambda *a: None)  # what the write guard is for
     assert cli_main(args) == 2
     assert "non-finite value" in merge_error(capsys) and not out.exists()
     assert cli_main([*args[:4], adapter[0], *args[5:]]) == 0

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from vllm_train import distributed, run_manifest
 from vllm_train.errors import VllmTrainError
+from vllm_train.files import parse_bool
 from vllm_train.metrics import report_backends
 from vllm_train.schedules import check_optimizer, check_schedule, scheduler_kwargs
 
@@ -342,19 +343,6 @@ def config_from_dict(cls: type[ConfigT], values: dict, source: str = "config") -
         return cls(**converted)
     except TypeError as exc:  # e.g. comparing a str with an int inside validation
         raise VllmTrainError(f"{source}: {exc}") from None
-
-
-BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def parse_bool(value: Any, what: str = "value") -> bool:
-    """A boolean as a flag or config file gives it: true/false, yes/no, 1/0 (any case; YAML's booleans and
-    the integers 1 and 0 too). Anything else is refused: ``maybe`` is no answer, and reading it as false
-    would run what the user did not ask for."""
-    word = str(value).strip().lower() if isinstance(value, (str, bool, int)) else None
-    if word not in BOOLEANS:
-        raise VllmTrainError(f"{what}: {value!r} is not a boolean (true/false, yes/no, 1/0)")
-    return BOOLEANS[word]
 
 
 def _coerce(hint: Any, value: Any, name: str, cls: type, source: str) -> Any:

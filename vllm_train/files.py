@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from vllm_train.errors import VllmTrainError
 
@@ -100,3 +101,16 @@ def check_can_write(path: Path, flag: str, *, directory: bool = True) -> None:
         tempfile.TemporaryDirectory(dir=base, prefix=".vllm-train-write-test-").cleanup()
     except OSError as exc:
         raise VllmTrainError(f"{flag} {path}: cannot create files in {base} ({exc.strerror or exc})") from None
+
+
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_bool(value: Any, what: str = "value") -> bool:
+    """A boolean as a flag or config file gives it: true/false, yes/no, 1/0 (any case; YAML's booleans and
+    the integers 1 and 0 too). Anything else is refused: ``maybe`` is no answer, and reading it as false
+    would run what the user did not ask for."""
+    word = str(value).strip().lower() if isinstance(value, (str, bool, int)) else None
+    if word not in BOOLEANS:
+        raise VllmTrainError(f"{what}: {value!r} is not a boolean (true/false, yes/no, 1/0)")
+    return BOOLEANS[word]

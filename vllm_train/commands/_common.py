@@ -19,9 +19,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from vllm_train.config import LoRATrainConfig, config_from_dict, parse_bool
+from vllm_train.config import LoRATrainConfig, config_from_dict
 from vllm_train.errors import VllmTrainError
-from vllm_train.files import load_config_file
+from vllm_train.files import load_config_file, parse_bool
 
 DEST_PREFIX = "config."  # argparse dest of a config flag: "config." + the field's dotted path
 

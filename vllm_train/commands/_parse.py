@@ -13,9 +13,8 @@ import argparse
 import itertools
 
 from vllm_train.commands._common import CONFIG_FILE_VALUES, DEST_PREFIX, same_value
-from vllm_train.config import parse_bool
 from vllm_train.errors import VllmTrainError
-from vllm_train.files import load_config_file
+from vllm_train.files import load_config_file, parse_bool
 
 SPELLINGS = "_spellings"  # args attribute while parsing: {dest: [(option string, value), ...]}, in order
 
