@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from tolerances import ON_CUDA, SERVING_DTYPE, assert_served_logprobs, cpu_only, reference_logprobs
+from tolerances import EXACT_TOL, ON_CUDA, SERVING_DTYPE, assert_served_logprobs, cpu_only, reference_logprobs
 
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig
 from vllm_train.evaluation import completion_logprobs
@@ -344,7 +344,9 @@ def test_engine_serves_the_same_logprobs_with_ours_and_vllms_cpu_lora_ops(tiny_m
         assert cpu_lora_ops.install(vllm_version()) is None
     assert_served_logprobs(ours, expected, what="our CPU ops")
     assert_served_logprobs(vllm_own, expected, what="vLLM's CPU ops")
-    assert (ours - vllm_own).abs().max().item() <= 1e-5
+    # the same fp32 LoRA products summed in another order (one slot's matmul vs the per-token gather): a few
+    # ulps of log-probs near -20 (ulp 1.9e-6); 1.5e-5 was seen under load, so the fp32 exactness bound
+    assert (ours - vllm_own).abs().max().item() <= EXACT_TOL
     assert (ours - engine.completion_logprobs(PROMPT_IDS, COMPLETION_IDS)).abs().max().item() > 1e-2  # LoRA on
     engine.remove_adapter(ref)
 

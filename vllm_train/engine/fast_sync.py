@@ -44,13 +44,14 @@ class FastSyncUnavailable(RuntimeError):
     """The fast path cannot be used for this engine/adapter; use the public path instead."""
 
 
-def version_supported(version: str, verified: tuple[tuple[int, int], ...] = VERIFIED_VLLM_VERSIONS) -> bool:
-    """Whether vLLM `version`'s (major, minor) is one of `verified` (default: this module's table)."""
+def version_supported(version: str, verified: tuple[tuple[int, int], ...] | None = None) -> bool:
+    """Whether vLLM `version`'s (major, minor) is one of `verified` (default: this module's table, read at
+    call time so that a test or a caller may replace it)."""
     try:
         major, minor = (int(part) for part in version.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) in verified
+    return (major, minor) in (VERIFIED_VLLM_VERSIONS if verified is None else verified)
 
 
 # ---- worker side (runs inside vLLM's worker through collective_rpc) ------------------------------
