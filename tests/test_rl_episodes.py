@@ -140,6 +140,31 @@ def test_tool_calls_run_in_the_environment_and_are_counted(tmp_path, shipped, en
         assert "5" in env_text and "ZeroDivisionError" in env_text, env_text
     assert rollout.environment_rewards == [2.0, 2.0]  # add ran once per turn in each episode's own instance
     assert rollout_stats(rollout, torch.tensor(rollout.environment_rewards), 0)["tool_errors"] == 2
+    check_rewards_see_the_episodes(trainer, rollout)
+
+
+def check_rewards_see_the_episodes(trainer, rollout) -> None:
+    """Both reward shapes get each episode's own environment and its whole conversation (tool turns too)."""
+    seen = []
+
+    def ours(prompt, completion, example, *, environment, messages):
+        seen.append((environment, messages))
+        return float(sum(environment.results))  # the episode's own instance: its tool results (5 + 5)
+
+    def trl_shaped(completions, environments, messages, **kwargs):
+        assert [m[len(p):] for p, m in zip(kwargs["prompts"], messages)] == completions
+        return [float(len(c)) for c in completions]
+
+    trainer.reward_fn = ours
+    assert trainer.rollout_rewards(rollout).tolist() == [10.0, 10.0]
+    (env_a, messages_a), (env_b, _) = seen
+    assert isinstance(env_a, agent_envs.Calculator) and env_a is not env_b
+    assert messages_a[:len(rollout.prompts[0])] == rollout.prompts[0]
+    roles = [m["role"] for m in messages_a[len(rollout.prompts[0]):]]
+    assert roles == ["assistant", "tool", "tool", "assistant", "tool", "tool"], roles
+    assert [m["content"] for m in messages_a if m["role"] == "tool"][0] == "5"
+    trainer.reward_fn = trl_shaped  # a chat completion is every message after the prompt, as in TRL
+    assert trainer.rollout_rewards(rollout).tolist() == [6.0, 6.0]
 
 
 @pytest.mark.parametrize("cls, message", [
@@ -192,3 +217,12 @@ def test_cli_grpo_with_an_environment_writes_episode_metrics(tmp_path, tiny_mode
     line = next(x for x in proc.stdout.splitlines() if "eval greedy reward" in x)  # TryAgain.get_reward, 0 or 1
     assert all(0.0 <= float(v) <= 1.0 for v in line.split(":")[1].split("(")[0].split("->")), line
     assert agent_envs.TryAgain  # the module the run imported by name
+
+
+def test_a_reward_that_needs_an_episode_is_refused_without_an_environment(tmp_path, tiny_model):
+    def needs_environment(prompt, completion, example, *, environment):
+        return 0.0
+
+    with pytest.raises(VllmTrainError, match="takes environment=, which only multi-turn episodes have"):
+        RLHFTrainer(tiny_model, config=_config(tmp_path, environment=None, max_turns=None),
+                    reward_fn=needs_environment)

@@ -5,6 +5,12 @@
   with ``prompts``, ``completions``, ``completion_ids`` and every other field of the records as a list.
   As in TRL, a chat prompt's completion is given as ``[{"role": "assistant", "content": text}]``.
 
+Multi-turn episodes (an ``--environment``) give a reward more: ours gets ``environment=`` (the episode's
+environment instance) and ``messages=`` (the whole conversation, tool and user turns included) by keyword
+when its signature names them (or takes ``**kwargs``); TRL's gets ``environments=`` (one instance per
+completion, as TRL's ``environment_factory`` does), ``messages=``, and a chat completion is every message
+after the prompt (assistant, tool and user turns), not only the last.
+
 Either may be ``async def``. A spec names an importable module (``vllm_train.toy:correctness_reward``) or
 a Python file (``my_rewards.py:score``). A function of neither shape is refused when it is loaded, before
 any model. The record fields a reward reads are checked on a first pass over the data (`record_check`): a
@@ -24,6 +30,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +42,38 @@ TOY_REWARD = "vllm_train.toy:correctness_reward"
 SAMPLE_SIGNATURE = "(prompt, completion, example) -> float"
 BATCH_SIGNATURE = "(completions, **kwargs) -> list[float]"
 # What a batch (TRL) reward is called with besides the records' fields; TRL's trainer_state is not passed.
-BATCH_ARGUMENTS = ("prompts", "completions", "completion_ids")
-NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # record fields TRL does not pass on as columns
+BATCH_ARGUMENTS = ("prompts", "completions", "completion_ids", "environments", "messages")
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
+EPISODE_KEYWORDS = ("environment", "messages")  # what ours may also take, by keyword, in multi-turn runs  # record fields TRL does not pass on as columns
+
+
+@dataclass(frozen=True)
+class EpisodeContext:
+    """Per completion of a multi-turn rollout: the environment instance (the user's object) and the whole
+    conversation as messages (the prompt's first)."""
+    environments: Sequence[Any]
+    messages: Sequence[list[dict]]
+
+
+def _accepted(fn: RewardFn, kwargs: dict) -> dict:
+    """The keyword arguments `fn` names (all of them when it takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def episode_parameters(fn: RewardFn) -> list[str]:
+    """The episode-only arguments (`EPISODE_KEYWORDS`, TRL's ``environments``) `fn` cannot run without."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in (*EPISODE_KEYWORDS, "environments")
+            if name in parameters and parameters[name].default is parameters[name].empty]
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -98,7 +135,7 @@ def reward_style(fn: RewardFn) -> str:
     except (TypeError, ValueError):  # a C callable without a signature: only ours can be called blind
         return "sample"
     try:
-        signature.bind(None, None, None)
+        signature.bind(None, None, None, **{k: None for k in EPISODE_KEYWORDS if k in signature.parameters})
         takes_three = True
     except TypeError:
         takes_three = False
@@ -137,13 +174,15 @@ def record_check(fn: RewardFn | None) -> Callable[[dict], str | None] | None:
 
 
 def score_with_function(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[str], examples: Sequence[dict],
-                        completion_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
+                        completion_ids: Sequence[Sequence[int]] | None = None,
+                        episodes: EpisodeContext | None = None) -> list[float]:
     """`fn`'s reward for each (prompt, completion, example), in its shape (`reward_style`); every result
-    must be a finite number. `completion_ids` (token ids) is passed on to a batch reward (None if not given)."""
+    must be a finite number. `completion_ids` (token ids) is passed on to a batch reward (None if not given);
+    `episodes` (multi-turn only) as the module docstring says."""
     if reward_style(fn) == "batch":
-        values = _call_batch(fn, prompts, completions, examples, completion_ids)
+        values = _call_batch(fn, prompts, completions, examples, completion_ids, episodes)
     else:
-        values = _call_each(fn, prompts, completions, examples)
+        values = _call_each(fn, prompts, completions, examples, episodes)
     out = []
     for i, (value, completion) in enumerate(zip(values, completions)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -156,12 +195,14 @@ def score_with_function(fn: RewardFn, prompts: Sequence[Any], completions: Seque
     return out
 
 
-def _call_each(fn: RewardFn, prompts, completions, examples) -> list:
+def _call_each(fn: RewardFn, prompts, completions, examples, episodes: EpisodeContext | None) -> list:
     """Ours: one call per sample (an async function's calls awaited together)."""
     values = []
     for i, (prompt, completion, example) in enumerate(zip(prompts, completions, examples)):
+        extra = {} if episodes is None else _accepted(fn, {"environment": episodes.environments[i],
+                                                            "messages": episodes.messages[i]})
         with _reward_errors(fn, f"completion {i}: {completion!r}"):
-            values.append(fn(prompt, completion, example))
+            values.append(fn(prompt, completion, example, **extra))
     if not any(inspect.isawaitable(v) for v in values):
         return values
     results = _run_async(_gather(values))
@@ -172,7 +213,8 @@ def _call_each(fn: RewardFn, prompts, completions, examples) -> list:
     return results
 
 
-def _call_batch(fn: RewardFn, prompts, completions, examples, completion_ids) -> list:
+def _call_batch(fn: RewardFn, prompts, completions, examples, completion_ids,
+                episodes: EpisodeContext | None) -> list:
     """TRL's: one call, by keyword; only the arguments it names unless it takes ``**kwargs``."""
     chat = [isinstance(p, list) for p in prompts]
     names = dict.fromkeys(k for e in examples for k in e if k not in NOT_COLUMNS)
@@ -180,9 +222,10 @@ def _call_batch(fn: RewardFn, prompts, completions, examples, completion_ids) ->
     kwargs.update(prompts=list(prompts), completion_ids=None if completion_ids is None else list(completion_ids),
                   completions=[[{"role": "assistant", "content": c}] if is_chat else c
                                for c, is_chat in zip(completions, chat)])
-    parameters = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+    if episodes is not None:  # an episode's completion: every message after its prompt's
+        kwargs.update(environments=list(episodes.environments), messages=list(episodes.messages),
+                      completions=[m[len(p):] for p, m in zip(prompts, episodes.messages)])
+    kwargs = _accepted(fn, kwargs)
     with _reward_errors(fn, f"a batch of {len(completions)} completions"):
         values = fn(**kwargs)
         values = _run_async(_value(values)) if inspect.isawaitable(values) else values

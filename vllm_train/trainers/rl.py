@@ -35,7 +35,7 @@ from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import pick_device_and_dtype, resolve_model
-from vllm_train.rewards.loading import RewardFn, reward_function, reward_name, score_with_function
+from vllm_train.rewards.loading import EpisodeContext, RewardFn, reward_function, reward_name, score_with_function
 from vllm_train.rewards.model import RewardModelScorer
 from vllm_train.trainers import common, run_files
 from vllm_train.trainers.guards import DivergenceWatch, guarded_step, stop_if_not_finite
@@ -81,8 +81,9 @@ class RLHFTrainer:
         self.model_path = resolve_model(model_name, revision)  # the local directory HF and vLLM load
         self.config = c = config or RLHFConfig()
         # the environment class (and that some reward is given) checked before anything heavy loads
-        self.environment = load_agent_environment(environment_factory or c.environment, reward_model_name, reward_fn)
         self.reward_fn = reward_function(reward_fn) if reward_fn is not None else None  # checked before loading
+        self.environment = load_agent_environment(environment_factory or c.environment, reward_model_name,
+                                                  self.reward_fn)
         self.reward_model = RewardModelScorer(hub.resolve(reward_model_name, what="reward model")) \
             if reward_model_name else None  # a hub id: its snapshot directory
         self.progress, self.tensorboard = progress, tensorboard
@@ -323,11 +324,15 @@ class RLHFTrainer:
         """The rollout's rewards: the reward function's or model's, else the environment's get_reward."""
         if self.reward_fn is None and self.reward_model is None:
             return torch.tensor(rollout.environment_rewards, dtype=torch.float32)
-        return self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids)
+        episodes = None if rollout.environments is None else EpisodeContext(rollout.environments, rollout.messages)
+        return self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids,
+                                    episodes)
 
     def compute_rewards(self, prompts: Sequence[Any], responses: Sequence[str], examples: Sequence[dict] | None = None,
-                        completion_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        """One float per (prompt, response): the reward function's values, or the reward model's scores."""
+                        completion_ids: Sequence[Sequence[int]] | None = None,
+                        episodes: EpisodeContext | None = None) -> torch.Tensor:
+        """One float per (prompt, response): the reward function's values (given `episodes`' environments and
+        conversations, multi-turn), or the reward model's scores."""
         examples = examples if examples is not None else [{"prompt": p} for p in prompts]
         if self.reward_model is not None:
             values = self.reward_model(prompts, responses, examples)
@@ -336,7 +341,7 @@ class RLHFTrainer:
                 raise VllmTrainError(f"reward model {self.reward_model.name} scored {values[bad]} for prompt "
                                      f"{str(prompts[bad])[:80]!r}: scores must be finite")
         else:
-            values = score_with_function(self.reward_fn, prompts, responses, examples, completion_ids)
+            values = score_with_function(self.reward_fn, prompts, responses, examples, completion_ids, episodes)
         return torch.tensor(values, dtype=torch.float32)
 
     def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, target: int,

@@ -43,6 +43,8 @@ class Rollout:
     completion_masks: list[list[int]] | None = None
     episode_stats: list[dict] | None = None  # per sample, multi-turn only (`agents.episode.Episode.stats`)
     environment_rewards: list[float] | None = None  # per sample: the environment's get_reward(), if it has one
+    environments: list | None = None  # per sample, multi-turn only: the episode's environment (the user's object)
+    messages: list[list[dict]] | None = None  # per sample, multi-turn only: the whole conversation
 
     @property
     def num_tokens(self) -> int:
@@ -58,12 +60,15 @@ class Rollout:
         if self.completion_masks is not None or more.completion_masks is not None:
             masks = [r.completion_mask(i) for r in (self, more) for i in range(len(r.completion_ids))]
         stats = self.episode_stats + more.episode_stats if self.episode_stats and more.episode_stats else None
-        env_rewards = self.environment_rewards + more.environment_rewards \
-            if self.environment_rewards and more.environment_rewards else None
+        env_rewards, environments, messages = (
+            a + b if a and b else None for a, b in ((self.environment_rewards, more.environment_rewards),
+                                                    (self.environments, more.environments),
+                                                    (self.messages, more.messages)))
         return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
                        self.completion_ids + more.completion_ids, self.completions + more.completions,
                        self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds,
-                       min(self.adapter_version, more.adapter_version), masks, stats, env_rewards)
+                       min(self.adapter_version, more.adapter_version), masks, stats, env_rewards, environments,
+                       messages)
 
 
 def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:

@@ -24,6 +24,7 @@ from vllm_train.agents.turns import ModelTurn, TurnRules, begin_episode, take_tu
 from vllm_train.config import RLHFConfig
 from vllm_train.data.tokenize import prompt_ids as encode_prompt
 from vllm_train.errors import VllmTrainError
+from vllm_train.rewards.loading import episode_parameters, reward_name
 from vllm_train.trainers.rl_rollouts import Rollout
 
 
@@ -47,6 +48,10 @@ def load_agent_environment(spec: type | str | None, reward_model: str | None, re
     if reward_model is not None and reward_fn is not None:
         raise VllmTrainError("give one of a reward model (reward_model_name) or a reward function, not both")
     environment = load_environment(spec) if spec else None
+    needs = episode_parameters(reward_fn) if reward_fn is not None and environment is None else []
+    if needs:
+        raise VllmTrainError(f"reward {reward_name(reward_fn)} takes {needs[0]}=, which only multi-turn episodes "
+                             f"have: give an environment (--environment MODULE:CLASS) or a default for {needs[0]}")
     if reward_model is None and reward_fn is None and (environment is None or not environment.has_reward):
         what = f"environment {environment.name} defines no get_reward" if environment else "no reward given"
         raise VllmTrainError(f"{what}: give a reward function or a reward model")
@@ -120,7 +125,8 @@ def rollout_from_episodes(records: Sequence[dict], n: int, episodes: list[Episod
                    completions=[_last_assistant_text(e) for e in episodes],
                    vllm_logps=[e.completion_logprobs for e in episodes], sync_ms=0.0, seconds=seconds,
                    completion_masks=[e.completion_mask for e in episodes],
-                   episode_stats=[e.stats() for e in episodes], environment_rewards=env_rewards)
+                   episode_stats=[e.stats() for e in episodes], environment_rewards=env_rewards,
+                   environments=[env.instance for env in envs], messages=[e.messages for e in episodes])
 
 
 def _last_assistant_text(episode: Episode) -> str:
