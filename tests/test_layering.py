@@ -57,7 +57,7 @@ LAYERS: list[tuple[str, ...]] = [
 PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
-    "agents": [("episode", "bridge", "tool_calls", "environment"), ("turns",)],
+    "agents": [("episode", "bridge", "tool_calls", "environment", "recorded"), ("turns",)],
     "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
@@ -65,7 +65,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("http_client", "server_args", "cpu_lora_ops"), ("cpu_lora_worker", "llm", "replicas"),
                ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
-                 ("rl_policy", "rl_sampling"), ("sft", "dpo", "rm", "rl", "trainable")],
+                 ("rl_policy", "rl_sampling", "rl_rewards"), ("sft", "dpo", "rm", "rl", "trainable")],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }

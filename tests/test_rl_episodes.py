@@ -19,6 +19,7 @@ import pytest
 import torch
 from tolerances import MISMATCH_TOL, assert_served_logprobs
 
+from vllm_train.agents.recorded import EpisodeRecorder, RecordedEpisode
 from vllm_train.agents.tool_calls import ParsedTurn, ToolCall
 from vllm_train.cli import main as cli_main
 from vllm_train.config import ALL_LINEAR_MODULES, LoRATrainConfig, RLHFConfig
@@ -226,3 +227,59 @@ def test_a_reward_that_needs_an_episode_is_refused_without_an_environment(tmp_pa
     with pytest.raises(VllmTrainError, match="takes environment=, which only multi-turn episodes have"):
         RLHFTrainer(tiny_model, config=_config(tmp_path, environment=None, max_turns=None),
                     reward_fn=needs_environment)
+
+
+def _recorded_groups(rollout, rewards, group_size: int) -> list[list[RecordedEpisode]]:
+    episodes = [RecordedEpisode(rollout.prompt_ids[i], rollout.completion_ids[i], rollout.completion_mask(i),
+                                rollout.vllm_logps[i], float(rewards[i])) for i in range(len(rewards))]
+    return [episodes[g:g + group_size] for g in range(0, len(episodes), group_size)]
+
+
+def test_train_on_episodes_makes_the_update_ppo_step_makes(tmp_path, shipped, env_trainer):
+    # Oracle: the same episodes and rewards through ppo_step (reward function, sampled here) and through
+    # train_on_episodes (recorded elsewhere: no reward given to that trainer) update the adapter alike.
+    config = _config(tmp_path, max_turns=2)
+    sampler, learner = env_trainer(config, reward_fn=TOY_REWARD), env_trainer(_config(tmp_path, environment=None,
+                                                                                       max_turns=None))
+    records = load_prompt_records(shipped("rl_train.jsonl"))[:2]
+    rollout = sampler.generate_rollouts(records, seed=0)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])  # hand-set: both groups informative
+    rollout.given_rewards = rewards.tolist()  # both trainers learn from these rewards
+    before = [p.detach().clone() for p in learner.params]
+    assert all(torch.equal(a, b) for a, b in zip(before, sampler.params))  # the same seeded start
+    expected = sampler.ppo_step(records, rollout=rollout)
+    got = learner.train_on_episodes(_recorded_groups(rollout, rewards, 2))
+    assert got["reward_mean"] == expected["reward_mean"] == 0.5
+    assert abs(got["loss"] - expected["loss"]) <= 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(learner.params, sampler.params)) <= 1e-6
+    assert sum(not torch.equal(a, start) for a, start in zip(learner.params, before)) >= len(before) // 2  # the Bs
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g[0].pop(), "group 0 has 1 episodes; every group needs group_size=2"),
+    (lambda g: setattr(g[1][0], "logprobs", g[1][0].logprobs[:-1]), "group 1 episode 0: logprobs has"),
+    (lambda g: setattr(g[0][1], "reward", float("nan")), "group 0 episode 1: reward must be a finite number"),
+    (lambda g: setattr(g[0][0], "completion_mask", [0] * len(g[0][0].completion_mask)), "at least one model token"),
+])
+def test_train_on_episodes_refuses_bad_episodes_and_changes_nothing(tmp_path, shipped, env_trainer, mutate, message):
+    trainer = env_trainer(_config(tmp_path, max_turns=1), reward_fn=TOY_REWARD)
+    rollout = trainer.generate_rollouts(load_prompt_records(shipped("rl_train.jsonl"))[:2], seed=0)
+    groups = _recorded_groups(rollout, [1.0, 0.0, 0.0, 1.0], 2)
+    mutate(groups)
+    before = [p.detach().clone() for p in trainer.params]
+    with pytest.raises(VllmTrainError, match=message):
+        trainer.train_on_episodes(groups)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and trainer.global_step == 0
+
+
+def test_recorder_stitches_turns_and_refuses_a_rerendered_prompt():
+    recorder = EpisodeRecorder()
+    recorder.add_turn([1, 2, 3], [10, 11], [-0.5, -0.25])
+    recorder.add_turn([1, 2, 3, 10, 11, 20, 21], [12], [-1.0])  # 20, 21: the environment's reply
+    episode = recorder.episode(reward=1.0)
+    assert episode.prompt_ids == [1, 2, 3] and episode.completion_ids == [10, 11, 20, 21, 12]
+    assert episode.completion_mask == [1, 1, 0, 0, 1] and episode.logprobs == [-0.5, -0.25, 0.0, 0.0, -1.0]
+    assert episode.turns == 2
+    with pytest.raises(VllmTrainError, match="turn 3: its prompt does not extend the episode so far .* position 4"):
+        recorder.add_turn([1, 2, 3, 10, 99, 20], [13], [-1.0])  # turn 1's answer re-rendered as 99
+    assert recorder.turns == 2 and len(recorder.completion_ids) == 5  # nothing appended

@@ -559,6 +559,32 @@ def test_push_then_openai_client_matches_in_process_engine(served, adapters, exp
         assert model == "live-v2" and text == expected[1]["text"] and _matches(lps, expected[1])
 
 
+def test_an_agent_records_episodes_through_the_openai_client(served, engine, expected_base):
+    # Bring your own agent: two chat turns through the unmodified openai client, token ids and log-probs
+    # returned by the server (vLLM's return_token_ids), stitched into one episode. Oracles: the first
+    # turn is the in-process engine's greedy answer with the HF forward's log-probs; the second turn's
+    # prompt is the toy template's rendering of the whole conversation, which extends turn 1's ids.
+    from vllm_train.agents.recorded import EpisodeRecorder
+
+    client, recorder = _client(served.urls[0]), EpisodeRecorder()
+    messages = list(MESSAGES)
+    for reply in ("try again", None):
+        response = client.chat.completions.create(model=BASE_NAME, messages=messages, max_tokens=MAX_TOKENS,
+                                                  temperature=0.0, logprobs=True,
+                                                  extra_body={"return_token_ids": True})
+        text = recorder.add_response(response)
+        messages += [{"role": "assistant", "content": text}] + ([{"role": "user", "content": reply}] if reply else [])
+    episode = recorder.episode(reward=1.0)
+    assert episode.prompt_ids == engine.prompt_token_ids(MESSAGES) and episode.turns == 2
+    first = episode.completion_mask.index(0)  # turn 1 ends where the environment's tokens start
+    assert max(abs(a - b) for a, b in zip(episode.logprobs[:first], expected_base["logprobs"])) < TOL
+    assert engine.tokenizer.decode(episode.completion_ids[:first], skip_special_tokens=True) == expected_base["text"]
+    second_prompt = engine.prompt_token_ids(messages[:3])  # [user, assistant, user "try again"]
+    assert second_prompt == (episode.prompt_ids + episode.completion_ids)[:len(second_prompt)]
+    env_ids = [t for t, m in zip(episode.completion_ids, episode.completion_mask) if not m]
+    assert "try again" in engine.tokenizer.decode(env_ids)
+
+
 def test_load_while_pushing_five_versions(served, adapters, expected, expected_base):
     """Clients ask for the newest version, and every fifth request for the base model, while five versions
     are pushed: every answer carries exactly the weights of the model it names. (Base answers computed with

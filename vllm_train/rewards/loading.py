@@ -43,8 +43,8 @@ SAMPLE_SIGNATURE = "(prompt, completion, example) -> float"
 BATCH_SIGNATURE = "(completions, **kwargs) -> list[float]"
 # What a batch (TRL) reward is called with besides the records' fields; TRL's trainer_state is not passed.
 BATCH_ARGUMENTS = ("prompts", "completions", "completion_ids", "environments", "messages")
-NOT_COLUMNS = ("prompt", "completion", "completion_ids")
-EPISODE_KEYWORDS = ("environment", "messages")  # what ours may also take, by keyword, in multi-turn runs  # record fields TRL does not pass on as columns
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")  # record fields TRL does not pass on as columns
+EPISODE_KEYWORDS = ("environment", "messages")  # what ours may also take, by keyword, in multi-turn runs
 
 
 @dataclass(frozen=True)

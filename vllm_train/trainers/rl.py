@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vllm_train import distributed, hub
+from vllm_train.agents.recorded import RecordedEpisode
 from vllm_train.config import RLHFConfig, write_resolved_config
 from vllm_train.engine.llm import RolloutEngine
 from vllm_train.engine.shared_base import reason_not_to_share
@@ -35,9 +36,9 @@ from vllm_train.errors import VllmTrainError
 from vllm_train.losses import grpo, ppo
 from vllm_train.metrics import MetricsLogger, plot_curves
 from vllm_train.models import pick_device_and_dtype, resolve_model
-from vllm_train.rewards.loading import EpisodeContext, RewardFn, reward_function, reward_name, score_with_function
+from vllm_train.rewards.loading import RewardFn, reward_function
 from vllm_train.rewards.model import RewardModelScorer
-from vllm_train.trainers import common, run_files
+from vllm_train.trainers import common, rl_rewards, run_files
 from vllm_train.trainers.guards import DivergenceWatch, guarded_step, stop_if_not_finite
 from vllm_train.trainers.rl_algorithms import global_batch_size, make_algorithm
 from vllm_train.trainers.rl_policy import CompletionBatch, Policy, PolicyAndValueHead, zero_value_head
@@ -51,10 +52,11 @@ from vllm_train.trainers.rl_rollouts import (
     rank_step_records,
     refill_source,
     rollout_engine_options,
+    rollout_from_recorded,
     rollout_stats,
     step_seed,
 )
-from vllm_train.trainers.rl_sampling import Agent, load_agent_environment, sample_rollout
+from vllm_train.trainers.rl_sampling import Agent, check_reward_given, load_agent_environment, sample_rollout
 from vllm_train.trainers.shared_policy import load_policy_over_engine
 
 __all__ = ["RLHFTrainer", "Rollout", "load_prompt_records"]
@@ -83,7 +85,7 @@ class RLHFTrainer:
         # the environment class (and that some reward is given) checked before anything heavy loads
         self.reward_fn = reward_function(reward_fn) if reward_fn is not None else None  # checked before loading
         self.environment = load_agent_environment(environment_factory or c.environment, reward_model_name,
-                                                  self.reward_fn)
+                                                  self.reward_fn, require_reward=False)  # `train` needs one
         self.reward_model = RewardModelScorer(hub.resolve(reward_model_name, what="reward model")) \
             if reward_model_name else None  # a hub id: its snapshot directory
         self.progress, self.tensorboard = progress, tensorboard
@@ -116,6 +118,7 @@ class RLHFTrainer:
         if num_steps < 1:
             raise VllmTrainError(f"num_steps: {num_steps} is invalid (an integer >= 1)")
         check_rank_shares(c.rollout_batch_size)
+        check_reward_given(self.environment, self.reward_model, reward)
         records = load_prompt_records(prompt_dataset, "prompt dataset", reward)
         eval_records = load_prompt_records(eval_dataset, "eval dataset", reward) if eval_dataset is not None else None
         run_dir, step = Path(c.output_dir), self._resume(num_steps, records)
@@ -320,29 +323,21 @@ class RLHFTrainer:
         rollout.sync_ms, rollout.adapter_version = sync_ms, version
         return rollout
 
+    def train_on_episodes(self, groups: Sequence[Sequence[RecordedEpisode]]) -> dict:
+        """One update on episodes sampled outside the trainer (`agents.recorded`: an agent calling a
+        `vllm-train serve` replica), `group_size` per group, with their own rewards; returns the step's
+        metrics. Publish the new weights to the server yourself (`save_checkpoint` + `vllm-train push`)."""
+        rollout = rollout_from_recorded(groups, self.config.group_size, self.tokenizer, self._version)
+        return self.ppo_step([{}] * len(groups), rollout=rollout)
+
     def rollout_rewards(self, rollout: Rollout) -> torch.Tensor:
-        """The rollout's rewards: the reward function's or model's, else the environment's get_reward."""
-        if self.reward_fn is None and self.reward_model is None:
-            return torch.tensor(rollout.environment_rewards, dtype=torch.float32)
-        episodes = None if rollout.environments is None else EpisodeContext(rollout.environments, rollout.messages)
-        return self.compute_rewards(rollout.prompts, rollout.completions, rollout.examples, rollout.completion_ids,
-                                    episodes)
+        """The rollout's rewards (`rl_rewards.rollout_rewards`)."""
+        return rl_rewards.rollout_rewards(rollout, self.reward_fn, self.reward_model)
 
     def compute_rewards(self, prompts: Sequence[Any], responses: Sequence[str], examples: Sequence[dict] | None = None,
-                        completion_ids: Sequence[Sequence[int]] | None = None,
-                        episodes: EpisodeContext | None = None) -> torch.Tensor:
-        """One float per (prompt, response): the reward function's values (given `episodes`' environments and
-        conversations, multi-turn), or the reward model's scores."""
-        examples = examples if examples is not None else [{"prompt": p} for p in prompts]
-        if self.reward_model is not None:
-            values = self.reward_model(prompts, responses, examples)
-            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-            if bad is not None:
-                raise VllmTrainError(f"reward model {self.reward_model.name} scored {values[bad]} for prompt "
-                                     f"{str(prompts[bad])[:80]!r}: scores must be finite")
-        else:
-            values = score_with_function(self.reward_fn, prompts, responses, examples, completion_ids, episodes)
-        return torch.tensor(values, dtype=torch.float32)
+                        completion_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """One float per (prompt, response): the reward function's values, or the reward model's scores."""
+        return rl_rewards.score(self.reward_fn, self.reward_model, prompts, responses, examples, completion_ids)
 
     def _refill(self, rollout: Rollout, rewards_GN: torch.Tensor, target: int,
                 more_records: Callable[[int], Sequence[dict]] | None, seed: int | None):
@@ -386,9 +381,7 @@ class RLHFTrainer:
         return self.saveable.save(path, self.model_name, card=card)
 
     def _reward_label(self) -> str:
-        if self.reward_fn is None and self.reward_model is None:
-            return f"environment {self.environment.name}.get_reward"
-        return f"reward model {self.reward_model.name}" if self.reward_model else reward_name(self.reward_fn)
+        return rl_rewards.reward_label(self.reward_fn, self.reward_model, self.environment and self.environment.name)
 
     def close(self) -> None:
         """Close the engine this trainer made; on a borrowed engine, remove this trainer's adapter

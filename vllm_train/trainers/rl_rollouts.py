@@ -9,7 +9,7 @@ by one update, and the loss reweights it with vLLM's sampled-token log-probs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vllm_train import distributed
+from vllm_train.agents.recorded import RecordedEpisode
 from vllm_train.config import RLHFConfig
 from vllm_train.data.io import check_text_field, load_records
 from vllm_train.engine.kv_budget import rollout_kv_cache_gib
@@ -45,6 +46,7 @@ class Rollout:
     environment_rewards: list[float] | None = None  # per sample: the environment's get_reward(), if it has one
     environments: list | None = None  # per sample, multi-turn only: the episode's environment (the user's object)
     messages: list[list[dict]] | None = None  # per sample, multi-turn only: the whole conversation
+    given_rewards: list[float] | None = None  # per sample: rewards that came with episodes recorded elsewhere
 
     @property
     def num_tokens(self) -> int:
@@ -60,15 +62,16 @@ class Rollout:
         if self.completion_masks is not None or more.completion_masks is not None:
             masks = [r.completion_mask(i) for r in (self, more) for i in range(len(r.completion_ids))]
         stats = self.episode_stats + more.episode_stats if self.episode_stats and more.episode_stats else None
-        env_rewards, environments, messages = (
+        env_rewards, environments, messages, given = (
             a + b if a and b else None for a, b in ((self.environment_rewards, more.environment_rewards),
                                                     (self.environments, more.environments),
-                                                    (self.messages, more.messages)))
+                                                    (self.messages, more.messages),
+                                                    (self.given_rewards, more.given_rewards)))
         return Rollout(self.prompts + more.prompts, self.examples + more.examples, self.prompt_ids + more.prompt_ids,
                        self.completion_ids + more.completion_ids, self.completions + more.completions,
                        self.vllm_logps + more.vllm_logps, self.sync_ms + more.sync_ms, self.seconds + more.seconds,
                        min(self.adapter_version, more.adapter_version), masks, stats, env_rewards, environments,
-                       messages)
+                       messages, given)
 
 
 def rollout_stats(rollout: Rollout, rewards_S: torch.Tensor, version: int) -> dict:
@@ -216,3 +219,31 @@ def make_rollout_engine(config: RLHFConfig, model_path: str, engine_options: Eng
     if config.rollout_servers:
         return ServerRolloutEngine(config.rollout_servers, model_path)
     return VLLMEngine(model_path, rollout_engine_options(config, engine_options, model_path))
+
+
+def rollout_from_recorded(groups: Sequence[Sequence[RecordedEpisode]], group_size: int, tokenizer,
+                          version: int) -> Rollout:
+    """Episodes recorded outside the trainer (`agents.recorded`), `group_size` per group, as a `Rollout`
+    whose rewards are the episodes' own. `version`: the weights they are taken to come from."""
+    if not groups:
+        raise VllmTrainError("train_on_episodes: no group of episodes given")
+    for g, group in enumerate(groups):
+        if len(group) != group_size:
+            raise VllmTrainError(f"train_on_episodes: group {g} has {len(group)} episodes; every group needs "
+                                 f"group_size={group_size} (episodes of one prompt, compared with each other)")
+        for e, episode in enumerate(group):
+            if not isinstance(episode, RecordedEpisode):
+                raise VllmTrainError(f"train_on_episodes: group {g} episode {e} is a {type(episode).__name__}, "
+                                     f"not a RecordedEpisode")
+            episode.check(f"train_on_episodes: group {g} episode {e}")
+    episodes = [e for group in groups for e in group]
+    prompts = [tokenizer.decode(e.prompt_ids) for e in episodes]
+    return Rollout(prompts=prompts, examples=[{"prompt": p} for p in prompts],
+                   prompt_ids=[list(e.prompt_ids) for e in episodes],
+                   completion_ids=[list(e.completion_ids) for e in episodes],
+                   completions=[tokenizer.decode([t for t, m in zip(e.completion_ids, e.completion_mask) if m])
+                                for e in episodes],
+                   vllm_logps=[list(e.logprobs) for e in episodes], sync_ms=0.0, seconds=0.0,
+                   adapter_version=version, completion_masks=[list(e.completion_mask) for e in episodes],
+                   given_rewards=[float(e.reward) for e in episodes])
+

@@ -42,9 +42,11 @@ class Agent:
         return Agent(environment, rules, config.max_episode_tokens, config.tool_timeout)
 
 
-def load_agent_environment(spec: type | str | None, reward_model: str | None, reward_fn) -> EnvironmentClass | None:
+def load_agent_environment(spec: type | str | None, reward_model: str | None, reward_fn,
+                           require_reward: bool = True) -> EnvironmentClass | None:
     """The environment class (None: single-turn), loaded and checked. One of a reward model or function, or
-    neither when the environment defines ``get_reward``."""
+    neither when the environment defines ``get_reward`` (or, without `require_reward`, when the rewards
+    come with the episodes: `RLHFTrainer.train_on_episodes`)."""
     if reward_model is not None and reward_fn is not None:
         raise VllmTrainError("give one of a reward model (reward_model_name) or a reward function, not both")
     environment = load_environment(spec) if spec else None
@@ -52,10 +54,16 @@ def load_agent_environment(spec: type | str | None, reward_model: str | None, re
     if needs:
         raise VllmTrainError(f"reward {reward_name(reward_fn)} takes {needs[0]}=, which only multi-turn episodes "
                              f"have: give an environment (--environment MODULE:CLASS) or a default for {needs[0]}")
+    if require_reward:
+        check_reward_given(environment, reward_model, reward_fn)
+    return environment
+
+
+def check_reward_given(environment: EnvironmentClass | None, reward_model, reward_fn) -> None:
+    """Sampled rollouts need a reward: a model, a function, or the environment's ``get_reward``."""
     if reward_model is None and reward_fn is None and (environment is None or not environment.has_reward):
         what = f"environment {environment.name} defines no get_reward" if environment else "no reward given"
         raise VllmTrainError(f"{what}: give a reward function or a reward model")
-    return environment
 
 
 def check_environment(environment: EnvironmentClass, record: dict, tool_timeout: float) -> None:
