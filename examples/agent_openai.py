@@ -83,8 +83,8 @@ def main() -> None:
             for step in range(args.steps):
                 model = trainer.sync_adapter()[0].name  # the newest version, published to the server
                 batch = records[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
-                episodes = list(pool.map(lambda r: episode(client, model, r), [r for r in batch
-                                                                                 for _ in range(GROUP_SIZE)]))
+                jobs = [r for r in batch for _ in range(GROUP_SIZE)]
+                episodes = list(pool.map(episode, [client] * len(jobs), [model] * len(jobs), jobs))
                 stats = trainer.train_on_episodes([episodes[g:g + GROUP_SIZE]
                                                    for g in range(0, len(episodes), GROUP_SIZE)])
                 turns = sum(e.turns for e in episodes) / len(episodes)

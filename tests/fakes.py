@@ -42,7 +42,7 @@ class FakeEngine:
 
     @torch.no_grad()
     def generate(self, prompts, adapter=None, *, n=1, temperature=0.0, top_p=1.0, max_tokens=64, seed=None,
-                 logprobs=False, stop=None) -> list[list[Sample]]:
+                 logprobs=False, stop=None, affinity=None) -> list[list[Sample]]:
         assert self._busy.acquire(blocking=False), "two threads drove the engine at once"
         try:
             self.events.append(("generate", threading.current_thread().name, self.version))

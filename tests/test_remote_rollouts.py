@@ -61,11 +61,12 @@ def trainer(servers, tmp_path_factory):
     model, group = servers
     made, engines = [], []
 
-    def make(temperature: float = 1.0, **engine_kwargs) -> RLHFTrainer:
+    def make(temperature: float = 1.0, environment: str | None = None, **engine_kwargs) -> RLHFTrainer:
         lora = LoRATrainConfig(rank=8, alpha=16, learning_rate=1e-2, batch_size=64, warmup_ratio=0.0,
                                lr_scheduler="constant", output_dir=str(tmp_path_factory.mktemp("run")))
         config = RLHFConfig(lora_config=lora, rollout_batch_size=4, group_size=4, max_new_tokens=8, seed=0,
-                            temperature=temperature, rollout_servers=group.urls)
+                            temperature=temperature, rollout_servers=group.urls, environment=environment,
+                            max_turns=2 if environment else None)
         # default: the trainer makes its `ServerRolloutEngine` from rollout_servers; else one of ours
         engine = remote.ServerRolloutEngine(group.urls, model, **engine_kwargs) if engine_kwargs else None
         engines.extend([engine] if engine else [])
@@ -129,6 +130,48 @@ def test_temperature_two_samples_the_tempered_policy(trainer):
     assert hot._served[1].name == "rl-hot-v1"
     hot.close()  # a borrowed engine: the trainer unloads its version from every replica
     assert all(replica_state(url).versions("rl-hot") == [] for url in trainer_urls(hot))
+
+
+def _record_completions(monkeypatch) -> list:
+    """(replica URL, prompt ids, sampled ids) of every completions request from now on."""
+    calls, post = [], remote._post_json
+
+    def record(url, body, timeout, api_key):
+        answer = post(url, body, timeout, api_key)
+        if url.endswith("/v1/completions") and body.get("return_token_ids"):
+            calls.append((url.rsplit("/v1/", 1)[0], list(body["prompt"]), list(answer["choices"][0]["token_ids"])))
+        return answer
+
+    monkeypatch.setattr(remote, "_post_json", record)
+    return calls
+
+
+def test_prompts_with_one_affinity_key_go_to_one_replica(servers, policy, monkeypatch):
+    _, group = servers
+    calls = _record_completions(monkeypatch)
+    ids = token_ids(policy, PROMPTS[:5])
+    policy.engine.generate(ids, None, max_tokens=2, seed=0, affinity=[5, 5, 5, 2, 2])
+    by_prompt = {tuple(p): u for u, p, _ in calls}
+    assert [by_prompt[tuple(p)] for p in ids] == [group.urls[1]] * 3 + [group.urls[0]] * 2  # key % replicas
+
+
+def test_episodes_on_the_servers_keep_each_episode_on_one_replica(servers, trainer, monkeypatch):
+    # Multi-turn episodes sampled token-in/token-out on the replicas: a later turn of an episode is prompted
+    # with exactly the earlier prompt + its sampled ids + the environment's tokens, on the replica that
+    # answered before (its prefix cache holds them); the servers' log-probs equal the trainer's on model
+    # tokens. (The flat model seldom ends a turn, and a turn cut by max_new_tokens ends its episode.)
+    _, group = servers
+    policy = trainer(environment="agent_envs:TryAgain")
+    calls = _record_completions(monkeypatch)
+    records = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": 1} for r in PROMPTS]
+    rollout = policy.generate_rollouts(records, seed=0)
+    stats = policy.ppo_step(records, rollout=rollout)
+    assert stats["mismatch_abs_logp"] < TOL and 1 < stats["episode_turns"] <= 2, stats
+    first, second = calls[:24], calls[24:]
+    assert second and {u for u, _, _ in first} == set(group.urls)  # episodes spread over both replicas
+    for url, prompt, _ in second:  # each second turn: extends its episode's first, on the same replica
+        (url_1,) = [u for u, p, sampled in first if prompt[:len(p) + len(sampled)] == p + sampled]
+        assert url_1 == url
 
 
 def test_grpo_command_trains_and_evaluates_on_the_servers(servers, tmp_path, capsys):

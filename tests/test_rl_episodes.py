@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import agent_envs
@@ -283,3 +284,15 @@ def test_recorder_stitches_turns_and_refuses_a_rerendered_prompt():
     with pytest.raises(VllmTrainError, match="turn 3: its prompt does not extend the episode so far .* position 4"):
         recorder.add_turn([1, 2, 3, 10, 99, 20], [13], [-1.0])  # turn 1's answer re-rendered as 99
     assert recorder.turns == 2 and len(recorder.completion_ids) == 5  # nothing appended
+
+
+def test_overlapped_rollouts_sample_episodes_one_update_behind(tmp_path, shipped, env_trainer):
+    # --max-staleness 1 with an environment: step 2 trains on episodes sampled (in the background) from
+    # the weights before step 1's update, and says so; the episodes are whole (turns, masks, stats)
+    trainer = env_trainer(_config(tmp_path, max_turns=2, max_staleness=1, group_size=4),  # rewards that differ
+                          reward_fn=lambda prompt, completion, example: float(zlib.crc32(completion.encode()) % 7))
+    trainer.train(load_prompt_records(shipped("rl_train.jsonl"))[:8], num_steps=2)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["staleness"] for s in steps] == [0, 1]
+    assert all(s["episode_turns"] == 2 and s["env_tokens"] > 0 and "rollout_wait_seconds" in s for s in steps)
+    assert steps[0]["mismatch_abs_logp"] < MISMATCH_TOL < steps[1]["mismatch_abs_logp"]  # one update behind

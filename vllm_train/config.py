@@ -304,10 +304,6 @@ class RLHFConfig:
                "seconds > 0")
         _check(self.tool_parser is None or (isinstance(self.tool_parser, str) and self.tool_parser.strip() != ""),
                "tool_parser", self.tool_parser, "None or a parser name")
-        _check(env is None or not self.rollout_servers, "environment", env,
-               "not supported with rollout_servers yet (episodes run on the in-process engine)")
-        _check(env is None or not self.max_staleness, "environment", env,
-               "not supported with max_staleness yet (episodes are sampled on-policy)")
 
     @property
     def output_dir(self) -> str:

@@ -78,7 +78,8 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
-                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]: ...
+                 logprobs: bool = False, stop: list[str] | None = None,
+                 affinity: Sequence[int] | None = None) -> list[list[Sample]]: ...
 
     def remove_adapter(self, ref: AdapterRef) -> None: ...
 
@@ -216,9 +217,11 @@ class VLLMEngine:
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
-                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]:
+                 logprobs: bool = False, stop: list[str] | None = None,
+                 affinity: Sequence[int] | None = None) -> list[list[Sample]]:
         """Sample `n` completions per prompt. Returns one list of `Sample` per prompt. A `seed` makes the
-        batch reproducible; each prompt samples from its own seed derived from it (`request_seeds`)."""
+        batch reproducible; each prompt samples from its own seed derived from it (`request_seeds`).
+        `affinity` (which replica a prompt prefers, on servers) means nothing to one engine."""
         from vllm import SamplingParams
 
         # With log-probs, vLLM also decodes every sampled token's string for its Logprob entry (and

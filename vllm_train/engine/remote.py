@@ -117,8 +117,11 @@ class ServerRolloutEngine:
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], adapter: AdapterRef | None = None, *, n: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
-                 logprobs: bool = False, stop: list[str] | None = None) -> list[list[Sample]]:
-        """`n` completions per prompt, in prompt order; the whole batch or `VllmTrainError`."""
+                 logprobs: bool = False, stop: list[str] | None = None,
+                 affinity: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`n` completions per prompt, in prompt order; the whole batch or `VllmTrainError`. `affinity`: a
+        key per prompt; prompts with equal keys go to the same replica while it answers (an episode's turns:
+        that replica's prefix cache holds its earlier turns), else prompts are spread by position."""
         model = adapter.name if adapter is not None else self._base_model()
         ids = [self._token_ids(p) for p in prompts]
         if logprobs and temperature not in (0.0, 1.0) and ids:
@@ -127,10 +130,12 @@ class ServerRolloutEngine:
                    "max_tokens": max_tokens, "seed": s, "logprobs": 0 if logprobs else None, "stop": stop or [],
                    "return_token_ids": True, "skip_special_tokens": True, **_NEUTRAL_SAMPLING}
                   for p, s in zip(ids, request_seeds(seed, len(ids)))]
-        return self._spread(bodies, lambda answer: _samples(answer, n, logprobs))
+        return self._spread(bodies, lambda answer: _samples(answer, n, logprobs),
+                            list(affinity) if affinity is not None else list(range(len(bodies))))
 
-    def _spread(self, bodies: list[dict], parse) -> list:
-        """One request per body over the replicas; a failed replica's requests go to the others."""
+    def _spread(self, bodies: list[dict], parse, keys: list[int]) -> list:
+        """One request per body over the replicas (body i to the replica its key picks); a failed replica's
+        requests go to the others."""
         failed: dict[str, str] = {}
         lock = threading.Lock()
 
@@ -142,7 +147,7 @@ class ServerRolloutEngine:
                     errors = "; ".join(f"{u}: {e}" for u, e in failed.items())
                     raise VllmTrainError(f"no rollout server could answer request {i + 1} of {len(bodies)} "
                                          f"(every replica failed: {errors}); the batch was not returned")
-                url = live[i % len(live)]  # spread over the replicas still answering
+                url = live[keys[i] % len(live)]  # spread over the replicas still answering
                 try:
                     result = parse(_post_json(f"{url}/v1/completions", bodies[i], self.timeout, self.api_key))
                 except HTTPFailure as exc:

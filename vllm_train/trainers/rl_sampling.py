@@ -104,7 +104,7 @@ def sample_episodes(engine, agent: Agent, records: Sequence[dict], n: int, max_n
         budgets = [episodes[i].tokens_left for i in live]
         max_tokens = max_new_tokens if None in budgets else min(max_new_tokens, max(budgets))  # cut per episode
         outputs = engine.generate([episodes[i].input_ids for i in live], adapter, n=1, max_tokens=max_tokens,
-                                  seed=_turn_seed(seed, turn), logprobs=True, **sampling)
+                                  seed=_turn_seed(seed, turn), logprobs=True, affinity=live, **sampling)
         still = []
         for i, (sample,) in zip(live, outputs):
             model_turn = ModelTurn(list(sample.token_ids), list(sample.logprobs), sample.text, sample.finish_reason)
