@@ -38,9 +38,10 @@ ADAPTER = "adapter_model.safetensors"
 ADAPTER_TOL = 5e-6  # lr 2e-4 x 4 steps / 160: see the module docstring
 
 
-def _torchrun(args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], ranks: int = 2, timeout: int = 600,
+              env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_TRAIN_DIST_TIMEOUT="120")
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_TRAIN_DIST_TIMEOUT="120", **(env or {}))
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -116,6 +117,8 @@ def _update_on_fixed_rollouts(out_dir: str, algorithm: str) -> None:
     from vllm_train.config import LoRATrainConfig, RLHFConfig
     from vllm_train.trainers.rl import RLHFTrainer, Rollout, load_prompt_records
 
+    episodes = algorithm == "grpo-episodes"  # each completion: a model turn, environment tokens, a model turn
+    algorithm = "grpo" if episodes else algorithm
     lora = LoRATrainConfig(rank=4, alpha=8, learning_rate=2e-4, batch_size=3, warmup_ratio=0.0,
                            lr_scheduler="constant", output_dir=out_dir, precision="fp32")
     config = RLHFConfig(lora_config=lora, algorithm=algorithm, rollout_batch_size=8, group_size=4, max_new_tokens=6,
@@ -131,25 +134,30 @@ def _update_on_fixed_rollouts(out_dir: str, algorithm: str) -> None:
         for _ in range(3):
             n = int(torch.randint(1, 6, (1,), generator=generator))
             samples.append((r, [digits[i] for i in torch.randint(len(digits), (n,), generator=generator).tolist()]))
+    env_ids = tok.encode("<|user|>try again<|end|><|assistant|>", add_special_tokens=False)
+    masks = [[1] * len(c) + ([0] * len(env_ids) + [1] * len(c) if episodes else []) for _, c in samples]
+    samples = [(r, c + env_ids + c if episodes else c, m) for (r, c), m in zip(samples, masks)]
     share = distributed.local_share(samples)
     from vllm_train.data.tokenize import prompt_ids
 
-    rollout = Rollout(prompts=[r["prompt"] for r, _ in share], examples=[r for r, _ in share],
-                      prompt_ids=[prompt_ids(tok, r["prompt"]) for r, _ in share],
-                      completion_ids=[c for _, c in share], completions=[tok.decode(c) for _, c in share],
-                      vllm_logps=[[] for _ in share], sync_ms=0.0, seconds=1.0)
-    stats = trainer.ppo_step([r for r, _ in share[::4]], rollout=rollout)
+    rollout = Rollout(prompts=[r["prompt"] for r, _, _ in share], examples=[r for r, _, _ in share],
+                      prompt_ids=[prompt_ids(tok, r["prompt"]) for r, _, _ in share],
+                      completion_ids=[c for _, c, _ in share], completions=[tok.decode(c) for _, c, _ in share],
+                      vllm_logps=[[] for _ in share], sync_ms=0.0, seconds=1.0,
+                      completion_masks=[m for _, _, m in share])
+    stats = trainer.ppo_step([r for r, _, _ in share[::4]], rollout=rollout)
     trainer.save_checkpoint(out_dir)
     if distributed.is_main():
         Path(out_dir, "stats.json").write_text(json.dumps({"loss": stats["loss"], "grad_norm": stats["grad_norm"]}))
     distributed.close()
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "grpo-episodes"])
 def test_update_on_fixed_rollouts_two_ranks_equal_one_rank(tmp_path, algorithm):
     """GRPO: group-relative advantages per rank (groups never span ranks); PPO: rewards and advantages
     whitened with the whole batch's moments, the value head's gradients all-reduced too. The loss is
-    normalised by the step's global counts: 2 ranks x 4 prompts update as 1 rank x 8 does."""
+    normalised by the step's global counts: 2 ranks x 4 prompts update as 1 rank x 8 does. Episodes: the
+    same with environment tokens masked out (the global counts are of model tokens only)."""
     script = str(Path(__file__).resolve())
     _torchrun([script, "fixed-rollouts", str(tmp_path / "two"), algorithm])
     _torchrun([script, "fixed-rollouts", str(tmp_path / "one"), algorithm], ranks=1)
@@ -185,6 +193,22 @@ def test_grpo_on_two_ranks_raises_heldout_accuracy(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "reward_mean" in r]) == 20
     assert max(r["mismatch_abs_logp"] for r in records if "mismatch_abs_logp" in r) < MISMATCH_TOL
+
+
+def test_episodes_on_two_ranks_each_rank_runs_its_own(tmp_path):
+    """Multi-turn episodes under torchrun: each rank samples its prompts' episodes on its own engine; the
+    step's metrics are the ranks' mean, and the servers' log-probs equal the trainer's on model tokens."""
+    out = tmp_path / "episodes"
+    tests_dir = str(Path(__file__).resolve().parent)  # agent_envs
+    _torchrun(["-m", "vllm_train", "grpo", "--model", MODEL, "--prompts", str(DATA / "rl_train.jsonl"),
+               "--environment", "agent_envs:TryAgain", "--max-turns", "2", "--output-dir", str(out),
+               "--num-steps", "2", "--max-new-tokens", "8", "--rollout-batch-size", "4", "--group-size", "2",
+               "--no-progress"], timeout=600,
+              env={"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])})
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(1 <= r["episode_turns"] <= 2 and r["env_tokens"] > 0 for r in records), records
+    assert max(r["mismatch_abs_logp"] for r in records) < MISMATCH_TOL
 
 
 TRAINABLE_SCRIPT = """
