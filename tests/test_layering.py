@@ -58,7 +58,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
     "agents": [("episode", "bridge", "tool_calls", "environment"), ("turns",)],
-    "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
+    "losses": [("causal_lm", "ppo", "tinker"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "gateway", "staging", "kv_budget"),
