@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("engine",),  # the only layer that imports vLLM
     ("trainers",),
+    ("service",),  # the Tinker-API training service: many tenants' adapters on one base, sampled through vLLM
     ("commands",),
     ("cli", "__init__"),  # the command line and the package facade
     ("__main__",),  # `python -m vllm_train` / torchrun -m vllm_train: runs the command line
@@ -66,6 +67,8 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
                  ("rl_policy", "rl_sampling"), ("sft", "dpo", "rm", "rl", "trainable")],
+    "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants"), ("datums",), ("training",),
+                ("worker",), ("core",), ("app",), ("server",)],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }

@@ -41,7 +41,7 @@ def ppo(logps_N, sampling_logps_N, advantages_N, clip_low: float = PPO_CLIP[0],
     clipped_N = ratio_N.clamp(clip_low, clip_high) * advantages_N
     loss = -torch.minimum(unclipped_N, clipped_N).sum()
     clipped_frac = (clipped_N < unclipped_N).float().mean().item() if logps_N.numel() else 0.0
-    return loss, {"clipped_fraction": clipped_frac}
+    return loss, {"clipped_fraction": clipped_frac}  # reported as "clipped_fraction:mean"
 
 
 def cispo(logps_N, sampling_logps_N, advantages_N, clip_low: float = CISPO_CLIP[0],

@@ -1,0 +1,167 @@
+"""The service's operations behind the HTTP routes: sessions, training runs and their queued requests.
+
+Every operation first checks its whole request (fields named in `BadRequest`s), then either answers at
+once (sessions, info) or queues one job for the worker and answers the future's id. Runs and sessions
+belong to the API key that created them: another key gets the same 404 as for an unknown id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from vllm_train.service.config import ServiceConfig
+from vllm_train.service.datums import Limits, check_forward_backward
+from vllm_train.service.futures import FutureRecord, FutureStore
+from vllm_train.service.problems import BadRequest, NotFound, NotSupported
+from vllm_train.service.tenants import TenantModel, linear_targets
+from vllm_train.service.training import AdamSettings, Trainer
+from vllm_train.service.wire import decode_forward_backward
+from vllm_train.service.worker import Job, Worker
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str
+    created: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+
+
+def get(body: dict, name: str, kind: type | tuple, default=..., where: str | None = None):
+    """`body[name]` checked to be of `kind` (bool is not an int here); missing -> `default` or a 400."""
+    field_name = f"{where}.{name}" if where else name
+    if not isinstance(body, dict):
+        raise BadRequest(where or "body", "expected a JSON object")
+    if name not in body or body[name] is None:
+        if default is ...:
+            raise BadRequest(field_name, "required")
+        return default
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BadRequest(field_name, f"expected {names}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(field_name, "must be finite")
+    return value
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, tenants: TenantModel, tokenizer_id: str, vocab_size: int,
+                 max_context: int):
+        self.config = config
+        self.tokenizer_id = tokenizer_id
+        self.limits = Limits(vocab_size, max_context, config.max_batch_tokens)
+        self.trainer = Trainer(tenants, config.model, config.max_adapters)
+        self.futures = FutureStore()
+        self.worker = Worker(self.futures, self.trainer, config.max_batch_tokens)
+        self.sessions: dict[str, Session] = {}
+        self._session_ids = itertools.count(1)
+        self.architecture = type(tenants.model).__name__
+
+    # ---- sessions -------------------------------------------------------------------------------------
+    def create_session(self, owner: str, body: dict) -> dict:
+        get(body, "tags", list, [])
+        session = Session(f"session-{next(self._session_ids)}-{secrets.token_hex(4)}", owner)
+        self.sessions[session.session_id] = session
+        return {"type": "create_session", "session_id": session.session_id}
+
+    def session_for(self, owner: str, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise NotFound(f"session_id: no session {session_id!r} for this API key")
+        return session
+
+    def heartbeat(self, owner: str, body: dict) -> dict:
+        self.session_for(owner, get(body, "session_id", str)).last_heartbeat = time.time()
+        return {"type": "session_heartbeat"}
+
+    def capabilities(self) -> dict:
+        return {"supported_models": [{"model_name": self.config.model, "max_context_length": self.limits.max_context,
+                                      "trainable": True, "sampleable": self.config.sampling}]}
+
+    # ---- training runs ----------------------------------------------------------------------------------
+    def create_model(self, owner: str, body: dict) -> FutureRecord:
+        session = self.session_for(owner, get(body, "session_id", str))
+        seq = get(body, "model_seq_id", int)
+        base = get(body, "base_model", str)
+        if base != self.config.model:
+            raise BadRequest("base_model", f"this server trains {self.config.model!r} only, not {base!r}")
+        lora = get(body, "lora_config", dict, None)
+        if lora is None:
+            raise NotSupported("lora_config: full fine-tuning is not supported here; pass a LoRA rank")
+        rank = get(lora, "rank", int, where="lora_config")
+        if not 1 <= rank <= self.config.max_lora_rank:
+            raise BadRequest("lora_config.rank", f"{rank} is outside 1..{self.config.max_lora_rank} (--max-lora-rank)")
+        seed = get(lora, "seed", int, None, where="lora_config")
+        attn = get(lora, "train_attn", bool, True, "lora_config")
+        mlp = get(lora, "train_mlp", bool, True, "lora_config")
+        if get(lora, "train_unembed", bool, True, "lora_config"):
+            raise NotSupported("lora_config.train_unembed: LoRA on the unembedding (LM head) is not supported here; "
+                               "create the model with train_unembed=False")
+        if not (attn or mlp):
+            raise BadRequest("lora_config", "train_attn and train_mlp are both off: nothing to train")
+        optimizer = get(body, "optimizer_config", dict, {"type": "adamw"})
+        if optimizer.get("type", "adamw") != "adamw":
+            raise NotSupported(f"optimizer_config.type: {optimizer.get('type')!r} is not supported; only adamw")
+        model_id = f"{session.session_id}:train:{seq}"
+        if model_id in self.trainer.runs:
+            raise BadRequest("model_seq_id", f"model {model_id!r} exists already")
+        self.trainer.free_slot()  # a full server says so now, not in the future
+        targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in
+                                linear_targets(self.trainer.tenants.model, attn, mlp)}))
+        metadata = get(body, "user_metadata", dict, {})
+
+        def create() -> dict:
+            self.trainer.create_run(model_id, owner, rank, seed, targets, metadata)
+            return {"type": "create_model", "model_id": model_id}
+        return self._queue(owner, "CreateModel", model_id, create)
+
+    def get_info(self, owner: str, body: dict) -> dict:
+        run = self.trainer.run_for(get(body, "model_id", str), owner)
+        return {"type": "get_info", "model_id": run.model_id, "is_lora": True, "lora_rank": run.rank,
+                "model_name": self.config.model,
+                "model_data": {"arch": self.architecture, "model_name": self.config.model,
+                               "tokenizer_id": self.tokenizer_id}}
+
+    def forward_backward(self, owner: str, raw: bytes) -> FutureRecord:
+        request = decode_forward_backward(raw)
+        self.trainer.run_for(request.model_id, owner)
+        batch = check_forward_backward(request, self.limits)
+        kind = "Forward" if request.forward_only else "ForwardBackward"
+        record = self.futures.create(owner, kind)
+        self.worker.submit(Job(record, request.model_id, batch=batch, forward_only=request.forward_only))
+        return record
+
+    def optim_step(self, owner: str, body: dict) -> FutureRecord:
+        model_id = get(body, "model_id", str)
+        run = self.trainer.run_for(model_id, owner)
+        params = body.get("adam_params")
+        if params is None:
+            if isinstance(body.get("optimizer_params"), dict):
+                raise NotSupported("optimizer_params: only adam_params (AdamW) is supported here")
+            raise BadRequest("adam_params", "required")
+        settings = AdamSettings(**{name: get(params, name, (int, float), getattr(AdamSettings, name), "adam_params")
+                                   for name in AdamSettings.__dataclass_fields__}).check()
+        unknown = sorted(set(params) - set(AdamSettings.__dataclass_fields__))
+        if unknown:
+            raise BadRequest(f"adam_params.{unknown[0]}", "not an AdamParams field")
+        return self._queue(owner, "OptimStep", model_id, lambda: self.trainer.optim_step(run, settings))
+
+    def unload_model(self, owner: str, body: dict) -> FutureRecord:
+        model_id = get(body, "model_id", str)
+        run = self.trainer.run_for(model_id, owner)
+
+        def unload() -> dict:
+            self.trainer.unload(run)
+            return {"type": "unload_model", "model_id": model_id}
+        return self._queue(owner, "UnloadModel", model_id, unload)
+
+    def _queue(self, owner: str, kind: str, model_id: str | None, action) -> FutureRecord:
+        record = self.futures.create(owner, kind)
+        self.worker.submit(Job(record, model_id, action=action))
+        return record

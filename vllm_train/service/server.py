@@ -1,0 +1,69 @@
+"""Building the service from its config and running it with uvicorn: in the foreground (the CLI) or on a
+background thread (tests, notebooks: `start_in_thread` returns once it answers)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm_train import hub
+from vllm_train.service.app import build_app
+from vllm_train.service.config import ServiceConfig
+from vllm_train.service.core import Service
+from vllm_train.service.tenants import TenantModel
+
+
+def build_service(config: ServiceConfig) -> Service:
+    from transformers import AutoConfig
+
+    path = hub.resolve(config.model)
+    model_config = AutoConfig.from_pretrained(path)
+    tenants = TenantModel(path, config.max_adapters, device="cuda" if torch.cuda.is_available() else "cpu")
+    max_context = getattr(model_config, "max_position_embeddings", None) or 2048
+    return Service(config, tenants, tokenizer_id=path, vocab_size=model_config.vocab_size, max_context=max_context)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningService:
+    service: Service
+    url: str
+    server: object  # uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(service: Service, timeout: float = 60) -> RunningService:
+    """Serve `service` on a background thread (port 0 in the config: a free port); returns when it listens."""
+    import uvicorn
+
+    config = service.config
+    port = config.port or _free_port(config.host)
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=config.host, port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="vllm-train-service-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not start on {config.host}:{port}")
+        time.sleep(0.05)
+    return RunningService(service, f"http://{config.host}:{port}", server, thread)
+
+
+def serve_forever(service: Service) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(service), host=service.config.host, port=service.config.port, log_level="warning")
