@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
 
 
 class AdapterInputError(VllmTrainError):
@@ -112,6 +113,7 @@ class MultiLoRAModel:
         drawn in the model's layer order from a generator seeded with `seed` -- those of
         ``torch.manual_seed(seed)`` then `LoRAInjector.inject` on the same layers of an HF model."""
         self._check_new(slot, rank, alpha, seed)
+        slot, rank, seed = int(slot), int(rank), int(seed)
         chosen = self._adapted_layers(targets)
         gen = torch.Generator().manual_seed(seed)
         adapter = Adapter(rank, float(alpha), seed)
