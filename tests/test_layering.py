@@ -60,7 +60,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
     "agents": [("episode", "bridge", "tool_calls", "environment"), ("turns",)],
     "losses": [("causal_lm", "ppo", "tinker"), ("grpo", "dpo")],
-    "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
+    "lora": [("layers", "peft_io"), ("injector", "multi"), ("validate", "tensor_parallel", "multi_model")],
     "rewards": [("loading",), ("model",)],
     "engine": [("fast_sync", "gateway", "staging", "kv_budget"),
                ("http_client", "server_args", "cpu_lora_ops"), ("cpu_lora_worker", "llm", "replicas"),

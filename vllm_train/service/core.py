@@ -17,7 +17,7 @@ from vllm_train.service.config import ServiceConfig
 from vllm_train.service.datums import Limits, check_forward_backward
 from vllm_train.service.futures import FutureRecord, FutureStore
 from vllm_train.service.problems import BadRequest, NotFound, NotSupported
-from vllm_train.service.tenants import TenantModel, linear_targets
+from vllm_train.service.tenants import TenantModel
 from vllm_train.service.training import AdamSettings, Trainer
 from vllm_train.service.wire import decode_forward_backward
 from vllm_train.service.worker import Job, Worker
@@ -98,6 +98,8 @@ class Service:
         if not 1 <= rank <= self.config.max_lora_rank:
             raise BadRequest("lora_config.rank", f"{rank} is outside 1..{self.config.max_lora_rank} (--max-lora-rank)")
         seed = get(lora, "seed", int, None, where="lora_config")
+        if seed is not None and not 0 <= seed < 2**62:
+            raise BadRequest("lora_config.seed", f"{seed} is outside 0..2**62-1")
         attn = get(lora, "train_attn", bool, True, "lora_config")
         mlp = get(lora, "train_mlp", bool, True, "lora_config")
         if get(lora, "train_unembed", bool, True, "lora_config"):
@@ -112,8 +114,7 @@ class Service:
         if model_id in self.trainer.runs:
             raise BadRequest("model_seq_id", f"model {model_id!r} exists already")
         self.trainer.free_slot()  # a full server says so now, not in the future
-        targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in
-                                linear_targets(self.trainer.tenants.model, attn, mlp)}))
+        targets = tuple(self.trainer.tenants.targets(attn, mlp, train_unembed=False))
         metadata = get(body, "user_metadata", dict, {})
 
         def create() -> dict:

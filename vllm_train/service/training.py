@@ -74,7 +74,7 @@ class Trainer:
     def create_run(self, model_id: str, owner: str, rank: int, seed: int | None, targets: tuple[str, ...],
                    user_metadata: dict | None = None) -> Run:
         slot = self.free_slot()
-        self.tenants.add_adapter(slot, rank, LORA_ALPHA, seed, targets)
+        seed = self.tenants.add_adapter(slot, rank, LORA_ALPHA, seed, targets)
         params = self.tenants.parameters_of(slot)
         optimizer = torch.optim.AdamW(params, lr=AdamSettings.learning_rate, weight_decay=0.0)
         run = Run(model_id, owner, slot, rank, targets, optimizer, seed, user_metadata=dict(user_metadata or {}))
