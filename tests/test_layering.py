@@ -67,8 +67,8 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
                ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
                  ("rl_policy", "rl_sampling"), ("sft", "dpo", "rm", "rl", "trainable")],
-    "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants"), ("datums",), ("training",),
-                ("worker",), ("core",), ("app",), ("server",)],
+    "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants", "fields"), ("datums",),
+                ("training",), ("worker", "sampling"), ("core",), ("app",), ("server",)],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }

@@ -85,8 +85,9 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
-    """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``)."""
+def sampled_token_logprobs(logprobs, token_ids) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``): for
+    `generate_raw`'s outputs, ``sampled_token_logprobs(completion.logprobs, completion.token_ids)``."""
     from vllm.logprobs import FlatLogprobs
 
     if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):
@@ -241,7 +242,7 @@ class VLLMEngine:
             for comp in out.outputs:
                 lps = None
                 if logprobs and comp.logprobs is not None:
-                    lps = _sampled_token_logprobs(comp.logprobs, comp.token_ids)
+                    lps = sampled_token_logprobs(comp.logprobs, comp.token_ids)
                 text = comp.text if texts is None else next(texts)
                 samples.append(Sample(text, list(comp.token_ids), lps, comp.finish_reason))
             result.append(samples)

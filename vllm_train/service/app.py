@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from vllm_train.service.config import owner_id
-from vllm_train.service.core import Service, get
+from vllm_train.service.core import Service
+from vllm_train.service.fields import get
 from vllm_train.service.futures import FutureRecord
 from vllm_train.service.problems import BadRequest, NotFound, NotSupported, ServiceProblem, Unauthorized
 
@@ -147,6 +148,23 @@ def build_app(service: Service) -> FastAPI:
     async def unload_model(request: Request):
         body = await _json(request)
         return _future(service.unload_model(request.state.owner, body), body.get("model_id"))
+
+    @app.post(f"{api}/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request):
+        body = await _json(request)
+        return _future(service.save_weights_for_sampler(request.state.owner, body), body.get("model_id"))
+
+    @app.post(f"{api}/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        return service.create_sampling_session(request.state.owner, await _json(request))
+
+    @app.get(f"{api}/samplers/{{sampling_session_id}}")
+    async def get_sampler(request: Request, sampling_session_id: str):
+        return service.get_sampler(request.state.owner, sampling_session_id)
+
+    @app.post(f"{api}/asample")
+    async def asample(request: Request):
+        return service.asample(request.state.owner, await _json(request))
 
     @app.post(f"{api}/retrieve_future")
     async def retrieve_future(request: Request):

@@ -8,15 +8,17 @@ belong to the API key that created them: another key gets the same 404 as for an
 from __future__ import annotations
 
 import itertools
-import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from vllm_train.service.config import ServiceConfig
 from vllm_train.service.datums import Limits, check_forward_backward
+from vllm_train.service.fields import get
 from vllm_train.service.futures import FutureRecord, FutureStore
 from vllm_train.service.problems import BadRequest, NotFound, NotSupported
+from vllm_train.service.sampling import Sampler
 from vllm_train.service.tenants import TenantModel
 from vllm_train.service.training import AdamSettings, Trainer
 from vllm_train.service.wire import decode_forward_backward
@@ -31,28 +33,9 @@ class Session:
     last_heartbeat: float = field(default_factory=time.time)
 
 
-def get(body: dict, name: str, kind: type | tuple, default=..., where: str | None = None):
-    """`body[name]` checked to be of `kind` (bool is not an int here); missing -> `default` or a 400."""
-    field_name = f"{where}.{name}" if where else name
-    if not isinstance(body, dict):
-        raise BadRequest(where or "body", "expected a JSON object")
-    if name not in body or body[name] is None:
-        if default is ...:
-            raise BadRequest(field_name, "required")
-        return default
-    value = body[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise BadRequest(field_name, f"expected {names}, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRequest(field_name, "must be finite")
-    return value
-
-
 class Service:
     def __init__(self, config: ServiceConfig, tenants: TenantModel, tokenizer_id: str, vocab_size: int,
-                 max_context: int):
+                 max_context: int, engine=None):
         self.config = config
         self.tokenizer_id = tokenizer_id
         self.limits = Limits(vocab_size, max_context, config.max_batch_tokens)
@@ -62,6 +45,7 @@ class Service:
         self.sessions: dict[str, Session] = {}
         self._session_ids = itertools.count(1)
         self.architecture = type(tenants.model).__name__
+        self.sampler = Sampler(engine, self.trainer, self.limits) if engine is not None else None
 
     # ---- sessions -------------------------------------------------------------------------------------
     def create_session(self, owner: str, body: dict) -> dict:
@@ -158,11 +142,83 @@ class Service:
         run = self.trainer.run_for(model_id, owner)
 
         def unload() -> dict:
+            if self.sampler is not None:
+                self.sampler.forget(model_id)
             self.trainer.unload(run)
             return {"type": "unload_model", "model_id": model_id}
         return self._queue(owner, "UnloadModel", model_id, unload)
+
+    # ---- sampling -------------------------------------------------------------------------------------
+    def _sampler(self, route: str) -> Sampler:
+        if self.sampler is None:
+            raise NotSupported(f"{route}: this server runs without a sampling engine (started with sampling off)")
+        return self.sampler
+
+    def save_weights_for_sampler(self, owner: str, body: dict) -> FutureRecord:
+        sampler = self._sampler("save_weights_for_sampler")
+        model_id = get(body, "model_id", str)
+        run = self.trainer.run_for(model_id, owner)
+        name = checkpoint_name(get(body, "path", str, None), "path")
+        kind = get(body, "kind", str, "snapshot")
+        if kind not in ("snapshot", "inflight"):
+            raise BadRequest("kind", f"{kind!r} is not snapshot or inflight")
+        if name is None:
+            get(body, "sampling_session_seq_id", int)
+
+        def publish() -> dict:
+            version = sampler.publish(run, name)
+            if name is not None:
+                return {"type": "save_weights_for_sampler", "path": version.path}
+            session = sampler.new_session(owner, version, inflight=kind == "inflight")
+            return {"type": "save_weights_for_sampler", "path": version.path,
+                    "sampling_session_id": session.sampling_session_id}
+        return self._queue(owner, "SaveWeightsForSampler", model_id, publish)
+
+    def create_sampling_session(self, owner: str, body: dict) -> dict:
+        sampler = self._sampler("create_sampling_session")
+        self.session_for(owner, get(body, "session_id", str))
+        get(body, "sampling_session_seq_id", int)
+        path, base = get(body, "model_path", str, None), get(body, "base_model", str, None)
+        if path is not None:
+            session = sampler.new_session(owner, sampler.version_at(path, owner))
+        elif base is not None:
+            if base != self.config.model:
+                raise BadRequest("base_model", f"this server samples {self.config.model!r} only, not {base!r}")
+            session = sampler.new_session(owner, None)
+        else:
+            raise BadRequest("model_path", "give model_path (tinker://...) or base_model")
+        return {"type": "create_sampling_session", "sampling_session_id": session.sampling_session_id}
+
+    def get_sampler(self, owner: str, sampling_session_id: str) -> dict:
+        session = self._sampler("samplers").session_for(owner, sampling_session_id)
+        return {"sampler_id": session.sampling_session_id, "base_model": self.config.model,
+                "model_path": session.version.path if session.version else None}
+
+    def asample(self, owner: str, body: dict) -> dict:
+        sampler = self._sampler("asample")
+        session_id = get(body, "sampling_session_id", str, None)
+        if session_id is not None:
+            session = sampler.session_for(owner, session_id)
+        elif get(body, "model_path", str, None) is not None:
+            session = sampler.new_session(owner, sampler.version_at(body["model_path"], owner))
+        else:
+            session = sampler.new_session(owner, None)
+        spec = sampler.check_sample(body)
+        record = self._queue(owner, "Sample", None, lambda: sampler.sample(sampler.adapter_for(session), spec))
+        return {"request_id": record.request_id,
+                "sample_sequence_ids": [f"{record.request_id}-{j}" for j in range(spec.num_samples)]}
 
     def _queue(self, owner: str, kind: str, model_id: str | None, action) -> FutureRecord:
         record = self.futures.create(owner, kind)
         self.worker.submit(Job(record, model_id, action=action))
         return record
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def checkpoint_name(name: str | None, field_name: str) -> str | None:
+    """A checkpoint's name: one path component (it becomes a directory and part of a tinker:// path)."""
+    if name is not None and not _NAME.fullmatch(name):
+        raise BadRequest(field_name, f"{name!r}: use letters, digits, '.', '_' and '-' (at most 128, no '/')")
+    return name

@@ -17,14 +17,28 @@ from vllm_train.service.core import Service
 from vllm_train.service.tenants import TenantModel
 
 
-def build_service(config: ServiceConfig) -> Service:
+def build_service(config: ServiceConfig, engine=None) -> Service:
+    """The service for `config`: the base model loaded once for training, and (with sampling on) a vLLM
+    engine with one LoRA slot per adapter plus one spare (`VLLMEngine` pins every slot but one). `engine`:
+    an engine to use instead of building one (one in-process engine per process: tests share theirs)."""
     from transformers import AutoConfig
+
+    from vllm_train.errors import VllmTrainError
 
     path = hub.resolve(config.model)
     model_config = AutoConfig.from_pretrained(path)
     tenants = TenantModel(path, config.max_adapters, device="cuda" if torch.cuda.is_available() else "cpu")
     max_context = getattr(model_config, "max_position_embeddings", None) or 2048
-    return Service(config, tenants, tokenizer_id=path, vocab_size=model_config.vocab_size, max_context=max_context)
+    if config.sampling and engine is None:
+        from vllm_train.engine.llm import EngineOptions, VLLMEngine
+
+        engine = VLLMEngine(path, EngineOptions(max_lora_rank=config.max_lora_rank, max_loras=config.max_adapters + 1,
+                                                kv_cache_gib=config.kv_cache_gib, **config.extra_engine))
+    if engine is not None and config.max_lora_rank > engine.options.max_lora_rank:
+        raise VllmTrainError(f"--max-lora-rank {config.max_lora_rank}: the engine serves ranks up to "
+                             f"{engine.options.max_lora_rank}")
+    return Service(config, tenants, tokenizer_id=path, vocab_size=model_config.vocab_size, max_context=max_context,
+                   engine=engine if config.sampling else None)
 
 
 def _free_port(host: str) -> int:

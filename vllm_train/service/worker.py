@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from vllm_train.errors import VllmTrainError
 from vllm_train.service.datums import CheckedBatch
 from vllm_train.service.futures import FutureRecord, FutureStore
 from vllm_train.service.problems import ServiceProblem
@@ -146,8 +147,8 @@ class Worker:
                 self.futures.complete(job.record.request_id, output)
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        if isinstance(exc, ServiceProblem):
-            self.futures.fail(job.record.request_id, exc.message, "user")
+        if isinstance(exc, (ServiceProblem, VllmTrainError)):  # the caller's input: a user error
+            self.futures.fail(job.record.request_id, getattr(exc, "message", str(exc)), "user")
             return
         log.error("%s %s failed:\n%s", job.record.kind, job.record.request_id, traceback.format_exc())
         self.futures.fail(job.record.request_id, f"internal error in {job.record.kind}: {type(exc).__name__}: {exc}",
