@@ -68,7 +68,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
                  ("rl_policy", "rl_sampling"), ("sft", "dpo", "rm", "rl", "trainable")],
     "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants", "fields"), ("datums",),
-                ("training",), ("worker", "sampling"), ("core",), ("app",), ("server",)],
+                ("training",), ("worker", "sampling", "checkpoints"), ("core",), ("app",), ("server",)],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
                  ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
 }

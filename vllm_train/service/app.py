@@ -166,6 +166,24 @@ def build_app(service: Service) -> FastAPI:
     async def asample(request: Request):
         return service.asample(request.state.owner, await _json(request))
 
+    @app.post(f"{api}/save_weights")
+    async def save_weights(request: Request):
+        body = await _json(request)
+        return _future(service.save_weights(request.state.owner, body), body.get("model_id"))
+
+    @app.post(f"{api}/load_weights")
+    async def load_weights(request: Request):
+        body = await _json(request)
+        return _future(service.load_weights(request.state.owner, body), body.get("model_id"))
+
+    @app.get(f"{api}/training_runs/{{model_id}}/checkpoints")
+    async def list_checkpoints(request: Request, model_id: str):
+        return service.list_checkpoints(request.state.owner, model_id)
+
+    @app.get(f"{api}/training_runs")
+    async def training_runs(request: Request, limit: int = 20, offset: int = 0):
+        return service.training_runs(request.state.owner, max(0, min(limit, 1000)), max(0, offset))
+
     @app.post(f"{api}/retrieve_future")
     async def retrieve_future(request: Request):
         request_id = get(await _json(request), "request_id", str)

@@ -12,7 +12,9 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 
+from vllm_train.service.checkpoints import CheckpointStore
 from vllm_train.service.config import ServiceConfig
 from vllm_train.service.datums import Limits, check_forward_backward
 from vllm_train.service.fields import get
@@ -46,6 +48,7 @@ class Service:
         self._session_ids = itertools.count(1)
         self.architecture = type(tenants.model).__name__
         self.sampler = Sampler(engine, self.trainer, self.limits) if engine is not None else None
+        self.checkpoints = CheckpointStore(config.state_dir)
 
     # ---- sessions -------------------------------------------------------------------------------------
     def create_session(self, owner: str, body: dict) -> dict:
@@ -148,6 +151,76 @@ class Service:
             return {"type": "unload_model", "model_id": model_id}
         return self._queue(owner, "UnloadModel", model_id, unload)
 
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def save_weights(self, owner: str, body: dict) -> FutureRecord:
+        model_id = get(body, "model_id", str)
+        run = self.trainer.run_for(model_id, owner)
+        name = checkpoint_name(get(body, "path", str, None) or f"step-{run.steps:06d}", "path")
+        overwrite = get(body, "overwrite", bool, False)
+        metadata = get(body, "user_metadata", dict, None)
+        if self.checkpoints.directory(model_id, "weights", name).exists() and not overwrite:  # (and no --state-dir)
+            raise BadRequest("path", f"checkpoint {name!r} exists (pass overwrite=True to replace it)")
+
+        def save() -> dict:
+            path = self.checkpoints.save(self.trainer, run, "weights", name, overwrite, metadata)
+            return {"type": "save_weights", "path": path}
+        return self._queue(owner, "SaveWeights", model_id, save)
+
+    def load_weights(self, owner: str, body: dict) -> FutureRecord:
+        path = get(body, "path", str)
+        with_optimizer = get(body, "optimizer", bool, False)
+        directory, meta = self.checkpoints.find(path, owner)
+        if meta.get("base_model") != self.config.model:
+            raise BadRequest("path", f"{path!r} was trained on {meta.get('base_model')!r}, not {self.config.model!r}")
+        model_id = get(body, "model_id", str, None)
+        if model_id is None:  # a new training client from the checkpoint
+            session = self.session_for(owner, get(body, "session_id", str))
+            model_id = f"{session.session_id}:train:{get(body, 'model_seq_id', int)}"
+            if model_id in self.trainer.runs:
+                raise BadRequest("model_seq_id", f"model {model_id!r} exists already")
+            self.trainer.free_slot()
+            run = None
+        else:
+            run = self.trainer.run_for(model_id, owner)
+            if run.rank != meta["rank"] or list(run.targets) != meta["targets"]:
+                raise BadRequest("path", f"the checkpoint's LoRA (rank {meta['rank']}, {meta['targets']}) differs "
+                                 f"from this model's (rank {run.rank}, {list(run.targets)})")
+        state = self.checkpoints.read_adapter(directory)
+        optimizer_state = self.checkpoints.read_optimizer(directory, meta) if with_optimizer else None
+
+        def load() -> dict:
+            target = run or self.trainer.create_run(model_id, owner, meta["rank"], meta["seed"],
+                                                    tuple(meta["targets"]), meta.get("user_metadata"))
+            try:
+                self.trainer.restore(target, state, optimizer_state, meta["steps"])
+            except Exception:
+                if run is None:
+                    self.trainer.unload(target)
+                raise
+            return {"type": "load_weights", "path": path, "model_id": model_id}
+        return self._queue(owner, "LoadWeights", model_id, load)
+
+    def list_checkpoints(self, owner: str, model_id: str) -> dict:
+        if model_id not in self.checkpoints.saved_runs(owner):
+            self.trainer.run_for(model_id, owner)  # a live run without checkpoints lists none; others: 404
+        return {"checkpoints": self.checkpoints.list(owner, model_id)}
+
+    def training_runs(self, owner: str, limit: int, offset: int) -> dict:
+        """Live runs and those with checkpoints on disk (after a restart), as the SDK's TrainingRun."""
+        ids = sorted({*(m for m, r in self.trainer.runs.items() if r.owner == owner),
+                      *self.checkpoints.saved_runs(owner)})
+        runs = []
+        for model_id in ids[offset:offset + limit]:
+            live = self.trainer.runs.get(model_id)
+            saved = self.checkpoints.list(owner, model_id)
+            rank = live.rank if live else None
+            last = saved[-1]["time"] if saved else None
+            runs.append({"training_run_id": model_id, "base_model": self.config.model, "model_owner": owner,
+                         "is_lora": True, "lora_rank": rank, "last_request_time": last or _now_iso(),
+                         "last_checkpoint": next((c for c in reversed(saved) if c["checkpoint_type"] == "training"),
+                                                 None)})
+        return {"training_runs": runs, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
+
     # ---- sampling -------------------------------------------------------------------------------------
     def _sampler(self, route: str) -> Sampler:
         if self.sampler is None:
@@ -222,3 +295,9 @@ def checkpoint_name(name: str | None, field_name: str) -> str | None:
     if name is not None and not _NAME.fullmatch(name):
         raise BadRequest(field_name, f"{name!r}: use letters, digits, '.', '_' and '-' (at most 128, no '/')")
     return name
+
+
+def _now_iso() -> str:
+    from datetime import datetime
+
+    return datetime.now(UTC).isoformat()

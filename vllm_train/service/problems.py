@@ -38,10 +38,6 @@ class Gone(ServiceProblem):
     status = 410
 
 
-class Conflict(ServiceProblem):
-    status = 409
-
-
 class LimitExceeded(ServiceProblem):
     """A request over a server limit (adapters, tokens, context length)."""
 

@@ -124,6 +124,23 @@ class Trainer:
                 total.backward()
         return results
 
+    def restore(self, run: Run, state: dict[str, torch.Tensor], optimizer_state: dict | None, steps: int) -> None:
+        """A checkpoint's adapter (and optimizer state, else a fresh AdamW) into `run`; every tensor is
+        checked against the run's before anything is written."""
+        params = self.tenants.parameters_of(run.slot)
+        if optimizer_state is not None:
+            for index, values in optimizer_state["state"].items():
+                ok = 0 <= index < len(params) and all(values[k].shape == params[index].shape
+                                                      for k in ("exp_avg", "exp_avg_sq") if k in values)
+                if not ok:
+                    raise BadRequest("path", "the checkpoint's optimizer state does not fit this adapter")
+        self.tenants.load_peft_state_dict(run.slot, state)  # checked whole first
+        run.optimizer = torch.optim.AdamW(params, lr=AdamSettings.learning_rate, weight_decay=0.0)
+        if optimizer_state is not None:
+            run.optimizer.load_state_dict(optimizer_state)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.steps = steps
+
     # ---- optimizer ----------------------------------------------------------------------------------
     def optim_step(self, run: Run, settings: AdamSettings) -> dict:
         """torch's AdamW over this run's parameters only, with the step's settings; then clear its grads."""
