@@ -70,7 +70,8 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants", "fields"), ("datums",),
                 ("training",), ("worker", "sampling", "checkpoints"), ("core",), ("app",), ("server",)],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
-                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
+                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge",
+                  "service")],
 }
 
 MAX_LINES = 400

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,11 +38,12 @@ def build_service(config: ServiceConfig, engine=None) -> Service:
     if engine is not None and config.max_lora_rank > engine.options.max_lora_rank:
         raise VllmTrainError(f"--max-lora-rank {config.max_lora_rank}: the engine serves ranks up to "
                              f"{engine.options.max_lora_rank}")
-    return Service(config, tenants, tokenizer_id=path, vocab_size=model_config.vocab_size, max_context=max_context,
-                   engine=engine if config.sampling else None)
+    tokenizer_id = str(Path(path).resolve()) if Path(path).exists() else path  # what the SDK's get_tokenizer loads
+    return Service(config, tenants, tokenizer_id=tokenizer_id, vocab_size=model_config.vocab_size,
+                   max_context=max_context, engine=engine if config.sampling else None)
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -64,7 +66,7 @@ def start_in_thread(service: Service, timeout: float = 60) -> RunningService:
     import uvicorn
 
     config = service.config
-    port = config.port or _free_port(config.host)
+    port = config.port or free_port(config.host)
     server = uvicorn.Server(uvicorn.Config(build_app(service), host=config.host, port=port, log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, name="vllm-train-service-http", daemon=True)
@@ -78,6 +80,20 @@ def start_in_thread(service: Service, timeout: float = 60) -> RunningService:
 
 
 def serve_forever(service: Service) -> None:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully (queued work finishes its current job)."""
+    import signal
+
     import uvicorn
 
-    uvicorn.run(build_app(service), host=service.config.host, port=service.config.port, log_level="warning")
+    # uvicorn stops gracefully on these signals and then raises them again once it is done: caught here, so
+    # the process ends normally (status 0) instead of by the default handler
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = uvicorn.Server(uvicorn.Config(build_app(service), host=service.config.host, port=service.config.port,
+                                               log_level="warning"))
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
