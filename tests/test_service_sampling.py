@@ -33,8 +33,9 @@ def client(running):
     return tinker.ServiceClient(base_url=running.url, api_key=KEY)
 
 
-def _trained(client, tiny_model, seed):
-    tc = client.create_lora_training_client(base_model=tiny_model, rank=8, seed=seed, train_unembed=False).result()
+def _trained(client, tiny_model, seed, train_unembed=True):
+    tc = client.create_lora_training_client(base_model=tiny_model, rank=8, seed=seed,
+                                            train_unembed=train_unembed).result()
     tok = tc.get_tokenizer()
     data = []
     for text in ("What is 2 + 3? 5", "What is 11 + 30? 41"):
@@ -63,7 +64,8 @@ def _hf_logprobs(tiny_model, state, ids: list[int], start: int) -> torch.Tensor:
 
 
 def test_sampling_after_a_step_serves_the_trained_adapter(running, client, tiny_model):
-    tc, tok = _trained(client, tiny_model, seed=11)
+    # (an LM-head LoRA goes the public path each time: vLLM has no slot buffer the fast sync could write)
+    tc, tok = _trained(client, tiny_model, seed=11)  # the SDK's defaults: attention, MLP and the LM head
     trainer = running.service.trainer
     state = trainer.tenants.peft_state_dict(trainer.runs[tc.model_id].slot)
     sampler = tc.save_weights_and_get_sampling_client().result()
@@ -84,12 +86,13 @@ def test_sampling_after_a_step_serves_the_trained_adapter(running, client, tiny_
 
 
 def test_a_replaced_snapshot_is_refused_and_named_weights_sample_by_path(running, client, tiny_model):
-    tc, tok = _trained(client, tiny_model, seed=12)
+    tc, tok = _trained(client, tiny_model, seed=12, train_unembed=False)
     old = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tok.encode("What is 4 + 4?"))
     greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
     old.sample(prompt, 1, greedy).result()
     path = tc.save_weights_for_sampler("after-two-steps").result().path
+    assert running.service.sampler.engine.last_sync_path == "fast"  # written into the pinned slot in place
     assert path == f"tinker://{tc.model_id}/sampler_weights/after-two-steps"
     with pytest.raises(Exception, match="replaced"):
         old.sample(prompt, 1, greedy).result()

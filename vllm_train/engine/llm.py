@@ -292,7 +292,7 @@ class VLLMEngine:
         return ref
 
     def sync_adapter(self, peft_state: PeftState, peft_config: dict, family: str = "live",
-                     shards: dict[str, torch.Tensor] | None = None) -> AdapterRef:
+                     shards: dict[str, torch.Tensor] | None = None, fast: bool = True) -> AdapterRef:
         """Make in-memory adapter weights (PEFT names, unscaled B) the ones the engine serves for
         `family`, and return the handle to generate with. This is the one entry point trainers use
         before every rollout, so the engine never serves a stale adapter.
@@ -314,7 +314,15 @@ class VLLMEngine:
         the fast path does not need) and `shards` this rank's shards of them, in vLLM's TP split (column
         layers: B by output rows; row layers: A by input columns); the fast path writes `shards` into
         this rank's slot.
+
+        ``fast=False``: the public path only, and no slot pinned -- for an adapter the fast path cannot write
+        (an LM-head LoRA: vLLM keeps no slot buffer for it), whose refusal would otherwise turn the fast path
+        off for every family of the engine.
         """
+        if not fast:
+            full_state = peft_state() if callable(peft_state) else peft_state
+            self.last_sync_path = "public"
+            return self._sync_public(full_state, peft_config, family)
         writer = self._slot_writers.get(family)
         slot_state = shards if shards is not None else peft_state
         if writer is not None and not callable(slot_state) and writer.matches(slot_state, peft_config):

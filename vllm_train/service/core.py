@@ -89,11 +89,9 @@ class Service:
             raise BadRequest("lora_config.seed", f"{seed} is outside 0..2**62-1")
         attn = get(lora, "train_attn", bool, True, "lora_config")
         mlp = get(lora, "train_mlp", bool, True, "lora_config")
-        if get(lora, "train_unembed", bool, True, "lora_config"):
-            raise NotSupported("lora_config.train_unembed: LoRA on the unembedding (LM head) is not supported here; "
-                               "create the model with train_unembed=False")
-        if not (attn or mlp):
-            raise BadRequest("lora_config", "train_attn and train_mlp are both off: nothing to train")
+        unembed = get(lora, "train_unembed", bool, True, "lora_config")
+        if not (attn or mlp or unembed):
+            raise BadRequest("lora_config", "train_attn, train_mlp and train_unembed are all off: nothing to train")
         optimizer = get(body, "optimizer_config", dict, {"type": "adamw"})
         if optimizer.get("type", "adamw") != "adamw":
             raise NotSupported(f"optimizer_config.type: {optimizer.get('type')!r} is not supported; only adamw")
@@ -101,7 +99,7 @@ class Service:
         if model_id in self.trainer.runs:
             raise BadRequest("model_seq_id", f"model {model_id!r} exists already")
         self.trainer.free_slot()  # a full server says so now, not in the future
-        targets = tuple(self.trainer.tenants.targets(attn, mlp, train_unembed=False))
+        targets = tuple(self.trainer.tenants.targets(attn, mlp, unembed))
         metadata = get(body, "user_metadata", dict, {})
 
         def create() -> dict:

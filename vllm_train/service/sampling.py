@@ -64,8 +64,12 @@ class Sampler:
     # ---- versions (worker thread) -----------------------------------------------------------------------
     def publish(self, run: Run, name: str | None) -> SamplerVersion:
         tenants = self.trainer.tenants
-        ref = self.engine.sync_adapter(tenants.peft_state_dict(run.slot, live=True),
-                                       tenants.peft_config(run.slot, self.trainer.base_model), family=run.model_id)
+        config = tenants.peft_config(run.slot, self.trainer.base_model)
+        # vLLM has no slot buffer the fast sync could write for an LM-head LoRA (train_unembed): such
+        # adapters go through files on tmpfs every time, and pin no slot
+        head = tenants.multi.head_name
+        ref = self.engine.sync_adapter(tenants.peft_state_dict(run.slot, live=True), config, family=run.model_id,
+                                       fast=head not in config["target_modules"])
         previous = self.latest.get(run.model_id)
         version = SamplerVersion(run.model_id, previous.number + 1 if previous else 1, ref, name)
         self.latest[run.model_id] = version
