@@ -237,3 +237,39 @@ def test_another_key_sees_404_and_no_key_401(running, client, tiny_model):
         assert wrong.status_code == 401
         caps = http.get("/api/v1/get_server_capabilities", headers={"X-API-Key": OTHER_KEY}).json()
         assert caps["supported_models"][0]["model_name"] == tiny_model
+
+
+def test_forward_backward_custom_steps_as_the_custom_loss_would(running, client, tiny_model):
+    """The SDK runs a custom loss client-side and sends its gradient as cross_entropy weights: the step must
+    be the one a hand-run AdamW takes on that loss itself (here a nonlinear one: sum of squared log-probs)."""
+    tc = _new_training_client(client, tiny_model, seed=7)
+    data = _sft_data(tc.get_tokenizer())
+    before = _slot_state(running, tc)
+
+    def squared(batch, logprobs_list):
+        loss = sum((lp ** 2).sum() for lp in logprobs_list)
+        return loss, {"squared:sum": float(loss)}
+
+    out = tc.forward_backward_custom(data, squared)
+    adam = types.AdamParams(learning_rate=0.01, eps=1e-2)
+    tc.optim_step(adam).result()
+    oracle = _peft_model(tiny_model, before, rank=8)
+    params = [p for n, p in oracle.named_parameters() if "lora_" in n]
+    loss = sum((_oracle_logprobs(oracle, d) ** 2).sum() for d in data)
+    assert out.result().metrics["loss:sum"] == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    torch.optim.AdamW(params, lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                      weight_decay=0.0).step()
+    from peft import get_peft_model_state_dict
+
+    want = {k: v.detach() for k, v in get_peft_model_state_dict(oracle).items() if ".lora_" in k}
+    assert _max_gap(_slot_state(running, tc), want) < PARAM_TOL
+
+
+def test_limits_are_400s_naming_the_field(client, tiny_model, running):
+    tc = _new_training_client(client, tiny_model, seed=8)
+    n = running.service.limits.max_context + 1
+    too_long = types.Datum(model_input=types.ModelInput.from_ints([5] * n),
+                           loss_fn_inputs={"target_tokens": [5] * n, "weights": [1.0] * n})
+    with pytest.raises(tinker.BadRequestError, match=r"data\[0\].model_input.*context length"):
+        tc.forward_backward([too_long], "cross_entropy").result()
