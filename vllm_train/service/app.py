@@ -65,6 +65,7 @@ def build_app(service: Service) -> FastAPI:
         service.worker.start()
         yield
         service.worker.stop()
+        service.close()
 
     app = FastAPI(title="vllm-train service (Tinker API)", lifespan=lifespan, docs_url=None, redoc_url=None)
 

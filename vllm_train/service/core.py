@@ -279,6 +279,12 @@ class Service:
         return {"request_id": record.request_id,
                 "sample_sequence_ids": [f"{record.request_id}-{j}" for j in range(spec.num_samples)]}
 
+    def close(self) -> None:
+        """After the worker stopped: free the engine's LoRA slots of every run (a shared engine outlives us)."""
+        if self.sampler is not None:
+            for model_id in list(self.sampler.latest):
+                self.sampler.forget(model_id)
+
     def _queue(self, owner: str, kind: str, model_id: str | None, action) -> FutureRecord:
         record = self.futures.create(owner, kind)
         self.worker.submit(Job(record, model_id, action=action))
