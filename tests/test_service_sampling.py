@@ -63,6 +63,36 @@ def _hf_logprobs(tiny_model, state, ids: list[int], start: int) -> torch.Tensor:
     return logps[start - 1:-1].gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
 
 
+def test_two_tenants_sample_in_one_vllm_batch_as_each_alone(running, client, tiny_model):
+    import time
+
+    samplers = []
+    for seed in (13, 14):  # (both with the LM head's LoRA: neither pins a slot)
+        tc, tok = _trained(client, tiny_model, seed=seed)
+        samplers.append(tc.save_weights_and_get_sampling_client().result())
+    prompts = [types.ModelInput.from_ints(tok.encode(q)) for q in ("What is 3 + 9?", "What is 50 + 25?")]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=5)
+    alone = [s.sample(p, 2, params).result() for s, p in zip(samplers, prompts)]
+    worker = running.service.worker
+    calls = len(worker.sample_batches)
+    with worker.hold():
+        futures = [s.sample(p, 2, params) for s, p in zip(samplers, prompts)]
+        deadline = time.monotonic() + 30
+        while worker.pending() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    together = [f.result() for f in futures]
+    assert worker.sample_batches[calls:] == [2]  # taken together by the worker
+    # one vLLM call, unless the engine has fewer free (unpinned) LoRA slots than different adapters: vLLM's
+    # scheduler counts pinned slots as free, so the sampler splits the batch then
+    sampler = running.service.sampler
+    expected = [2] if sampler.engine.unpinned_slots() >= 2 else [1, 1]
+    assert sampler.vllm_calls[-len(expected):] == expected
+    for a, b in zip(alone, together):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        for sa, sb in zip(a.sequences, b.sequences):
+            assert_served_logprobs(torch.tensor(sb.logprobs), torch.tensor(sa.logprobs), what="batched vs alone")
+
+
 def test_sampling_after_a_step_serves_the_trained_adapter(running, client, tiny_model):
     # (an LM-head LoRA goes the public path each time: vLLM has no slot buffer the fast sync could write)
     tc, tok = _trained(client, tiny_model, seed=11)  # the SDK's defaults: attention, MLP and the LM head
@@ -116,3 +146,4 @@ def test_the_base_model_samples_by_name_and_bad_params_are_400s(client, tiny_mod
         base.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=10_000)).result()
     with pytest.raises(tinker.BadRequestError, match=r"prompt.chunks\[0\].tokens"):
         base.sample(types.ModelInput.from_ints([10 ** 6]), 1, types.SamplingParams(max_tokens=2)).result()
+

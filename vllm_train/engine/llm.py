@@ -145,6 +145,7 @@ class VLLMEngine:
         self._adapters: dict[str, AdapterRef] = {}  # family -> newest version
         self._tmpdirs: dict[int, tempfile.TemporaryDirectory] = {}
         self._slot_writers: dict[str, Any] = {}  # family -> fast_sync.SlotWriter of its pinned version
+        self._pinned: set[int] = set()  # adapter ids pinned to a LoRA slot (vLLM never evicts them)
         # Why the fast path is off (None while it may be used); set on the first refusal, e.g. when
         # the engine core runs in another process or the vLLM version is not a verified one.
         self.fast_sync_unavailable: str | None = None if self.options.fast_sync else "disabled in EngineOptions"
@@ -248,15 +249,20 @@ class VLLMEngine:
             result.append(samples)
         return result
 
-    def generate_raw(self, prompts: Sequence[Prompt], sampling: dict, adapter: AdapterRef | None = None):
+    def generate_raw(self, prompts: Sequence[Prompt], sampling: dict | Sequence[dict],
+                     adapter: AdapterRef | None | Sequence[AdapterRef | None] = None):
         """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds
         ``SamplingParams`` fields (a ``seed`` is spread over the prompts as in `generate`). Text prompts go
-        to vLLM as text, chat messages as token ids."""
+        to vLLM as text, chat messages as token ids. Many requests in one batch: `sampling` as a list (one
+        dict per prompt, seeds used as given) and `adapter` as a list (one per prompt; None: the base)."""
         from vllm import SamplingParams
 
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
-        params = [SamplingParams(**{**sampling, "seed": s})
-                  for s in request_seeds(sampling.get("seed"), len(inputs))]
+        if isinstance(sampling, dict):
+            params = [SamplingParams(**{**sampling, "seed": s})
+                      for s in request_seeds(sampling.get("seed"), len(inputs))]
+        else:
+            params = [SamplingParams(**each) for each in sampling]
         return self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
 
     def completion_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
@@ -362,19 +368,30 @@ class VLLMEngine:
 
         if self.fast_sync_unavailable is not None:
             return
-        if len(self._slot_writers) + 1 >= self.options.max_loras:
+        if len(self._pinned) + 1 >= self.options.max_loras:
             return  # every other slot is pinned already: this family stays on the public path
         try:
             self.llm.llm_engine.pin_lora(ref.id)
+            self._pinned.add(ref.id)
             self._slot_writers[family] = fast_sync.SlotWriter.attach(self.llm, ref.id, peft_state, peft_config,
                                                                      vllm_version())
         except fast_sync.FastSyncUnavailable as exc:
             self.fast_sync_unavailable = str(exc)
 
+    def is_pinned(self, ref: AdapterRef) -> bool:
+        return ref.id in self._pinned
+
+    def unpinned_slots(self) -> int:
+        """LoRA slots no pinned adapter holds: how many unpinned adapters one batch may use. vLLM's scheduler
+        counts pinned slots as free, so a batch of more unpinned adapters than this fails inside vLLM; split
+        such batches (`Sampler.sample_many` does)."""
+        return self.options.max_loras - len(self._pinned)
+
     def remove_adapter(self, ref: AdapterRef) -> None:
         for family, writer in list(self._slot_writers.items()):
             if writer.lora_id == ref.id:
                 del self._slot_writers[family]
+        self._pinned.discard(ref.id)
         self.llm.llm_engine.remove_lora(ref.id)
         tmp = self._tmpdirs.pop(ref.id, None)
         if tmp is not None:

@@ -43,11 +43,12 @@ class Service:
         self.limits = Limits(vocab_size, max_context, config.max_batch_tokens)
         self.trainer = Trainer(tenants, config.model, config.max_adapters)
         self.futures = FutureStore()
-        self.worker = Worker(self.futures, self.trainer, config.max_batch_tokens)
+        self.sampler = Sampler(engine, self.trainer, self.limits) if engine is not None else None
+        self.worker = Worker(self.futures, self.trainer, config.max_batch_tokens,
+                             self.sampler.sample_many if self.sampler is not None else None)
         self.sessions: dict[str, Session] = {}
         self._session_ids = itertools.count(1)
         self.architecture = type(tenants.model).__name__
-        self.sampler = Sampler(engine, self.trainer, self.limits) if engine is not None else None
         self.checkpoints = CheckpointStore(config.state_dir)
 
     # ---- sessions -------------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ class Service:
         else:
             session = sampler.new_session(owner, None)
         spec = sampler.check_sample(body)
-        record = self._queue(owner, "Sample", None, lambda: sampler.sample(sampler.adapter_for(session), spec))
+        record = self.futures.create(owner, "Sample")
+        self.worker.submit(Job(record, None, sample=(session, spec)))
         return {"request_id": record.request_id,
                 "sample_sequence_ids": [f"{record.request_id}-{j}" for j in range(spec.num_samples)]}
 

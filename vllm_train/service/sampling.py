@@ -14,10 +14,10 @@ import itertools
 import secrets
 from dataclasses import dataclass
 
-from vllm_train.engine.llm import AdapterRef, VLLMEngine, sampled_token_logprobs
+from vllm_train.engine.llm import AdapterRef, VLLMEngine, request_seeds, sampled_token_logprobs
 from vllm_train.service.datums import Limits
 from vllm_train.service.fields import get
-from vllm_train.service.problems import BadRequest, Gone, NotFound, NotSupported
+from vllm_train.service.problems import BadRequest, Gone, NotFound, NotSupported, ServiceProblem
 from vllm_train.service.training import Run, Trainer
 from vllm_train.service.wire import SampledSequence, encode_sample_response
 
@@ -59,7 +59,7 @@ class Sampler:
         self.latest: dict[str, SamplerVersion] = {}  # model_id -> newest version
         self.named: dict[tuple[str, str], SamplerVersion] = {}  # (model_id, name) -> version
         self._ids = itertools.count(1)
-        self.last_publish_seconds: float | None = None
+        self.vllm_calls: list[int] = []  # requests per vLLM generate call, newest last
 
     # ---- versions (worker thread) -----------------------------------------------------------------------
     def publish(self, run: Run, name: str | None) -> SamplerVersion:
@@ -141,9 +141,45 @@ class Sampler:
         return SampleSpec(prompt, num_samples, {**params, "n": num_samples, "logprobs": 0},
                           bool(get(body, "prompt_logprobs", bool, False)))
 
-    def sample(self, adapter: AdapterRef | None, spec: SampleSpec) -> bytes:
-        """Run one sample request on the engine (worker thread): SampleResponse protobuf bytes."""
-        out = self.engine.generate_raw([spec.prompt], spec.params, adapter=adapter)[0]
+    def sample_many(self, requests: list[tuple[SamplingSession, SampleSpec]]) -> list[bytes | ServiceProblem]:
+        """Sample requests of any tenants in one vLLM batch (multi-LoRA: each request with its session's
+        adapter); worker thread. Per request: SampleResponse protobuf bytes, or the problem that refused it
+        alone (weights replaced since). A request's samples are the ones it would get alone: its seed is
+        spread as a batch of one would spread it."""
+        results: list[bytes | ServiceProblem | None] = [None] * len(requests)
+        live, adapters = [], []
+        for i, (session, _) in enumerate(requests):
+            try:
+                adapters.append(self.adapter_for(session))
+                live.append(i)
+            except ServiceProblem as problem:
+                results[i] = problem
+        for group in self._vllm_batches(list(zip(live, adapters))):
+            specs = [requests[i][1] for i, _ in group]
+            params = [dict(spec.params, seed=request_seeds(spec.params.get("seed"), 1)[0]) for spec in specs]
+            outputs = self.engine.generate_raw([spec.prompt for spec in specs], params,
+                                               adapter=[adapter for _, adapter in group])
+            self.vllm_calls.append(len(group))
+            for (i, adapter), spec, out in zip(group, specs, outputs):
+                results[i] = self._response(spec, adapter, out)
+        return results
+
+    def _vllm_batches(self, items: list[tuple[int, AdapterRef | None]]) -> list[list]:
+        """Consecutive groups using at most `unpinned_slots()` different unpinned adapters each (pinned ones,
+        the fast-synced, hold slots of their own)."""
+        room = max(1, self.engine.unpinned_slots())
+        groups, unpinned = [], set()
+        for i, adapter in items:
+            new = adapter is not None and not self.engine.is_pinned(adapter) and adapter.id not in unpinned
+            if not groups or (new and len(unpinned) >= room):
+                groups.append([])
+                unpinned = set()
+            if adapter is not None and not self.engine.is_pinned(adapter):
+                unpinned.add(adapter.id)
+            groups[-1].append((i, adapter))
+        return groups
+
+    def _response(self, spec: SampleSpec, adapter: AdapterRef | None, out) -> bytes:
         sequences = [SampledSequence(list(c.token_ids), sampled_token_logprobs(c.logprobs, c.token_ids),
                                      "length" if c.finish_reason == "length" else "stop") for c in out.outputs]
         prompt_lps = None

@@ -1,7 +1,8 @@
 """The one thread that touches the model, the adapters and the vLLM engine: it drains a queue of jobs in
 arrival order. Forward/backward jobs queued together are taken as one batch -- of any runs, as long as no
 earlier job of the same run (an optimizer step, a save) is still waiting, so each run's requests keep their
-order -- and computed in one pass.
+order -- and computed in one pass. Sample jobs queued one after another (of any tenants) go to vLLM as one
+batch.
 
 A job's failure fails its future only; the thread never dies of one.
 """
@@ -32,15 +33,21 @@ class Job:
     action: Callable[[], dict | bytes] | None = None  # a job run on its own
     batch: CheckedBatch | None = None  # or a forward/backward, batched with others
     forward_only: bool = False
+    sample: tuple | None = None  # or a sample request (session, spec), batched with the sample jobs after it
 
     @property
     def batchable(self) -> bool:
         return self.batch is not None
 
 
+MAX_SAMPLE_BATCH = 256  # sample requests in one vLLM call
+
+
 class Worker:
-    def __init__(self, futures: FutureStore, trainer: Trainer, max_batch_tokens: int):
+    def __init__(self, futures: FutureStore, trainer: Trainer, max_batch_tokens: int,
+                 sample_many: Callable[[list], list] | None = None):
         self.futures = futures
+        self.sample_many = sample_many  # Sampler.sample_many: [(session, spec)] -> [bytes | problem]
         self.trainer = trainer
         self.max_batch_tokens = max_batch_tokens
         self._queue: deque[Job] = deque()
@@ -49,6 +56,7 @@ class Worker:
         self._held = 0
         self._thread = threading.Thread(target=self._loop, name="vllm-train-service-worker", daemon=True)
         self.batches: list[int] = []  # jobs per forward/backward pass, newest last (for tests and metrics)
+        self.sample_batches: list[int] = []  # sample requests per vLLM call
 
     def start(self) -> None:
         self._thread.start()
@@ -90,6 +98,11 @@ class Worker:
             if self._stopping:
                 return None
             first = self._queue.popleft()
+            if first.sample is not None:
+                taken = [first]
+                while self._queue and self._queue[0].sample is not None and len(taken) < MAX_SAMPLE_BATCH:
+                    taken.append(self._queue.popleft())
+                return taken
             if not first.batchable:
                 return [first]
             taken, kept, blocked = [first], deque(), set()
@@ -114,6 +127,8 @@ class Worker:
                 return
             if jobs[0].batchable:
                 self._run_batch(jobs)
+            elif jobs[0].sample is not None:
+                self._run_samples(jobs)
             else:
                 self._run_one(jobs[0])
 
@@ -141,6 +156,20 @@ class Worker:
             return
         self.batches.append(len(live))
         for (job, _), output in zip(live, outputs):
+            if isinstance(output, ServiceProblem):
+                self.futures.fail(job.record.request_id, output.message)
+            else:
+                self.futures.complete(job.record.request_id, output)
+
+    def _run_samples(self, jobs: list[Job]) -> None:
+        try:
+            outputs = self.sample_many([job.sample for job in jobs])
+        except Exception as exc:  # noqa: BLE001
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        self.sample_batches.append(len(jobs))
+        for job, output in zip(jobs, outputs):
             if isinstance(output, ServiceProblem):
                 self.futures.fail(job.record.request_id, output.message)
             else:
