@@ -62,7 +62,7 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "losses": [("causal_lm", "ppo", "tinker"), ("grpo", "dpo")],
     "lora": [("layers", "peft_io"), ("injector", "multi"), ("validate", "tensor_parallel", "multi_model")],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "gateway", "staging", "kv_budget"),
+    "engine": [("fast_sync", "gateway", "staging", "kv_budget", "seeds"),
                ("http_client", "server_args", "cpu_lora_ops"), ("cpu_lora_worker", "llm", "replicas"),
                ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),

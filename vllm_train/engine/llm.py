@@ -7,7 +7,6 @@ bf16 with CUDA graphs and a modest memory share so a trainer fits beside it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import tempfile
@@ -21,6 +20,7 @@ import torch
 from vllm_train import distributed, hub, quiet
 from vllm_train.engine import cpu_lora_ops
 from vllm_train.engine.kv_budget import startup_memory_share
+from vllm_train.engine.seeds import request_seeds
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -93,22 +93,6 @@ def sampled_token_logprobs(logprobs, token_ids) -> list[float]:
     if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):
         return list(logprobs.logprobs)  # exactly one entry per position: the sampled token's
     return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
-
-
-def request_seeds(seed: int | None, num_prompts: int) -> list[int | None]:
-    """One vLLM seed per prompt of a batch, derived from the batch's `seed` and the prompt's index.
-
-    vLLM's seeded sampler draws its noise from the request's own seed, so one seed for every request
-    of a batch gives every prompt the same noise: on a model with flat next-token distributions all
-    prompts then get the same completions (vLLM gives the `n` samples of one request seeds
-    ``seed + j``, so those differed, but prompt i's sample j equalled prompt k's sample j). A hash of
-    (seed, index) keeps the requests' seeds -- and their children's ``+ j`` -- apart, also from the
-    next batch's (a plain ``seed + i * n`` would reuse step s's seeds at step s + 1 shifted by one).
-    """
-    if seed is None:
-        return [None] * num_prompts
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 2
-            for i in range(num_prompts)]  # < 2**62: room for vLLM's `+ j` inside torch's seed range
 
 
 def on_cuda() -> bool:
@@ -251,10 +235,9 @@ class VLLMEngine:
 
     def generate_raw(self, prompts: Sequence[Prompt], sampling: dict | Sequence[dict],
                      adapter: AdapterRef | None | Sequence[AdapterRef | None] = None):
-        """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds
-        ``SamplingParams`` fields (a ``seed`` is spread over the prompts as in `generate`). Text prompts go
-        to vLLM as text, chat messages as token ids. Many requests in one batch: `sampling` as a list (one
-        dict per prompt, seeds used as given) and `adapter` as a list (one per prompt; None: the base)."""
+        """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds ``SamplingParams``
+        fields (a ``seed`` is spread over the prompts as in `generate`), or is a list of them, one per prompt
+        (seeds as given), as `adapter` may be. Text prompts go as text, chat messages as token ids."""
         from vllm import SamplingParams
 
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
@@ -321,14 +304,11 @@ class VLLMEngine:
         layers: B by output rows; row layers: A by input columns); the fast path writes `shards` into
         this rank's slot.
 
-        ``fast=False``: the public path only, and no slot pinned -- for an adapter the fast path cannot write
-        (an LM-head LoRA: vLLM keeps no slot buffer for it), whose refusal would otherwise turn the fast path
-        off for every family of the engine.
-        """
+        ``fast=False``: the public path, no slot pinned -- for an adapter vLLM has no slot buffers for (an
+        LM-head LoRA), whose refusal would turn the fast path off for every family of the engine."""
         if not fast:
-            full_state = peft_state() if callable(peft_state) else peft_state
             self.last_sync_path = "public"
-            return self._sync_public(full_state, peft_config, family)
+            return self._sync_public(peft_state() if callable(peft_state) else peft_state, peft_config, family)
         writer = self._slot_writers.get(family)
         slot_state = shards if shards is not None else peft_state
         if writer is not None and not callable(slot_state) and writer.matches(slot_state, peft_config):
@@ -378,13 +358,11 @@ class VLLMEngine:
         except fast_sync.FastSyncUnavailable as exc:
             self.fast_sync_unavailable = str(exc)
 
-    def is_pinned(self, ref: AdapterRef) -> bool:
+    def is_pinned(self, ref: AdapterRef) -> bool:  # pinned adapters keep a slot of their own
         return ref.id in self._pinned
 
     def unpinned_slots(self) -> int:
-        """LoRA slots no pinned adapter holds: how many unpinned adapters one batch may use. vLLM's scheduler
-        counts pinned slots as free, so a batch of more unpinned adapters than this fails inside vLLM; split
-        such batches (`Sampler.sample_many` does)."""
+        """Slots no pinned adapter holds (vLLM counts pinned ones as free: batch no more unpinned adapters)."""
         return self.options.max_loras - len(self._pinned)
 
     def remove_adapter(self, ref: AdapterRef) -> None:
