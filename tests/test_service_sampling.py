@@ -20,9 +20,10 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def running(tiny_model, engine):
-    service = build_service(ServiceConfig(model=tiny_model, port=0, max_adapters=4, max_lora_rank=16,
-                                          api_keys=(KEY,)), engine=engine)
+def running(tiny_model, engine, tmp_path_factory):
+    service = build_service(ServiceConfig(model=tiny_model, port=0, max_adapters=8, max_lora_rank=16,
+                                          state_dir=str(tmp_path_factory.mktemp("state")), api_keys=(KEY,)),
+                            engine=engine)
     running = start_in_thread(service)
     yield running
     running.stop()
@@ -146,4 +147,26 @@ def test_the_base_model_samples_by_name_and_bad_params_are_400s(client, tiny_mod
         base.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=10_000)).result()
     with pytest.raises(tinker.BadRequestError, match=r"prompt.chunks\[0\].tokens"):
         base.sample(types.ModelInput.from_ints([10 ** 6]), 1, types.SamplingParams(max_tokens=2)).result()
+
+
+def test_named_sampler_weights_stay_samplable_after_newer_saves(running, client, tiny_model):
+    from vllm_train.lora.peft_io import read_adapter_dir
+
+    tc, tok = _trained(client, tiny_model, seed=15, train_unembed=False)
+    first = tc.save_weights_for_sampler("first").result().path
+    _, first_state = read_adapter_dir(f"{running.service.config.state_dir}/{tc.model_id}/sampler_weights/first")
+    ids = tok.encode("What is 9 + 9? 18")
+    data = [types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+    tc.save_weights_for_sampler("second").result()  # the run's slot now holds "second"
+    sampler = client.create_sampling_client(model_path=first).result()
+    prompt = tok.encode("What is 6 + 7?")
+    seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=5, temperature=1.0,
+                                                                                      seed=3)).result().sequences[0]
+    ids = prompt + list(seq.tokens)
+    newest = running.service.trainer.tenants.peft_state_dict(running.service.trainer.runs[tc.model_id].slot)
+    assert_served_logprobs(torch.tensor(seq.logprobs), _hf_logprobs(tiny_model, first_state, ids, len(prompt)),
+                           alternative=_hf_logprobs(tiny_model, newest, ids, len(prompt)), what="first")
 

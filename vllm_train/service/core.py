@@ -43,13 +43,14 @@ class Service:
         self.limits = Limits(vocab_size, max_context, config.max_batch_tokens)
         self.trainer = Trainer(tenants, config.model, config.max_adapters)
         self.futures = FutureStore()
-        self.sampler = Sampler(engine, self.trainer, self.limits) if engine is not None else None
+        self.checkpoints = CheckpointStore(config.state_dir)
+        find = self.checkpoints.find if config.state_dir else None  # named sampler weights kept on disk
+        self.sampler = Sampler(engine, self.trainer, self.limits, find) if engine is not None else None
         self.worker = Worker(self.futures, self.trainer, config.max_batch_tokens,
                              self.sampler.sample_many if self.sampler is not None else None)
         self.sessions: dict[str, Session] = {}
         self._session_ids = itertools.count(1)
         self.architecture = type(tenants.model).__name__
-        self.checkpoints = CheckpointStore(config.state_dir)
 
     # ---- sessions -------------------------------------------------------------------------------------
     def create_session(self, owner: str, body: dict) -> dict:
@@ -239,6 +240,9 @@ class Service:
 
         def publish() -> dict:
             version = sampler.publish(run, name)
+            if name is not None and self.checkpoints.root is not None:  # a PEFT directory too: it stays samplable
+                self.checkpoints.save(self.trainer, run, "sampler_weights", name, overwrite=True)
+                version.directory = str(self.checkpoints.directory(run.model_id, "sampler_weights", name))
             if name is not None:
                 return {"type": "save_weights_for_sampler", "path": version.path}
             session = sampler.new_session(owner, version, inflight=kind == "inflight")
@@ -284,8 +288,7 @@ class Service:
     def close(self) -> None:
         """After the worker stopped: free the engine's LoRA slots of every run (a shared engine outlives us)."""
         if self.sampler is not None:
-            for model_id in list(self.sampler.latest):
-                self.sampler.forget(model_id)
+            self.sampler.close()
 
     def _queue(self, owner: str, kind: str, model_id: str | None, action) -> FutureRecord:
         record = self.futures.create(owner, kind)

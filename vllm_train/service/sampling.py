@@ -3,15 +3,18 @@
 
 `publish` writes a run's newest weights into its vLLM LoRA slot (`VLLMEngine.sync_adapter`: the fast sync
 after the first version, about a millisecond, no files) and names a version. One slot holds one version:
-a newer save overwrites it. So a "snapshot" sampling session (the SDK's default) pinned to a version that
-a newer save replaced is refused with a clear error (410) rather than silently served the newer weights;
-an "inflight" session follows its run's newest version.
+a newer save overwrites it. A "snapshot" sampling session (the SDK's default) whose version a newer save
+replaced keeps its weights when they were saved by name under --state-dir (then loaded from that PEFT
+directory into a spare slot), and is otherwise refused with a clear error (410) rather than silently
+served the newer weights; an "inflight" session follows its run's newest version.
 """
 
 from __future__ import annotations
 
 import itertools
 import secrets
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vllm_train.engine.llm import AdapterRef, VLLMEngine, request_seeds, sampled_token_logprobs
@@ -25,9 +28,10 @@ from vllm_train.service.wire import SampledSequence, encode_sample_response
 @dataclass
 class SamplerVersion:
     model_id: str
-    number: int  # 1, 2, ... per run
-    ref: AdapterRef
+    number: int  # 1, 2, ... per run (0: known from its directory only, e.g. after a restart)
+    ref: AdapterRef | None  # None: not in a slot now
     name: str | None = None  # save_weights_for_sampler's name (None: an unnamed save)
+    directory: str | None = None  # its PEFT directory under --state-dir (named saves with a state dir)
 
     @property
     def path(self) -> str:
@@ -51,8 +55,13 @@ class SampleSpec:
 
 
 class Sampler:
-    def __init__(self, engine: VLLMEngine, trainer: Trainer, limits: Limits):
+    SNAPSHOTS = 4  # replaced named versions kept loaded from their directories (least recently used go)
+
+    def __init__(self, engine: VLLMEngine, trainer: Trainer, limits: Limits,
+                 find_on_disk: Callable[[str, str], tuple] | None = None):
         self.engine = engine
+        self.find_on_disk = find_on_disk  # (tinker path, owner) -> (directory, metadata), or raises NotFound
+        self._snapshots: OrderedDict[str, AdapterRef] = OrderedDict()  # directory -> its loaded adapter
         self.trainer = trainer
         self.limits = limits
         self.sessions: dict[str, SamplingSession] = {}
@@ -78,10 +87,16 @@ class Sampler:
         return version
 
     def forget(self, model_id: str) -> None:
-        """The run is unloaded: free its vLLM slot."""
+        """The run is unloaded: free its vLLM slot (versions saved in directories stay samplable)."""
         version = self.latest.pop(model_id, None)
         if version is not None:
             self.engine.remove_adapter(version.ref)
+
+    def close(self) -> None:
+        for model_id in list(self.latest):
+            self.forget(model_id)
+        while self._snapshots:
+            self.engine.remove_adapter(self._snapshots.popitem()[1])
 
     def new_session(self, owner: str, version: SamplerVersion | None, inflight: bool = False) -> SamplingSession:
         session = SamplingSession(f"sampler-{next(self._ids)}-{secrets.token_hex(4)}", owner, version, inflight)
@@ -98,9 +113,12 @@ class Sampler:
         version = self.named.get((run_id, name))
         if version is None and name.startswith("v") and name[1:].isdigit() and run_id in self.latest:
             version = self.latest[run_id] if self.latest[run_id].number == int(name[1:]) else None
-        if run is None or run.owner != owner or version is None:
-            raise NotFound(f"model_path: no sampler weights {path!r} for this API key")
-        return version
+        if run is not None and run.owner == owner and version is not None:
+            return version
+        if self.find_on_disk is not None:  # saved by name under --state-dir (by a run since unloaded, or
+            directory, _ = self.find_on_disk(path, owner)  # before a restart); NotFound otherwise
+            return SamplerVersion(run_id, 0, None, name, str(directory))
+        raise NotFound(f"model_path: no sampler weights {path!r} for this API key")
 
     def session_for(self, owner: str, sampling_session_id: str) -> SamplingSession:
         session = self.sessions.get(sampling_session_id)
@@ -111,19 +129,32 @@ class Sampler:
     def adapter_for(self, session: SamplingSession) -> AdapterRef | None:
         """The vLLM adapter to sample `session` with, now (worker thread): refused if a newer save replaced
         a snapshot's weights in the run's slot, or the run is gone."""
-        if session.version is None:
+        version = session.version
+        if version is None:
             return None
-        model_id = session.version.model_id
-        newest = self.latest.get(model_id)
-        if newest is None:
-            raise Gone(f"sampling_session_id: model {model_id!r} was unloaded")
-        if session.inflight:
+        newest = self.latest.get(version.model_id)
+        if session.inflight and newest is not None:
             return newest.ref
-        if newest is not session.version:
-            raise Gone(f"sampling_session_id: sampler weights {session.version.path} were replaced by "
-                       f"{newest.path} in the model's vLLM slot (one slot per model, written in place); "
-                       "create a sampling client from the newer weights")
-        return newest.ref
+        if newest is version:
+            return version.ref
+        if version.directory is not None:
+            return self._snapshot(version.directory)
+        if newest is None:
+            raise Gone(f"sampling_session_id: model {version.model_id!r} was unloaded")
+        raise Gone(f"sampling_session_id: sampler weights {version.path} were replaced by {newest.path} in the "
+                   "model's vLLM slot (one slot per model, written in place; weights saved by name under "
+                   "--state-dir stay samplable); create a sampling client from the newer weights")
+
+    def _snapshot(self, directory: str) -> AdapterRef:
+        """A saved version's adapter, loaded from its PEFT directory into a spare slot (public path)."""
+        if directory in self._snapshots:
+            self._snapshots.move_to_end(directory)
+            return self._snapshots[directory]
+        ref = self.engine.load_adapter(directory, family=f"snapshot:{directory}")
+        self._snapshots[directory] = ref
+        if len(self._snapshots) > self.SNAPSHOTS:
+            self.engine.remove_adapter(self._snapshots.popitem(last=False)[1])
+        return ref
 
     # ---- requests --------------------------------------------------------------------------------------
     def check_sample(self, body: dict) -> SampleSpec:
