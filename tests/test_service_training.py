@@ -273,3 +273,21 @@ def test_limits_are_400s_naming_the_field(client, tiny_model, running):
                            loss_fn_inputs={"target_tokens": [5] * n, "weights": [1.0] * n})
     with pytest.raises(tinker.BadRequestError, match=r"data\[0\].model_input.*context length"):
         tc.forward_backward([too_long], "cross_entropy").result()
+
+
+def test_malformed_requests_are_4xx_and_the_server_keeps_serving(running, client, tiny_model):
+    headers = {"X-API-Key": KEY}
+    with httpx.Client(base_url=running.url, headers=headers) as http:
+        assert http.post("/api/v1/optim_step", content=b"{not json").json()["detail"].startswith("body")
+        assert http.post("/api/v1/optim_step", json=[1, 2]).status_code == 400
+        wrong_type = http.post("/api/v1/forward_backward", json={"model_id": "x"})
+        assert wrong_type.status_code == 400 and "application/x-protobuf" in wrong_type.json()["detail"]
+        garbage = http.post("/api/v1/forward_backward", content=b"\xff\xfe\xfd",
+                            headers={"Content-Type": "application/x-protobuf"})
+        assert garbage.status_code == 400 and garbage.json()["detail"].startswith("body")
+        unknown = http.post("/api/v1/no_such_route", json={})
+        assert unknown.status_code == 404 and "no_such_route" in unknown.json()["detail"]
+        assert http.post("/api/v1/create_model", json={"session_id": 5}).json()["detail"].startswith("session_id")
+        assert http.post("/api/v1/retrieve_future", json={"request_id": "req-999999"}).status_code == 404
+        assert http.get("/api/v1/healthz").json() == {"status": "ok"}
+    _new_training_client(client, tiny_model, seed=9)  # still serving

@@ -53,7 +53,7 @@ class CheckpointStore:
         return self.root
 
     def directory(self, model_id: str, kind: str, name: str) -> Path:
-        return self._require_root(kind) / model_id / kind / name
+        return self._require_root("path") / model_id / kind / name
 
     # ---- writing (worker thread) -----------------------------------------------------------------------
     def save(self, trainer: Trainer, run: Run, kind: str, name: str, overwrite: bool,

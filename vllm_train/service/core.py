@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 
 from vllm_train.service.checkpoints import CheckpointStore
 from vllm_train.service.config import ServiceConfig
@@ -277,8 +277,10 @@ class Service:
             session = sampler.session_for(owner, session_id)
         elif get(body, "model_path", str, None) is not None:
             session = sampler.new_session(owner, sampler.version_at(body["model_path"], owner))
-        else:
+        elif get(body, "base_model", str, self.config.model) == self.config.model:
             session = sampler.new_session(owner, None)
+        else:
+            raise BadRequest("base_model", f"this server samples {self.config.model!r} only")
         spec = sampler.check_sample(body)
         record = self.futures.create(owner, "Sample")
         self.worker.submit(Job(record, None, sample=(session, spec)))
@@ -307,6 +309,4 @@ def checkpoint_name(name: str | None, field_name: str) -> str | None:
 
 
 def _now_iso() -> str:
-    from datetime import datetime
-
     return datetime.now(UTC).isoformat()
