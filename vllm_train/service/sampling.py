@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Sampler:
         self.named: dict[tuple[str, str], SamplerVersion] = {}  # (model_id, name) -> version
         self._ids = itertools.count(1)
         self.vllm_calls: list[int] = []  # requests per vLLM generate call, newest last
+        self.publish_seconds: list[float] = []  # sync_adapter's time per publish, newest last
 
     # ---- versions (worker thread) -----------------------------------------------------------------------
     def publish(self, run: Run, name: str | None) -> SamplerVersion:
@@ -77,8 +79,10 @@ class Sampler:
         # vLLM has no slot buffer the fast sync could write for an LM-head LoRA (train_unembed): such
         # adapters go through files on tmpfs every time, and pin no slot
         head = tenants.multi.head_name
+        started = time.perf_counter()
         ref = self.engine.sync_adapter(tenants.peft_state_dict(run.slot, live=True), config, family=run.model_id,
                                        fast=head not in config["target_modules"])
+        self.publish_seconds.append(time.perf_counter() - started)
         previous = self.latest.get(run.model_id)
         version = SamplerVersion(run.model_id, previous.number + 1 if previous else 1, ref, name)
         self.latest[run.model_id] = version
