@@ -291,3 +291,30 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_serving(running, client
         assert http.post("/api/v1/retrieve_future", json={"request_id": "req-999999"}).status_code == 404
         assert http.get("/api/v1/healthz").json() == {"status": "ok"}
     _new_training_client(client, tiny_model, seed=9)  # still serving
+
+
+def test_a_call_over_the_token_budget_is_cut_by_the_sdk_and_steps_the_same(running, tiny_model):
+    """The client config makes the SDK cut forward_backward calls into requests within --max-batch-tokens;
+    the worker runs them as several passes whose gradients add up to the one big step's."""
+    small = start_in_thread(build_service(ServiceConfig(model=tiny_model, port=0, sampling=False,
+                                                        max_batch_tokens=48, api_keys=(KEY,))))
+    try:
+        trainers = []
+        for url in (running.url, small.url):
+            tc = tinker.ServiceClient(base_url=url, api_key=KEY).create_lora_training_client(
+                base_model=tiny_model, rank=8, seed=10, train_unembed=False).result()
+            trainers.append(tc)
+        data = _sft_data(trainers[0].get_tokenizer(), tuple(f"What is {i} + {i}? {2 * i}" for i in range(10, 20)))
+        assert sum(d.model_input.length for d in data) > 2 * 48
+        outs = []
+        for tc in trainers:
+            outs.append(tc.forward_backward(data, "cross_entropy").result())
+            tc.optim_step(types.AdamParams(learning_rate=0.01, eps=1e-2)).result()
+        assert outs[1].metrics["loss:sum"] == pytest.approx(outs[0].metrics["loss:sum"], rel=1e-5)
+        assert len(small.service.worker.batches) >= 3  # cut into several requests and passes
+        big_state = _slot_state(running, trainers[0])
+        small_state = small.service.trainer.tenants.peft_state_dict(
+            small.service.trainer.runs[trainers[1].model_id].slot)
+        assert _max_gap(big_state, small_state) < PARAM_TOL
+    finally:
+        small.stop()

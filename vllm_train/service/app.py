@@ -94,10 +94,13 @@ def build_app(service: Service) -> FastAPI:
 
     @app.post(f"{api}/client/config")
     async def client_config():
-        # Plain API keys, httpx transport, uncompressed protobuf forward/backward, per-request polling.
+        # Plain API keys, httpx transport, uncompressed protobuf forward/backward, per-request polling; and
+        # forward/backward calls cut by the SDK into requests within --max-batch-tokens: the SDK sizes a chunk
+        # by its protobuf bytes, at least 12 a token (an int32 input token and an int64 target)
         return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
                 "sample_use_retrieve_futures": False, "custom_loss_server_side": False,
-                "sample_join_sampling_session": False, "parallel_fwdbwd_chunks": True}
+                "sample_join_sampling_session": False, "parallel_fwdbwd_chunks": True,
+                "fwdbwd_max_chunk_bytes_count": 12 * service.config.max_batch_tokens}
 
     @app.post(f"{api}/client/dynamic_config")
     async def client_dynamic_config():
