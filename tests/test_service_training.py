@@ -318,3 +318,28 @@ def test_a_call_over_the_token_budget_is_cut_by_the_sdk_and_steps_the_same(runni
         assert _max_gap(big_state, small_state) < PARAM_TOL
     finally:
         small.stop()
+
+
+def test_a_session_without_heartbeats_ends_and_frees_its_slots(tiny_model):
+    """A client that vanished (no heartbeats) holds no adapter slot forever: its session ends after the TTL and
+    its runs are unloaded (raw HTTP here: the SDK would heartbeat)."""
+    service = build_service(ServiceConfig(model=tiny_model, port=0, sampling=False, max_adapters=1,
+                                          session_ttl_seconds=0.5, api_keys=(KEY,)))
+    small = start_in_thread(service)
+    try:
+        with httpx.Client(base_url=small.url, headers={"X-API-Key": KEY}) as http:
+            session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "x"}).json()["session_id"]
+            lora = {"rank": 8, "train_unembed": False}
+            future = http.post("/api/v1/create_model", json={"session_id": session, "model_seq_id": 0,
+                                                             "base_model": tiny_model, "lora_config": lora}).json()
+            model_id = http.post("/api/v1/retrieve_future", json=future).json()["model_id"]
+            assert service.trainer.runs[model_id].slot == 0
+            deadline = time.monotonic() + 10  # the server checks every ttl / 2
+            while model_id in service.trainer.runs and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert http.post("/api/v1/get_info", json={"model_id": model_id}).status_code == 404
+            assert http.post("/api/v1/session_heartbeat", json={"session_id": session}).status_code == 404
+        assert service.trainer.free_slot() == 0  # the one slot is free again
+        assert service.expire_sessions() == []
+    finally:
+        small.stop()

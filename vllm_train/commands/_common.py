@@ -148,6 +148,8 @@ FIELD_HELP.update({  # `vllm-train service` (ServiceConfig)
     "ServiceConfig.sampling": "start a vLLM engine for sampling (false: training only)",
     "ServiceConfig.kv_cache_gib": "vLLM's KV cache in GiB (CPU default 0.5; GPU default: a share of its memory)",
     "ServiceConfig.poll_seconds": "how long a retrieve_future call waits for its result before 'try again'",
+    "ServiceConfig.session_ttl_seconds": "a session without a heartbeat this long ends and its runs are unloaded "
+                                         "(the SDK heartbeats every 10 s)",
 })
 
 # The flag groups of `--help`, by the config class that declares the fields (or the nested config's name).

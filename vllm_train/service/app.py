@@ -59,11 +59,18 @@ def _future(record: FutureRecord, model_id: str | None = None) -> dict:
 
 
 def build_app(service: Service) -> FastAPI:
+    async def expire_sessions():
+        while True:
+            await asyncio.sleep(min(30.0, service.config.session_ttl_seconds / 2))
+            service.expire_sessions()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.futures.bind(asyncio.get_running_loop())
         service.worker.start()
+        expiry = asyncio.create_task(expire_sessions())
         yield
+        expiry.cancel()
         service.worker.stop()
         service.close()
 

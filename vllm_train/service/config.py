@@ -25,6 +25,7 @@ class ServiceConfig:
     sampling: bool = True  # start a vLLM engine for sampling (tests of training alone may leave it off)
     kv_cache_gib: float | None = None  # vLLM's KV cache (CPU default 0.5 GiB)
     poll_seconds: float = 20.0  # how long a retrieve_future waits for a result before "try again"
+    session_ttl_seconds: float = 600.0  # a session without a heartbeat this long ends; its runs are unloaded
     extra_engine: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,9 @@ class ServiceConfig:
                                  "320 or 512")
         if not 0 <= self.port <= 65535:
             raise VllmTrainError(f"--port {self.port}: expected 0..65535")
+        if not self.session_ttl_seconds > 0:
+            raise VllmTrainError(f"--session-ttl-seconds {self.session_ttl_seconds}: expected > 0 (the SDK "
+                                 "heartbeats every 10 s)")
         if self.max_batch_tokens < 1:
             raise VllmTrainError(f"--max-batch-tokens {self.max_batch_tokens}: expected >= 1")
 

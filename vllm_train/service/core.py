@@ -69,6 +69,18 @@ class Service:
         self.session_for(owner, get(body, "session_id", str)).last_heartbeat = time.time()
         return {"type": "session_heartbeat"}
 
+    def expire_sessions(self, now: float | None = None) -> list[str]:
+        """End the sessions whose client stopped heartbeating (it crashed or lost the network) and unload
+        their runs, so a vanished client does not hold adapter slots forever. Returns the ended sessions."""
+        now = time.time() if now is None else now
+        ended = [s for s in self.sessions.values() if now - s.last_heartbeat > self.config.session_ttl_seconds]
+        for session in ended:
+            del self.sessions[session.session_id]
+            for model_id, run in list(self.trainer.runs.items()):
+                if model_id.startswith(f"{session.session_id}:"):
+                    self.unload_model(run.owner, {"model_id": model_id})
+        return [s.session_id for s in ended]
+
     def capabilities(self) -> dict:
         return {"supported_models": [{"model_name": self.config.model, "max_context_length": self.limits.max_context,
                                       "trainable": True, "sampleable": self.config.sampling}]}
