@@ -343,3 +343,16 @@ def test_a_session_without_heartbeats_ends_and_frees_its_slots(tiny_model):
         assert service.expire_sessions() == []
     finally:
         small.stop()
+
+
+def test_a_closed_service_client_ends_its_session_and_the_model_path_may_be_absolute(running, tiny_model):
+    from pathlib import Path
+
+    absolute = str(Path(tiny_model).resolve())  # the same directory, spelled otherwise
+    with tinker.ServiceClient(base_url=running.url, api_key=KEY) as client:
+        tc = client.create_lora_training_client(base_model=absolute, rank=8, train_unembed=False).result()
+        assert tc.model_id in running.service.trainer.runs
+    deadline = time.monotonic() + 10  # POST sessions/{id}/finish queued the unload
+    while tc.model_id in running.service.trainer.runs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tc.model_id not in running.service.trainer.runs

@@ -133,6 +133,10 @@ def build_app(service: Service) -> FastAPI:
     async def session_heartbeat(request: Request):
         return service.heartbeat(request.state.owner, await _json(request))
 
+    @app.post(f"{api}/sessions/{{session_id}}/finish")
+    async def finish_session(request: Request, session_id: str):
+        return service.finish_session(request.state.owner, session_id)
+
     @app.post(f"{api}/create_model")
     async def create_model(request: Request):
         return _future(service.create_model(request.state.owner, await _json(request)))

@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from vllm_train.service.checkpoints import CheckpointStore
 from vllm_train.service.config import ServiceConfig
@@ -52,6 +53,13 @@ class Service:
         self._session_ids = itertools.count(1)
         self.architecture = type(tenants.model).__name__
 
+    def is_base_model(self, name: str) -> bool:
+        """`name` is this server's model: --model as given, or a path to the same directory."""
+        if name == self.config.model:
+            return True
+        local = Path(self.config.model)
+        return local.exists() and Path(name).exists() and Path(name).resolve() == local.resolve()
+
     # ---- sessions -------------------------------------------------------------------------------------
     def create_session(self, owner: str, body: dict) -> dict:
         get(body, "tags", list, [])
@@ -69,17 +77,26 @@ class Service:
         self.session_for(owner, get(body, "session_id", str)).last_heartbeat = time.time()
         return {"type": "session_heartbeat"}
 
+    def finish_session(self, owner: str, session_id: str) -> dict:
+        """The SDK's ServiceClient closing (a `with` block's end): the session ends, its runs are unloaded
+        (their checkpoints stay)."""
+        self._end(self.session_for(owner, session_id))
+        return {}
+
     def expire_sessions(self, now: float | None = None) -> list[str]:
         """End the sessions whose client stopped heartbeating (it crashed or lost the network) and unload
         their runs, so a vanished client does not hold adapter slots forever. Returns the ended sessions."""
         now = time.time() if now is None else now
         ended = [s for s in self.sessions.values() if now - s.last_heartbeat > self.config.session_ttl_seconds]
         for session in ended:
-            del self.sessions[session.session_id]
-            for model_id, run in list(self.trainer.runs.items()):
-                if model_id.startswith(f"{session.session_id}:"):
-                    self.unload_model(run.owner, {"model_id": model_id})
+            self._end(session)
         return [s.session_id for s in ended]
+
+    def _end(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
+        for model_id, run in list(self.trainer.runs.items()):
+            if model_id.startswith(f"{session.session_id}:"):
+                self.unload_model(run.owner, {"model_id": model_id})
 
     def capabilities(self) -> dict:
         return {"supported_models": [{"model_name": self.config.model, "max_context_length": self.limits.max_context,
@@ -90,7 +107,7 @@ class Service:
         session = self.session_for(owner, get(body, "session_id", str))
         seq = get(body, "model_seq_id", int)
         base = get(body, "base_model", str)
-        if base != self.config.model:
+        if not self.is_base_model(base):
             raise BadRequest("base_model", f"this server trains {self.config.model!r} only, not {base!r}")
         lora = get(body, "lora_config", dict, None)
         if lora is None:
@@ -270,7 +287,7 @@ class Service:
         if path is not None:
             session = sampler.new_session(owner, sampler.version_at(path, owner))
         elif base is not None:
-            if base != self.config.model:
+            if not self.is_base_model(base):
                 raise BadRequest("base_model", f"this server samples {self.config.model!r} only, not {base!r}")
             session = sampler.new_session(owner, None)
         else:
@@ -289,7 +306,7 @@ class Service:
             session = sampler.session_for(owner, session_id)
         elif get(body, "model_path", str, None) is not None:
             session = sampler.new_session(owner, sampler.version_at(body["model_path"], owner))
-        elif get(body, "base_model", str, self.config.model) == self.config.model:
+        elif self.is_base_model(get(body, "base_model", str, self.config.model)):
             session = sampler.new_session(owner, None)
         else:
             raise BadRequest("base_model", f"this server samples {self.config.model!r} only")
