@@ -356,3 +356,38 @@ def test_a_closed_service_client_ends_its_session_and_the_model_path_may_be_abso
     while tc.model_id in running.service.trainer.runs and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tc.model_id not in running.service.trainer.runs
+
+
+@pytest.mark.parametrize("loss_fn,config", [
+    ("importance_sampling", None),
+    ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05}),
+    ("ppo", None),
+    ("cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.1}),
+    ("dro", {"beta": 0.5}),
+])
+def test_rl_losses_through_the_sdk_sum_as_defined(running, client, tiny_model, loss_fn, config):
+    """Each RL loss's reported loss:sum equals the Tinker definition evaluated on the returned per-token
+    log-probs, with its config (clip thresholds as absolute ratios, defaults where none) reaching the server."""
+    from vllm_train.losses import tinker as L
+
+    tc = _new_training_client(client, tiny_model, seed=11)
+    tok = tc.get_tokenizer()
+    data, sampler_lps, advantages = [], [], []
+    for i, text in enumerate(("What is 2 + 3? 5", "What is 40 + 2? 42")):
+        ids = tok.encode(text)
+        n = len(ids) - 1
+        q = [-1.0 - 0.3 * ((j + i) % 4) for j in range(n)]  # the "sampler's" log-probs: ratios far from 1
+        a = [(-1.0) ** (j + i) * (0.5 + j / n) for j in range(n)]
+        sampler_lps.append(q)
+        advantages.append(a)
+        data.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                                loss_fn_inputs={"target_tokens": ids[1:], "logprobs": q, "advantages": a}))
+    out = tc.forward(data, loss_fn, config).result()
+    defaults = dict(L.LOSS_INPUTS[loss_fn][1])
+    resolved = {**defaults, **(config or {})}
+    want = 0.0
+    for o, q, a in zip(out.loss_fn_outputs, sampler_lps, advantages):
+        logps = torch.tensor(o["logprobs"].tolist(), dtype=torch.float64)
+        inputs = {"logprobs": torch.tensor(q, dtype=torch.float64), "advantages": torch.tensor(a, dtype=torch.float64)}
+        want += L.datum_loss(loss_fn, logps, inputs, resolved)[0].item()
+    assert out.metrics["loss:sum"] == pytest.approx(want, rel=1e-5, abs=1e-5)
