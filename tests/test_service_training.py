@@ -24,7 +24,7 @@ PARAM_TOL = 1e-5  # adapter tensors after a step, two implementations
 
 @pytest.fixture(scope="module")
 def running(tiny_model):
-    service = build_service(ServiceConfig(model=tiny_model, port=0, sampling=False, max_adapters=16,
+    service = build_service(ServiceConfig(model=tiny_model, port=0, sampling=False, max_adapters=32,
                                           api_keys=(KEY, OTHER_KEY)))
     running = start_in_thread(service)
     yield running
