@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("engine",),  # the only layer that imports vLLM
     ("trainers",),
+    ("service",),  # the Tinker-API training service: many tenants' adapters on one base, sampled through vLLM
     ("commands",),
     ("cli", "__init__"),  # the command line and the package facade
     ("__main__",),  # `python -m vllm_train` / torchrun -m vllm_train: runs the command line
@@ -58,16 +59,19 @@ PACKAGE_TIERS: dict[str, list[tuple[str, ...]]] = {
     "assets": [],
     "data": [("io", "tokenize"), ("formats",), ("causal_lm",), ("preference",)],
     "agents": [("episode", "bridge", "tool_calls", "environment", "recorded"), ("turns",)],
-    "losses": [("causal_lm", "ppo"), ("grpo", "dpo")],
-    "lora": [("layers", "peft_io"), ("injector",), ("validate", "tensor_parallel")],
+    "losses": [("causal_lm", "ppo", "tinker"), ("grpo", "dpo")],
+    "lora": [("layers", "peft_io"), ("injector", "multi"), ("validate", "tensor_parallel", "multi_model")],
     "rewards": [("loading",), ("model",)],
-    "engine": [("fast_sync", "gateway", "staging", "kv_budget"),
+    "engine": [("fast_sync", "gateway", "staging", "kv_budget", "seeds"),
                ("http_client", "server_args", "cpu_lora_ops"), ("cpu_lora_worker", "llm", "replicas"),
                ("loader", "reward", "publish", "shared_base"), ("remote", "trainable_cpu_worker")],
     "trainers": [("run_files", "shared_policy"), ("common",), ("guards",), ("loop", "rl_rollouts", "rl_algorithms"),
                  ("rl_policy", "rl_sampling", "rl_rewards"), ("sft", "dpo", "rm", "rl", "trainable")],
+    "service": [("protowire", "problems", "config"), ("wire", "futures", "tenants", "fields"), ("datums",),
+                ("training",), ("worker", "sampling", "checkpoints"), ("core",), ("app",), ("server",)],
     "commands": [("_common", "_data", "_output"), ("_rl", "_parse", "_trl"),
-                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge")],
+                 ("demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge",
+                  "service")],
 }
 
 MAX_LINES = 400

@@ -126,7 +126,7 @@ def test_texts_decoded_outside_vllm_equal_vllm_detokenized_texts(engine):
 def test_flat_sampled_logprobs_equal_vllms_per_token_entries(engine):
     """`generate` asks vLLM for flat log-prob lists; for the same seeded samples they equal vLLM's classic
     per-token dict entries, which the fallback reader handles too."""
-    from vllm_train.engine.llm import _sampled_token_logprobs
+    from vllm_train.engine.llm import sampled_token_logprobs
 
     prompts = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(47, 38), (5, 91)]]
     ours = engine.generate(prompts, n=3, temperature=1.0, max_tokens=10, seed=11, logprobs=True)
@@ -137,4 +137,4 @@ def test_flat_sampled_logprobs_equal_vllms_per_token_entries(engine):
             expected = [comp.logprobs[t][tok].logprob for t, tok in enumerate(comp.token_ids)]
             assert isinstance(comp.logprobs, list)  # the per-token dicts, not FlatLogprobs
             assert sample.logprobs == expected
-            assert _sampled_token_logprobs(comp.logprobs, comp.token_ids) == expected
+            assert sampled_token_logprobs(comp.logprobs, comp.token_ids) == expected

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vllm_train.errors import VllmTrainError
 
-COMMANDS = ["demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge"]
+COMMANDS = ["demo", "sft", "dpo", "rm", "grpo", "ppo", "generate", "eval", "serve", "push", "merge", "service"]
 # Commands that run data-parallel under `torchrun --nproc-per-node N -m vllm_train <command>`.
 DISTRIBUTED_COMMANDS = ("sft", "dpo", "rm", "grpo", "ppo")
 

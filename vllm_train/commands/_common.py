@@ -136,9 +136,26 @@ FIELD_HELP = {
                               "prompts are used whole; default: not applied)",
 }
 
+FIELD_HELP.update({  # `vllm-train service` (ServiceConfig)
+    "ServiceConfig.host": "address to bind (default: 127.0.0.1, this machine only)",
+    "ServiceConfig.port": "port to listen on; 0 = any free port (default: 8000)",
+    "ServiceConfig.max_adapters": "LoRA adapters (training runs) alive at once; vLLM gets one slot each",
+    "ServiceConfig.max_lora_rank": "largest LoRA rank a run may ask for: 1, 8, 16, 32, 64, ... (vLLM's "
+                                   "max_lora_rank)",
+    "ServiceConfig.state_dir": "where save_state / save_weights_for_sampler(name) write checkpoints; a restart "
+                               "lists and loads them (default: none, no checkpoints)",
+    "ServiceConfig.max_batch_tokens": "tokens in one forward/backward pass and in one request",
+    "ServiceConfig.sampling": "start a vLLM engine for sampling (false: training only)",
+    "ServiceConfig.kv_cache_gib": "vLLM's KV cache in GiB (CPU default 0.5; GPU default: a share of its memory)",
+    "ServiceConfig.poll_seconds": "how long a retrieve_future call waits for its result before 'try again'",
+    "ServiceConfig.session_ttl_seconds": "a session without a heartbeat this long ends and its runs are unloaded "
+                                         "(the SDK heartbeats every 10 s)",
+})
+
 # The flag groups of `--help`, by the config class that declares the fields (or the nested config's name).
 GROUP_TITLES = {"DPOConfig": "DPO options", "RewardModelConfig": "reward-model options", "RLHFConfig": "RL options",
-                "LoRATrainConfig": "training options", "lora_config": "LoRA and optimizer options"}
+                "LoRATrainConfig": "training options", "lora_config": "LoRA and optimizer options",
+                "ServiceConfig": "service options"}
 
 
 @dataclasses.dataclass

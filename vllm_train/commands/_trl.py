@@ -38,12 +38,12 @@ def add_trl_spellings(parser: argparse.ArgumentParser) -> None:
     """On every command: ``--model-name-or-path`` for ``--model``, TRL's options on the training commands
     (those with --config), and the underscore spelling of every option."""
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for command in subparsers.choices.values():
+    for name, command in subparsers.choices.items():
         model = command._option_string_actions.get("--model")
         if model is not None:
             model.option_strings.append("--model-name-or-path")
             command._option_string_actions["--model-name-or-path"] = model
-        if "--config" in command._option_string_actions:
+        if "--config" in command._option_string_actions and name != "service":  # a server, not a TRL recipe
             group = command.add_argument_group("TRL's options (accepted so that TRL recipes run; see each)")
             for name, (metavar, text) in TRL_OPTIONS.items():
                 bare = {"nargs": "?", "const": "true"} if metavar == "BOOL" else {}

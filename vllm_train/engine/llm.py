@@ -7,7 +7,6 @@ bf16 with CUDA graphs and a modest memory share so a trainer fits beside it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import tempfile
@@ -21,6 +20,7 @@ import torch
 from vllm_train import distributed, hub, quiet
 from vllm_train.engine import cpu_lora_ops
 from vllm_train.engine.kv_budget import startup_memory_share
+from vllm_train.engine.seeds import request_seeds
 from vllm_train.errors import VllmTrainError
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -86,29 +86,14 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def _sampled_token_logprobs(logprobs, token_ids) -> list[float]:
-    """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``)."""
+def sampled_token_logprobs(logprobs, token_ids) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position entries (asked with ``logprobs=0``): for
+    `generate_raw`'s outputs, ``sampled_token_logprobs(completion.logprobs, completion.token_ids)``."""
     from vllm.logprobs import FlatLogprobs
 
     if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):
         return list(logprobs.logprobs)  # exactly one entry per position: the sampled token's
     return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
-
-
-def request_seeds(seed: int | None, num_prompts: int) -> list[int | None]:
-    """One vLLM seed per prompt of a batch, derived from the batch's `seed` and the prompt's index.
-
-    vLLM's seeded sampler draws its noise from the request's own seed, so one seed for every request
-    of a batch gives every prompt the same noise: on a model with flat next-token distributions all
-    prompts then get the same completions (vLLM gives the `n` samples of one request seeds
-    ``seed + j``, so those differed, but prompt i's sample j equalled prompt k's sample j). A hash of
-    (seed, index) keeps the requests' seeds -- and their children's ``+ j`` -- apart, also from the
-    next batch's (a plain ``seed + i * n`` would reuse step s's seeds at step s + 1 shifted by one).
-    """
-    if seed is None:
-        return [None] * num_prompts
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 2
-            for i in range(num_prompts)]  # < 2**62: room for vLLM's `+ j` inside torch's seed range
 
 
 def on_cuda() -> bool:
@@ -145,6 +130,7 @@ class VLLMEngine:
         self._adapters: dict[str, AdapterRef] = {}  # family -> newest version
         self._tmpdirs: dict[int, tempfile.TemporaryDirectory] = {}
         self._slot_writers: dict[str, Any] = {}  # family -> fast_sync.SlotWriter of its pinned version
+        self._pinned: set[int] = set()  # adapter ids pinned to a LoRA slot (vLLM never evicts them)
         # Why the fast path is off (None while it may be used); set on the first refusal, e.g. when
         # the engine core runs in another process or the vLLM version is not a verified one.
         self.fast_sync_unavailable: str | None = None if self.options.fast_sync else "disabled in EngineOptions"
@@ -238,27 +224,27 @@ class VLLMEngine:
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
         texts = None if detokenize else iter(self.tokenizer.batch_decode(
             [comp.token_ids for out in outputs for comp in out.outputs], skip_special_tokens=True))
-        result = []
-        for out in outputs:
-            samples = []
-            for comp in out.outputs:
-                lps = None
-                if logprobs and comp.logprobs is not None:
-                    lps = _sampled_token_logprobs(comp.logprobs, comp.token_ids)
-                text = comp.text if texts is None else next(texts)
-                samples.append(Sample(text, list(comp.token_ids), lps, comp.finish_reason))
-            result.append(samples)
-        return result
 
-    def generate_raw(self, prompts: Sequence[Prompt], sampling: dict, adapter: AdapterRef | None = None):
-        """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds
-        ``SamplingParams`` fields (a ``seed`` is spread over the prompts as in `generate`). Text prompts go
-        to vLLM as text, chat messages as token ids."""
+        def sample(comp) -> Sample:  # called in output order: the decoded texts are taken in that order
+            has_logprobs = logprobs and comp.logprobs is not None
+            lps = sampled_token_logprobs(comp.logprobs, comp.token_ids) if has_logprobs else None
+            return Sample(comp.text if texts is None else next(texts), list(comp.token_ids), lps, comp.finish_reason)
+
+        return [[sample(comp) for comp in out.outputs] for out in outputs]
+
+    def generate_raw(self, prompts: Sequence[Prompt], sampling: dict | Sequence[dict],
+                     adapter: AdapterRef | None | Sequence[AdapterRef | None] = None):
+        """`LLM.generate` returning vLLM's own ``RequestOutput`` objects; `sampling` holds ``SamplingParams``
+        fields (a ``seed`` is spread over the prompts as in `generate`), or is a list of them, one per prompt
+        (seeds as given), as `adapter` may be. Text prompts go as text, chat messages as token ids."""
         from vllm import SamplingParams
 
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": self.prompt_token_ids(p)} for p in prompts]
-        params = [SamplingParams(**{**sampling, "seed": s})
-                  for s in request_seeds(sampling.get("seed"), len(inputs))]
+        if isinstance(sampling, dict):
+            params = [SamplingParams(**{**sampling, "seed": s})
+                      for s in request_seeds(sampling.get("seed"), len(inputs))]
+        else:
+            params = [SamplingParams(**each) for each in sampling]
         return self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._request(adapter))
 
     def completion_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
@@ -294,7 +280,7 @@ class VLLMEngine:
         return ref
 
     def sync_adapter(self, peft_state: PeftState, peft_config: dict, family: str = "live",
-                     shards: dict[str, torch.Tensor] | None = None) -> AdapterRef:
+                     shards: dict[str, torch.Tensor] | None = None, fast: bool = True) -> AdapterRef:
         """Make in-memory adapter weights (PEFT names, unscaled B) the ones the engine serves for
         `family`, and return the handle to generate with. This is the one entry point trainers use
         before every rollout, so the engine never serves a stale adapter.
@@ -316,7 +302,12 @@ class VLLMEngine:
         the fast path does not need) and `shards` this rank's shards of them, in vLLM's TP split (column
         layers: B by output rows; row layers: A by input columns); the fast path writes `shards` into
         this rank's slot.
-        """
+
+        ``fast=False``: the public path, no slot pinned -- for an adapter vLLM has no slot buffers for (an
+        LM-head LoRA), whose refusal would turn the fast path off for every family of the engine."""
+        if not fast:
+            self.last_sync_path = "public"
+            return self._sync_public(peft_state() if callable(peft_state) else peft_state, peft_config, family)
         writer = self._slot_writers.get(family)
         slot_state = shards if shards is not None else peft_state
         if writer is not None and not callable(slot_state) and writer.matches(slot_state, peft_config):
@@ -356,19 +347,28 @@ class VLLMEngine:
 
         if self.fast_sync_unavailable is not None:
             return
-        if len(self._slot_writers) + 1 >= self.options.max_loras:
+        if len(self._pinned) + 1 >= self.options.max_loras:
             return  # every other slot is pinned already: this family stays on the public path
         try:
             self.llm.llm_engine.pin_lora(ref.id)
+            self._pinned.add(ref.id)
             self._slot_writers[family] = fast_sync.SlotWriter.attach(self.llm, ref.id, peft_state, peft_config,
                                                                      vllm_version())
         except fast_sync.FastSyncUnavailable as exc:
             self.fast_sync_unavailable = str(exc)
 
+    def is_pinned(self, ref: AdapterRef) -> bool:  # pinned adapters keep a slot of their own
+        return ref.id in self._pinned
+
+    def unpinned_slots(self) -> int:
+        """Slots no pinned adapter holds (vLLM counts pinned ones as free: batch no more unpinned adapters)."""
+        return self.options.max_loras - len(self._pinned)
+
     def remove_adapter(self, ref: AdapterRef) -> None:
         for family, writer in list(self._slot_writers.items()):
             if writer.lora_id == ref.id:
                 del self._slot_writers[family]
+        self._pinned.discard(ref.id)
         self.llm.llm_engine.remove_lora(ref.id)
         tmp = self._tmpdirs.pop(ref.id, None)
         if tmp is not None:

@@ -16,7 +16,13 @@ from vllm_train import distributed
 from vllm_train.config import ALL_LINEAR, LoRATrainConfig
 from vllm_train.errors import VllmTrainError
 from vllm_train.lora.layers import FusedLoRALinear, LoRAWrappedLinear, TrainableLoRALinear
-from vllm_train.lora.peft_io import FUSED_PROJECTIONS, PEFT_PREFIX, read_adapter_dir, write_adapter_dir
+from vllm_train.lora.peft_io import (
+    FUSED_PROJECTIONS,
+    lora_adapter_config,
+    peft_key,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 
 
 class LoRAInjector:
@@ -51,9 +57,9 @@ class LoRAInjector:
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, (LoRAWrappedLinear, FusedLoRALinear)):
                 continue
-            if isinstance(module, nn.Linear) and (leaf in targets or _hf_fused_targeted(model, leaf, targets)):
+            if isinstance(module, nn.Linear) and is_linear_target(model, leaf, targets):
                 lora = self._new_lora(module.in_features, module.out_features, module.weight)
-                _set_submodule(model, name, LoRAWrappedLinear(module, lora))
+                set_submodule(model, name, LoRAWrappedLinear(module, lora))
                 self.lora_layers[name] = lora
             elif leaf in FUSED_PROJECTIONS and any(p in targets for p in FUSED_PROJECTIONS[leaf]) \
                     and not isinstance(module, nn.Linear):
@@ -80,7 +86,7 @@ class LoRAInjector:
             else:
                 self.lora_layers[f"{prefix}.{proj}" if prefix else proj] = lora
             loras[proj] = lora
-        _set_submodule(model, name, FusedLoRALinear(module, loras, sizes))
+        set_submodule(model, name, FusedLoRALinear(module, loras, sizes))
 
     def get_trainable_params(self) -> list[nn.Parameter]:
         """Only the LoRA A/B matrices, in a fixed order."""
@@ -118,8 +124,8 @@ class LoRAInjector:
             a, b = (_local(a), _local(b)) if local and live else (_full(a), _full(b))
             if not live:
                 a, b = a.float().contiguous().cpu(), b.float().contiguous().cpu()
-            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+            state[peft_key(name, "A")] = a
+            state[peft_key(name, "B")] = b
         return state
 
     def sync_states(self):
@@ -141,24 +147,7 @@ class LoRAInjector:
     def peft_config(self, base_model_name_or_path: str | None) -> dict:
         c = self.config
         modules = sorted({name.rsplit(".", 1)[-1] for name in self.lora_layers})
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model_name_or_path,
-            "r": c.rank,
-            "lora_alpha": c.alpha,
-            "lora_dropout": c.dropout,
-            "target_modules": modules,
-            "use_rslora": c.use_rslora,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "modules_to_save": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "use_dora": False,
-        }
+        return lora_adapter_config(c.rank, c.alpha, modules, base_model_name_or_path, c.dropout, c.use_rslora)
 
     def save(self, path: str | Path, base_model_name_or_path: str | None = None, card: str | None = None) -> Path:
         """Write a PEFT-format adapter directory (each file to a temp name first, then renamed).
@@ -177,13 +166,13 @@ class LoRAInjector:
         if int(config.get("r", -1)) != self.config.rank:
             raise VllmTrainError(f"{path}: adapter rank r={config.get('r')} does not match config rank "
                                  f"{self.config.rank}")
-        expected = [f"{PEFT_PREFIX}{name}.lora_{ab}.weight" for name in self.lora_layers for ab in "AB"]
+        expected = [peft_key(name, ab) for name in self.lora_layers for ab in "AB"]
         missing = sorted(set(expected) - set(state))
         if missing:
             raise VllmTrainError(f"{path}: adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
         for name, lora in self.lora_layers.items():
-            _copy_full_into(lora.lora_a, state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-            _copy_full_into(lora.lora_b, state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            _copy_full_into(lora.lora_a, state[peft_key(name, "A")])
+            _copy_full_into(lora.lora_b, state[peft_key(name, "B")])
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -202,6 +191,12 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
                                  src_data_rank=None)
     param.copy_(full)
+
+
+def is_linear_target(model: nn.Module, leaf: str, targets: set[str]) -> bool:
+    """Whether the linear layer `leaf` (a leaf name) of `model` gets a LoRA for `targets`: by its own name,
+    or, for an HF model's own fused linear, by its parts' names (`_hf_fused_targeted`)."""
+    return leaf in targets or _hf_fused_targeted(model, leaf, targets)
 
 
 def _hf_fused_targeted(model: nn.Module, leaf: str, targets: set[str]) -> bool:
@@ -258,7 +253,7 @@ def fused_output_sizes(module: nn.Module, leaf: str) -> list[int]:
     return [size // tp for size in module.output_sizes]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -67,17 +67,19 @@ class TrainableLoRALinear(nn.Module):
 
     A is (rank, in_features), Kaiming-uniform initialised; B is (out_features, rank), zero-initialised,
     so a fresh adapter leaves the model unchanged. ``scaling`` is alpha/rank, or alpha/sqrt(rank) with
-    rsLoRA. Set ``disabled = True`` to make forward return ``base_output`` untouched.
+    rsLoRA. Set ``disabled = True`` to make forward return ``base_output`` untouched. `generator`: A's
+    initial values come from it instead of torch's global generator (a seeded adapter that leaves the
+    global random state alone).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 16,
-                 dropout: float = 0.0, use_rslora: bool = False):
+                 dropout: float = 0.0, use_rslora: bool = False, generator: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
 

@@ -38,6 +38,34 @@ vLLM via `LoRARequest(name, id, DIR)` / `vllm serve ... --enable-lora --lora-mod
 """
 
 
+def peft_key(module_path: str, matrix: str) -> str:
+    """The file key of a module's LoRA matrix `matrix` ("A" or "B")."""
+    return f"{PEFT_PREFIX}{module_path}.lora_{matrix}.weight"
+
+
+def lora_adapter_config(rank: int, alpha: float, modules: list[str], base_model_name_or_path: str | None,
+                        dropout: float = 0.0, use_rslora: bool = False) -> dict:
+    """``adapter_config.json`` of a LoRA adapter on `modules` (leaf names), as PEFT writes it."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(modules),
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
 def adapter_card(base: str, kind: str, config, steps: int) -> str:
     """The README.md written beside an adapter: what it was trained from and how to load it.
     `config` is the run's LoRATrainConfig (rank, alpha, target_modules)."""
