@@ -5,10 +5,17 @@ Reports per tenant count: aggregate trained tokens/s (input tokens of every forw
 over the wall time), per-tenant step latency p50/p95 (submit -> both results back), forward/backward passes
 the worker ran (fewer than requests = tenants batched into one pass), and `save_weights_for_sampler`
 latency p50/p95 through the SDK with the server-side slot write (`sync_adapter`) p50 beside it; peak memory
-(GPU: torch's peak allocation; CPU: the process's max RSS). Not measured here: the same tenants as separate
-`vllm-train` processes.
+(GPU: torch's peak allocation; CPU: the process's max RSS).
+
+`--baseline` also runs the same tenants as separate processes, one per tenant, started together: each loads
+its own base (`vllm_train.models.load_policy`, the single-adapter trainer's stack: rank 8, alpha 32,
+attention + MLP, as the service's tenants), runs the same SFT steps (summed cross-entropy, torch AdamW) on
+the same data, and reports its tokens, its step loop's start and end time and its max RSS. Aggregate
+tokens/s = all tokens / (last end - first start); memory = the processes' RSS summed. Compare with
+`--no-sampling` (the service process then holds no vLLM engine either).
 
     python benchmarks/service.py --tenants 1,4,16 --steps 10 --out benchmarks/results/service_cpu.json
+    python benchmarks/service.py --tenants 1,4 --steps 10 --no-sampling --baseline --out ...
 """
 
 from __future__ import annotations
@@ -93,6 +100,54 @@ def run_tenants(url: str, key: str, model: str, tenants: int, steps: int, batch:
             "slot_sync_p50_ms": 1e3 * statistics.median(syncs) if syncs else None}
 
 
+def one_tenant_process(model: str, steps: int, batch: int, index: int) -> None:
+    """A tenant as its own process (see the module docstring); prints one JSON line."""
+    import torch
+
+    from vllm_train.assets import data_file
+    from vllm_train.config import LoRATrainConfig
+    from vllm_train.lora.multi_model import ATTENTION_MODULES, MLP_MODULES
+    from vllm_train.models import load_policy
+
+    torch.manual_seed(index)
+    config = LoRATrainConfig(rank=8, alpha=32, target_modules=[*ATTENTION_MODULES, *MLP_MODULES], precision="fp32")
+    model_, tokenizer, injector = load_policy(model, config)
+    optimizer = torch.optim.AdamW(injector.get_trainable_params(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12,
+                                  weight_decay=0.0)
+    records = [json.loads(line) for line in open(data_file("sft_train.jsonl"))]
+    tokens, started = 0, time.time()
+    for step in range(steps):
+        for datum in sft_data(tokenizer, records, batch, (index * steps + step) * batch):
+            ids = torch.tensor([datum.model_input.to_ints()])
+            targets = torch.tensor([datum.loss_fn_inputs["target_tokens"].tolist()])
+            logps = torch.log_softmax(model_(input_ids=ids).logits.float(), -1).gather(-1, targets[..., None])
+            (-logps.sum()).backward()
+            tokens += ids.shape[1]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    print(json.dumps({"tokens": tokens, "start": started, "end": time.time(),
+                      "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+
+
+def run_processes(model: str, tenants: int, steps: int, batch: int) -> dict:
+    """`tenants` separate processes at once (`one_tenant_process`): aggregate tokens/s and summed RSS."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--one-tenant", str(i), "--model", model, "--steps",
+                               str(steps), "--batch", str(batch)], stdout=subprocess.PIPE, text=True)
+             for i in range(tenants)]
+    reports = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"a tenant process failed (exit {proc.returncode})")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return {"tenants": tenants, "tokens_per_s": sum(r["tokens"] for r in reports) / wall, "wall_s": wall,
+            "memory_gib": sum(r["max_rss_gib"] for r in reports)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vllm_train/assets/tiny-llama")
@@ -100,8 +155,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8, help="datums per forward_backward")
     parser.add_argument("--no-sampling", action="store_true", help="no vLLM engine (no save_for_sampler figures)")
+    parser.add_argument("--baseline", action="store_true", help="also the tenants as separate processes")
+    parser.add_argument("--one-tenant", type=int, help=argparse.SUPPRESS)  # a baseline process (internal)
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
+    if args.one_tenant is not None:
+        return one_tenant_process(args.model, args.steps, args.batch, args.one_tenant)
 
     import torch
 
@@ -124,8 +183,9 @@ def main() -> None:
         running.stop()
     memory = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    baseline = [run_processes(args.model, count, args.steps, args.batch) for count in counts] if args.baseline else []
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "model": args.model, "peak_memory_gib": memory, "results": results}
+           "model": args.model, "peak_memory_gib": memory, "results": results, "separate_processes": baseline}
     print("| tenants | tokens/s | step p50 / p95 (ms) | requests / passes | save_for_sampler p50 / p95 (ms) | "
           "slot sync p50 (ms) |")
     print("|---|---|---|---|---|---|")
@@ -136,6 +196,13 @@ def main() -> None:
         print(f"| {r['tenants']} | {r['tokens_per_s']:.0f} | {r['step_p50_ms']:.0f} / {r['step_p95_ms']:.0f} | "
               f"{r['requests']} / {r['fwd_bwd_passes']} | {save} | {sync} |")
     print(f"peak memory: {memory:.2f} GiB ({out['device']})")
+    if baseline:
+        print("\n| tenants | service tokens/s | separate processes tokens/s | ratio | service GiB | processes GiB |")
+        print("|---|---|---|---|---|---|")
+        for r, b in zip(results, baseline):
+            print(f"| {r['tenants']} | {r['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
+                  f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x | {memory:.2f} (peak, all counts) | "
+                  f"{b['memory_gib']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
