@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import threading
@@ -100,7 +101,7 @@ def run_tenants(url: str, key: str, model: str, tenants: int, steps: int, batch:
             "slot_sync_p50_ms": 1e3 * statistics.median(syncs) if syncs else None}
 
 
-def one_tenant_process(model: str, steps: int, batch: int, index: int) -> None:
+def one_tenant_process(model: str, steps: int, batch: int, index: int, tenants: int) -> None:
     """A tenant as its own process (see the module docstring); prints one JSON line."""
     import torch
 
@@ -110,19 +111,27 @@ def one_tenant_process(model: str, steps: int, batch: int, index: int) -> None:
     from vllm_train.models import load_policy
 
     torch.manual_seed(index)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tenants))  # the processes share the cores
     config = LoRATrainConfig(rank=8, alpha=32, target_modules=[*ATTENTION_MODULES, *MLP_MODULES], precision="fp32")
     model_, tokenizer, injector = load_policy(model, config)
     optimizer = torch.optim.AdamW(injector.get_trainable_params(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12,
                                   weight_decay=0.0)
     records = [json.loads(line) for line in open(data_file("sft_train.jsonl"))]
     tokens, started = 0, time.time()
-    for step in range(steps):
-        for datum in sft_data(tokenizer, records, batch, (index * steps + step) * batch):
-            ids = torch.tensor([datum.model_input.to_ints()])
-            targets = torch.tensor([datum.loss_fn_inputs["target_tokens"].tolist()])
-            logps = torch.log_softmax(model_(input_ids=ids).logits.float(), -1).gather(-1, targets[..., None])
-            (-logps.sum()).backward()
-            tokens += ids.shape[1]
+    for step in range(steps):  # one padded pass per step, as the service's worker makes one per batch
+        data = sft_data(tokenizer, records, batch, (index * steps + step) * batch)
+        T = max(d.model_input.length for d in data)
+        ids_BT, targets_BT = torch.zeros(len(data), T, dtype=torch.long), torch.zeros(len(data), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(data), T, dtype=torch.bool)
+        for row, d in enumerate(data):
+            n = d.model_input.length
+            ids_BT[row, :n] = torch.tensor(d.model_input.to_ints())
+            targets_BT[row, :n] = torch.tensor(d.loss_fn_inputs["target_tokens"].tolist())
+            mask_BT[row, :n] = True
+        logits = model_(input_ids=ids_BT, attention_mask=mask_BT.long()).logits.float()
+        logps_BT = torch.log_softmax(logits, -1).gather(-1, targets_BT[..., None])[..., 0]
+        (-logps_BT[mask_BT].sum()).backward()
+        tokens += int(mask_BT.sum())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     print(json.dumps({"tokens": tokens, "start": started, "end": time.time(),
@@ -134,8 +143,8 @@ def run_processes(model: str, tenants: int, steps: int, batch: int) -> dict:
     import subprocess
     import sys
 
-    procs = [subprocess.Popen([sys.executable, __file__, "--one-tenant", str(i), "--model", model, "--steps",
-                               str(steps), "--batch", str(batch)], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, __file__, "--one-tenant", str(i), "--tenants", str(tenants), "--model",
+                               model, "--steps", str(steps), "--batch", str(batch)], stdout=subprocess.PIPE, text=True)
              for i in range(tenants)]
     reports = []
     for proc in procs:
@@ -160,7 +169,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
     if args.one_tenant is not None:
-        return one_tenant_process(args.model, args.steps, args.batch, args.one_tenant)
+        return one_tenant_process(args.model, args.steps, args.batch, args.one_tenant, int(args.tenants))
 
     import torch
 
