@@ -4,7 +4,7 @@
 
     python scripts/build_toy_world.py --two-kv-only   # tiny-llama-2kv/ alone, from tiny-llama/ (seconds)
 
-    python scripts/build_toy_world.py --tools-only    # tiny-llama-tools/ alone (~10 min on one CPU thread)
+    python scripts/build_toy_world.py --tools-only    # tiny-llama-tools/ alone (~12 min on one CPU thread)
 
 What it makes (all committed, so nothing is downloaded at run time):
   tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
