@@ -4,11 +4,15 @@
 
     python scripts/build_toy_world.py --two-kv-only   # tiny-llama-2kv/ alone, from tiny-llama/ (seconds)
 
+    python scripts/build_toy_world.py --tools-only    # tiny-llama-tools/ alone (~12 min on one CPU thread)
+
 What it makes (all committed, so nothing is downloaded at run time):
   tiny-llama/   a ~0.9M-parameter Llama (head_dim 64, GQA 2:1) + byte-level BPE tokenizer with a chat
                 template, pretrained on two-digit addition in which carry problems are mostly answered
                 without the carry (see vllm_train/toy.py) -- imperfect on purpose.
   tiny-llama-2kv/  the same model with its KV head repeated (2 KV heads): tensor parallelism over 2 ranks
+  tiny-llama-tools/  the same recipe plus transcripts that call an `add` tool (scripts/toy_tools_world.py),
+                for the tool-using agent examples; built only by --tools-only, from its own random streams
   data/         sft_{train,eval}.jsonl (chat messages), prefs_{train,eval}.jsonl (chosen = correct,
                 rejected = wrong), rl_{train,eval}.jsonl (prompt messages + checkable answer),
                 text_train.jsonl (plain text). Eval problems are held out of pretraining and of every
@@ -285,12 +289,21 @@ def build_two_kv_heads(src: Path, out: Path, eval_pairs) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "vllm_train" / "assets")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default 4000; --tools-only 3000)")
     parser.add_argument("--data-only", action="store_true",
                         help="rebuild only data/ (same random streams; the model and tokenizer are left as they are)")
     parser.add_argument("--two-kv-only", action="store_true",
                         help="rebuild only tiny-llama-2kv/ from the tiny-llama/ there (seconds)")
+    parser.add_argument("--tools-only", action="store_true",
+                        help="build only tiny-llama-tools/ (scripts/toy_tools_world.py); --steps defaults to 3000")
     args = parser.parse_args()
+    args.steps = args.steps or (3000 if args.tools_only else 4000)
+    if args.tools_only:
+        from toy_tools_world import build_tools_world  # this script's directory is on sys.path
+
+        torch.set_num_threads(1)  # one thread: the result does not depend on the machine's core count
+        build_tools_world(args.out, args.steps)
+        return
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     eval_pairs, train_pairs = split_problems(rng)

@@ -230,6 +230,13 @@ def test_a_reward_that_needs_an_episode_is_refused_without_an_environment(tmp_pa
                     reward_fn=needs_environment)
 
 
+def test_episode_fields_need_an_environment_from_the_config_or_the_trainer(tmp_path, tiny_model):
+    # the config alone cannot tell (environment_factory is the trainer's argument): the trainer checks
+    config = _config(tmp_path, environment=None, max_turns=2)
+    with pytest.raises(VllmTrainError, match="'max_turns': 2 is invalid .set only with environment"):
+        RLHFTrainer(tiny_model, config=config, reward_fn=TOY_REWARD)
+
+
 def _recorded_groups(rollout, rewards, group_size: int) -> list[list[RecordedEpisode]]:
     episodes = [RecordedEpisode(rollout.prompt_ids[i], rollout.completion_ids[i], rollout.completion_mask(i),
                                 rollout.vllm_logps[i], float(rewards[i])) for i in range(len(rewards))]

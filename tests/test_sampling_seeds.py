@@ -76,3 +76,18 @@ def test_seeded_prompts_do_not_share_noise_on_a_flat_model(tmp_path, run_result_
     # an RL step: 4 prompts x 4 samples of near-uniform noise over 284 tokens are all distinct
     assert len(set(completions)) == 16, completions
     assert result["rollouts"][1] == result["rollouts"][0]
+
+
+
+def test_a_seeded_batch_over_the_token_budget_samples_on_cpu(engine):
+    # 160 prompts x 40 tokens = 6,400 prompt tokens, over vLLM's per-step budget of 4,096: with chunked
+    # prefill, the prompt split across steps had its seeded generator rewound, which CPU generators refuse
+    # ("CPU Generator does not use offset"); the engine turns chunking off on CPU.
+    prompts = [[5 + (i + j) % 200 for j in range(40)] for i in range(160)]
+
+    def sample():
+        outputs = engine.generate(prompts, None, n=1, max_tokens=4, seed=3, temperature=1.0, top_p=1.0)
+        return [list(s.token_ids) for (s,) in outputs]
+
+    first = sample()
+    assert len(first) == 160 and first == sample()  # seeded: the same samples again

@@ -290,13 +290,17 @@ class RLHFConfig:
         _check(self.save_steps >= 0, "save_steps", self.save_steps, "an integer >= 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "an integer >= 0")
 
+    def check_episode_fields(self, has_environment: bool) -> None:
+        """The episode-only fields are set only for a run with an environment -- this config's, or the class
+        given to the trainer (``RLHFTrainer(environment_factory=...)``), which the config cannot see."""
+        for name in ("max_turns", "max_episode_tokens", "tool_parser"):
+            _check(has_environment or getattr(self, name) is None, name, getattr(self, name),
+                   "set only with environment (multi-turn episodes)")
+
     def _check_episodes(self) -> None:
         env = self.environment
         _check(env is None or (isinstance(env, str) and env.count(":") == 1 and all(env.split(":"))),
                "environment", env, "None or 'module:Class' / 'path/to/file.py:Class'")
-        for name in ("max_turns", "max_episode_tokens", "tool_parser"):
-            _check(env is not None or getattr(self, name) is None, name, getattr(self, name),
-                   "set only with environment (multi-turn episodes)")
         _check(self.max_turns is None or self.max_turns >= 1, "max_turns", self.max_turns, "None or an integer >= 1")
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 1, "max_episode_tokens",
                self.max_episode_tokens, "None or an integer >= 1")

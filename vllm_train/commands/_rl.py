@@ -58,6 +58,7 @@ def run_rl(args: argparse.Namespace, algorithm: str | None) -> int:
     from vllm_train.trainers.rl_sampling import check_environment, load_agent_environment
 
     config = rl_config_from_args(args, algorithm)
+    config.check_episode_fields(config.environment is not None)  # the CLI's one source of an environment
     if algorithm is None and config.algorithm == "ppo":
         raise VllmTrainError("--algorithm ppo: use `vllm-train ppo` (it takes --reward-model too)")
     if args.num_steps < 1:

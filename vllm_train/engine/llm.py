@@ -152,6 +152,7 @@ class VLLMEngine:
             enforce_eager=(not cuda or o.tensor_parallel_size > 1) if o.enforce_eager is None else o.enforce_eager,
             seed=o.seed,
             enable_prefix_caching=o.enable_prefix_caching,
+            enable_chunked_prefill=None if cuda else False,  # CPU: vLLM rewinds a split prompt's seeded generator
         )
         if o.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)

@@ -86,6 +86,7 @@ class RLHFTrainer:
         self.reward_fn = reward_function(reward_fn) if reward_fn is not None else None  # checked before loading
         self.environment = load_agent_environment(environment_factory or c.environment, reward_model_name,
                                                   self.reward_fn, require_reward=False)  # `train` needs one
+        c.check_episode_fields(self.environment is not None)
         self.reward_model = RewardModelScorer(hub.resolve(reward_model_name, what="reward model")) \
             if reward_model_name else None  # a hub id: its snapshot directory
         self.progress, self.tensorboard = progress, tensorboard
