@@ -107,8 +107,9 @@ def one_tenant_process(model: str, steps: int, batch: int, index: int, tenants: 
 
     from vllm_train.assets import data_file
     from vllm_train.config import LoRATrainConfig
+    from vllm_train.data.causal_lm import IGNORE_INDEX
     from vllm_train.lora.multi_model import ATTENTION_MODULES, MLP_MODULES
-    from vllm_train.models import load_policy
+    from vllm_train.models import label_logprobs, load_policy
 
     torch.manual_seed(index)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tenants))  # the processes share the cores
@@ -121,17 +122,18 @@ def one_tenant_process(model: str, steps: int, batch: int, index: int, tenants: 
     for step in range(steps):  # one padded pass per step, as the service's worker makes one per batch
         data = sft_data(tokenizer, records, batch, (index * steps + step) * batch)
         T = max(d.model_input.length for d in data)
-        ids_BT, targets_BT = torch.zeros(len(data), T, dtype=torch.long), torch.zeros(len(data), T, dtype=torch.long)
-        mask_BT = torch.zeros(len(data), T, dtype=torch.bool)
+        # the full sequences (input + last target) with labels, as the SFT trainer's batches are
+        ids_BT = torch.zeros(len(data), T + 1, dtype=torch.long)
+        labels_BT = torch.full((len(data), T + 1), IGNORE_INDEX, dtype=torch.long)
+        attention_BT = torch.zeros(len(data), T + 1, dtype=torch.long)
         for row, d in enumerate(data):
-            n = d.model_input.length
-            ids_BT[row, :n] = torch.tensor(d.model_input.to_ints())
-            targets_BT[row, :n] = torch.tensor(d.loss_fn_inputs["target_tokens"].tolist())
-            mask_BT[row, :n] = True
-        logits = model_(input_ids=ids_BT, attention_mask=mask_BT.long()).logits.float()
-        logps_BT = torch.log_softmax(logits, -1).gather(-1, targets_BT[..., None])[..., 0]
-        (-logps_BT[mask_BT].sum()).backward()
-        tokens += int(mask_BT.sum())
+            n, targets = d.model_input.length, d.loss_fn_inputs["target_tokens"].tolist()
+            ids_BT[row, :n + 1] = torch.tensor(d.model_input.to_ints() + targets[-1:])
+            labels_BT[row, 1:n + 1] = torch.tensor(targets)
+            attention_BT[row, :n + 1] = 1
+        logps_BT1, mask_BT1 = label_logprobs(model_, ids_BT, attention_BT, labels_BT)
+        (-logps_BT1[mask_BT1].sum()).backward()  # the trainer's chunked head: no (B, T, V) logits
+        tokens += int(mask_BT1.sum())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     print(json.dumps({"tokens": tokens, "start": started, "end": time.time(),
