@@ -31,7 +31,8 @@ def running(tiny_model, engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(running):
-    return tinker.ServiceClient(base_url=running.url, api_key=KEY)
+    with tinker.ServiceClient(base_url=running.url, api_key=KEY) as client:  # closed: its heartbeats stop
+        yield client
 
 
 def _trained(client, tiny_model, seed, train_unembed=True):

@@ -33,7 +33,8 @@ def running(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(running):
-    return tinker.ServiceClient(base_url=running.url, api_key=KEY)
+    with tinker.ServiceClient(base_url=running.url, api_key=KEY) as client:  # closed: its heartbeats stop
+        yield client
 
 
 def _new_training_client(client, tiny_model, seed=0, rank=8, train_unembed=False):
