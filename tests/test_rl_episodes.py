@@ -290,6 +290,8 @@ def test_recorder_stitches_turns_and_refuses_a_rerendered_prompt():
     assert episode.turns == 2
     with pytest.raises(VllmTrainError, match="turn 3: its prompt does not extend the episode so far .* position 4"):
         recorder.add_turn([1, 2, 3, 10, 99, 20], [13], [-1.0])  # turn 1's answer re-rendered as 99
+    with pytest.raises(VllmTrainError, match="differ at position 3"):
+        recorder.add_turn([1, 2, 3], [13], [-1.0])  # a prompt shorter than the episode so far
     assert recorder.turns == 2 and len(recorder.completion_ids) == 5  # nothing appended
 
 

@@ -69,7 +69,8 @@ class EpisodeRecorder:
         else:
             sofar = self.prompt_ids + self.completion_ids
             if list(prompt_token_ids[:len(sofar)]) != sofar:
-                at = next(i for i, (a, b) in enumerate(zip(prompt_token_ids, sofar + [None])) if a != b)
+                at = next((i for i, (a, b) in enumerate(zip(prompt_token_ids, sofar)) if a != b),
+                          len(prompt_token_ids))  # or the prompt is shorter than the episode so far
                 raise VllmTrainError(f"turn {self.turns + 1}: its prompt does not extend the episode so far (ids "
                                      f"differ at position {at}): the server re-rendered an earlier turn; send the "
                                      f"episode's token ids as the prompt")
