@@ -154,20 +154,19 @@ def build_app(service: Service) -> FastAPI:
         body = await request.body()
         return _future(service.forward_backward(request.state.owner, body))
 
-    @app.post(f"{api}/optim_step")
-    async def optim_step(request: Request):
-        body = await _json(request)
-        return _future(service.optim_step(request.state.owner, body), body.get("model_id"))
+    def run_operation_route(name: str) -> None:
+        """POST {api}/NAME: `service.NAME` on the run the JSON body's `model_id` names, answered with the
+        queued job's future (optim_step, unload_model, save_weights_for_sampler, save_weights, load_weights)."""
+        operation = getattr(service, name)
 
-    @app.post(f"{api}/unload_model")
-    async def unload_model(request: Request):
-        body = await _json(request)
-        return _future(service.unload_model(request.state.owner, body), body.get("model_id"))
+        async def route(request: Request):
+            body = await _json(request)
+            return _future(operation(request.state.owner, body), body.get("model_id"))
 
-    @app.post(f"{api}/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request):
-        body = await _json(request)
-        return _future(service.save_weights_for_sampler(request.state.owner, body), body.get("model_id"))
+        app.post(f"{api}/{name}", name=name)(route)
+
+    for name in ("optim_step", "unload_model", "save_weights_for_sampler", "save_weights", "load_weights"):
+        run_operation_route(name)
 
     @app.post(f"{api}/create_sampling_session")
     async def create_sampling_session(request: Request):
@@ -180,16 +179,6 @@ def build_app(service: Service) -> FastAPI:
     @app.post(f"{api}/asample")
     async def asample(request: Request):
         return service.asample(request.state.owner, await _json(request))
-
-    @app.post(f"{api}/save_weights")
-    async def save_weights(request: Request):
-        body = await _json(request)
-        return _future(service.save_weights(request.state.owner, body), body.get("model_id"))
-
-    @app.post(f"{api}/load_weights")
-    async def load_weights(request: Request):
-        body = await _json(request)
-        return _future(service.load_weights(request.state.owner, body), body.get("model_id"))
 
     @app.get(f"{api}/training_runs/{{model_id}}/checkpoints")
     async def list_checkpoints(request: Request, model_id: str):
